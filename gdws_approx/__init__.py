@@ -1,0 +1,33 @@
+"""gdws-approx: optimal generalized depthwise-separable approximation of convolutions.
+
+The core is array-API generic (NumPy by default; CuPy, torch, JAX, array-api-strict
+arrays work unchanged) and never imports a deep-learning framework.
+"""
+
+from gdws_approx.cost import break_even_kernels, dense_macs, gdws_macs, mac_reduction
+from gdws_approx.estimator import GDWSApproximator
+from gdws_approx.factors import KernelLayout, kernel_layout, pad_kernels, project, reconstruct
+from gdws_approx.selection import channel_errors, keep_order, lego_multipliers, mego_multipliers
+from gdws_approx.spectra import ChannelSpectra, channel_spectra
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelSpectra",
+    "GDWSApproximator",
+    "KernelLayout",
+    "__version__",
+    "break_even_kernels",
+    "channel_errors",
+    "channel_spectra",
+    "dense_macs",
+    "gdws_macs",
+    "kernel_layout",
+    "keep_order",
+    "lego_multipliers",
+    "mac_reduction",
+    "mego_multipliers",
+    "pad_kernels",
+    "project",
+    "reconstruct",
+]

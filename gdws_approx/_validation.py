@@ -1,0 +1,203 @@
+"""Argument checks. Every error names the argument, the value received and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from gdws_approx._namespace import as_float_array, get_namespace
+from gdws_approx.spectra import SVD_METHODS
+
+SOLVERS = ("lego", "mego")
+
+
+def check_solver(solver: Any) -> str:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
+    return solver
+
+
+def check_beta(beta: Any) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a real number >= 0; got {beta!r} ({type(beta).__name__}).")
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
+    return float(beta)
+
+
+def check_n_kernels(n_kernels: Any) -> int:
+    if isinstance(n_kernels, bool) or not isinstance(n_kernels, numbers.Integral):
+        raise TypeError(
+            f"n_kernels must be a non-negative integer; got {n_kernels!r} "
+            f"({type(n_kernels).__name__})."
+        )
+    if n_kernels < 0:
+        raise ValueError(f"n_kernels must be a non-negative integer; got {n_kernels!r}.")
+    return int(n_kernels)
+
+
+def check_solver_budget(solver: str, beta: Any, n_kernels: Any) -> tuple[float, int | None]:
+    """Validate the budget that matches ``solver`` and refuse the other one."""
+    beta = check_beta(beta)
+    if solver == "lego":
+        if n_kernels is not None:
+            raise ValueError(
+                f"n_kernels={n_kernels!r} is MEGO's kernel budget, but solver='lego' takes "
+                "the error budget beta: leave n_kernels=None or set solver='mego'."
+            )
+        return beta, None
+    if n_kernels is None:
+        raise ValueError("solver='mego' needs its kernel budget: set n_kernels to an integer >= 0.")
+    if beta != 0.0:
+        raise ValueError(
+            f"beta={beta!r} is LEGO's error budget, but solver='mego' takes the kernel budget "
+            "n_kernels: leave beta=0 or set solver='lego'."
+        )
+    return beta, check_n_kernels(n_kernels)
+
+
+def check_kernel_size(kernel_size: Any) -> tuple[int, int] | None:
+    if kernel_size is None:
+        return None
+    if isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool):
+        pair = (int(kernel_size), int(kernel_size))
+    elif (
+        isinstance(kernel_size, (tuple, list))
+        and len(kernel_size) == 2
+        and all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in kernel_size)
+    ):
+        pair = (int(kernel_size[0]), int(kernel_size[1]))
+    else:
+        raise TypeError(
+            f"kernel_size must be None, an int or a pair of ints (Kh, Kw); got {kernel_size!r}."
+        )
+    if min(pair) < 1:
+        raise ValueError(f"kernel_size must be positive; got {kernel_size!r}.")
+    return pair
+
+
+def check_svd_solver(svd_solver: Any) -> str:
+    if not isinstance(svd_solver, str) or svd_solver not in SVD_METHODS:
+        raise ValueError(f"svd_solver must be one of {SVD_METHODS}; got {svd_solver!r}.")
+    return svd_solver
+
+
+def check_n_jobs(n_jobs: Any) -> int | None:
+    if n_jobs is None:
+        return None
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs == 0:
+        raise ValueError(f"n_jobs must be None or a non-zero integer (-1: all cores); got {n_jobs!r}.")
+    return int(n_jobs)
+
+
+class Weight(NamedTuple):
+    """A validated convolution weight, flattened to ``(M, C, K2)``."""
+
+    xp: Any
+    W3: Any
+    n_out: int
+    n_in: int
+    kernel_size: tuple[int, int]
+    ndim: int
+
+
+def check_finite(xp: Any, x: Any, name: str) -> None:
+    if not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or inf values; all entries must be finite.")
+
+
+def check_weight(
+    W: Any,
+    kernel_size: tuple[int, int] | None,
+    *,
+    name: str = "W",
+    expected_in: int | None = None,
+    estimator: str = "GDWSApproximator",
+) -> Weight:
+    """Validate a convolution weight: 4-D ``(M, C, Kh, Kw)`` or 2-D ``(M, C*Kh*Kw)``.
+
+    With ``expected_in`` (the fitted ``C``), the features must match the fitted ones; the
+    message then starts the way scikit-learn's checks expect.
+    """
+    xp, W = as_float_array(W, name)
+    shape = tuple(W.shape)
+    if W.ndim == 4:
+        n_out, n_in, kh, kw = shape
+        if kernel_size is not None and (kh, kw) != kernel_size:
+            raise ValueError(
+                f"{name} has kernel {kh}x{kw} (shape {shape}) but kernel_size={kernel_size}."
+            )
+        kernel_size = (kh, kw)
+        n_features = n_in * kh * kw
+    elif W.ndim == 2:
+        n_out, n_features = shape
+        if kernel_size is None:
+            raise ValueError(
+                f"kernel_size is required for a 2-D {name} (shape {shape}): set kernel_size=(Kh, Kw) "
+                "so its columns can be read as C channels of Kh*Kw kernel entries."
+            )
+        area = kernel_size[0] * kernel_size[1]
+        if expected_in is None and n_features % area:
+            raise ValueError(
+                f"{name} has {n_features} columns, not a multiple of Kh*Kw = {area} "
+                f"(kernel_size={kernel_size}); a 2-D weight must be (M, C*Kh*Kw)."
+            )
+        n_in = n_features // area
+    else:
+        raise ValueError(
+            f"{name} must be a 4-D array (M, C, Kh, Kw) or a 2-D array (M, C*Kh*Kw); got "
+            f"ndim={W.ndim} with shape {shape}. Reshape your data, e.g. W.reshape(1, -1) "
+            "for a single output channel."
+        )
+    kh, kw = kernel_size
+    if expected_in is not None:
+        expected = expected_in * kh * kw
+        if n_features != expected or (W.ndim == 4 and n_in != expected_in):
+            raise ValueError(
+                f"X has {n_features} features, but {estimator} is expecting {expected} features "
+                f"as input: {name} must be (M, {expected_in}, {kh}, {kw}) or (M, {expected}); "
+                f"got shape {shape}."
+            )
+    if n_out == 0:
+        raise ValueError(
+            f"{name} has 0 output channels (shape={shape}) while a minimum of 1 is required."
+        )
+    if n_features == 0:
+        raise ValueError(
+            f"{name} has 0 feature(s) (shape={shape}) while a minimum of 1 is required."
+        )
+    check_finite(xp, W, name)
+    W3 = xp.reshape(W, (n_out, n_in, kh * kw))
+    return Weight(xp, W3, n_out, n_in, (kh, kw), W.ndim)
+
+
+def check_alpha(alpha: Any, n_channels: int, like: Any, dtype: Any) -> Any:
+    """Per-channel error weights: length ``C``, finite, non-negative; ones by default.
+
+    Returned in the namespace and on the device of the array ``like``, as ``dtype``.
+    """
+    xp = get_namespace(like)
+    device = array_api_compat.device(like)
+    if alpha is None:
+        return xp.ones(n_channels, dtype=dtype, device=device)
+    if not array_api_compat.is_array_api_obj(alpha):
+        alpha = xp.asarray(alpha, device=device)
+    else:
+        get_namespace(alpha, like)  # refuses a mix of array libraries
+    if alpha.ndim != 1 or alpha.shape[0] != n_channels:
+        raise ValueError(
+            f"alpha must be a 1-D array of length C={n_channels} (one weight per input "
+            f"channel); got shape {tuple(alpha.shape)}."
+        )
+    if not xp.isdtype(alpha.dtype, ("real floating", "integral")):
+        raise TypeError(f"alpha must hold real numbers; got dtype {alpha.dtype}.")
+    alpha = xp.astype(alpha, dtype)
+    check_finite(xp, alpha, "alpha")
+    if bool(xp.any(alpha < 0)):
+        raise ValueError(
+            f"alpha must be non-negative; got minimum {float(xp.min(alpha))!r}."
+        )
+    return alpha

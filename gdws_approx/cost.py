@@ -1,0 +1,37 @@
+"""Cost model: multiply-accumulates (MACs) per output pixel.
+
+A dense ``groups=1`` convolution with weight ``(M, C, Kh, Kw)`` costs ``M * C * K2`` MACs
+per output pixel (``K2 = Kh * Kw``). Its GDWS form with ``G`` depthwise kernels costs
+``G * K2`` (depthwise) plus ``G * M`` (pointwise): ``G * (K2 + M)``. Multiply by the output
+height and width for a layer's total.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["break_even_kernels", "dense_macs", "gdws_macs", "mac_reduction"]
+
+
+def dense_macs(n_out: int, n_in: int, kernel_area: int) -> int:
+    """MACs per output pixel of a dense convolution: ``M * C * K2``."""
+    return n_out * n_in * kernel_area
+
+
+def gdws_macs(n_kernels: int, kernel_area: int, n_out: int) -> int:
+    """MACs per output pixel of a GDWS convolution: ``G * (K2 + M)``."""
+    return n_kernels * (kernel_area + n_out)
+
+
+def mac_reduction(dense: int, gdws: int) -> float:
+    """``dense / gdws``: how many times fewer MACs (``inf`` when GDWS keeps no kernel)."""
+    return math.inf if gdws == 0 else dense / gdws
+
+
+def break_even_kernels(n_out: int, n_in: int, kernel_area: int) -> int:
+    """Largest ``G`` for which GDWS is strictly cheaper than the dense convolution.
+
+    GDWS pays only while ``G * (K2 + M) < M * C * K2``.
+    """
+    dense = dense_macs(n_out, n_in, kernel_area)
+    return (dense - 1) // (kernel_area + n_out)

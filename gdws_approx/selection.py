@@ -1,0 +1,144 @@
+"""MEGO and LEGO: which weighted singular values to keep.
+
+Both solvers work on the matrix ``values[c, i] = alpha_c * sigma_{c,i}**2`` (shape
+``(C, R)``, non-increasing along each row). Keeping value ``(c, i)`` costs one depthwise
+kernel; dropping it adds ``values[c, i]`` to the weighted squared error. Because each row
+is sorted, the ``k`` largest values overall always form a prefix of every row, so a choice
+of values is a valid vector of channel multipliers ``g``.
+
+Ties are broken deterministically and identically on every backend: values are ranked
+by a key quantised to about 40 bits (12 significant decimal digits) of the largest value,
+so that floating-point noise between backends cannot reorder equal values, and among
+equal keys the lower channel, then the lower index, is kept first.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import array_api_compat
+
+from gdws_approx._namespace import get_namespace
+
+__all__ = ["channel_errors", "keep_order", "lego_multipliers", "mego_multipliers"]
+
+
+def _check_values(values: Any) -> Any:
+    xp = get_namespace(values)
+    if values.ndim != 2:
+        raise ValueError(f"values must be a 2-D array (C, R); got shape {tuple(values.shape)}.")
+    return xp
+
+
+def keep_order(values: Any) -> Any:
+    """Flat indices (into ``values.reshape(-1)``) from the first to keep to the last.
+
+    Parameters
+    ----------
+    values : array of shape (C, R)
+        Non-negative weighted squared singular values, non-increasing along each row.
+
+    Returns
+    -------
+    array of shape (C * R,)
+        A permutation: the largest value first; ties by channel, then index, ascending.
+    """
+    xp = _check_values(values)
+    flat = xp.reshape(values, (-1,))
+    if flat.shape[0] == 0:
+        return xp.zeros(0, dtype=xp.int64, device=array_api_compat.device(values))
+    bits = 40 if xp.finfo(flat.dtype).bits >= 64 else 20
+    scale = xp.max(flat)
+    key = flat if float(scale) == 0.0 else xp.round(flat / (scale * 2.0**-bits))
+    # Zeros rank after every positive value, however small.
+    key = xp.where(flat > 0, key, -xp.ones_like(key))
+    # Ascending sort of the negated key: stable, so equal keys keep flat (c, i) order.
+    return xp.argsort(-key, stable=True)
+
+
+def _keep_mask(values: Any, n_keep: Any) -> Any:
+    """Multipliers for keeping the first ``n_keep`` entries of :func:`keep_order`."""
+    xp = get_namespace(values)
+    order = keep_order(values)
+    rank = xp.argsort(order, stable=True)  # inverse permutation: position of each value
+    kept = rank < n_keep
+    kept = xp.logical_and(kept, xp.reshape(values, (-1,)) > 0)
+    return xp.sum(xp.astype(xp.reshape(kept, values.shape), xp.int64), axis=1)
+
+
+def mego_multipliers(values: Any, n_kernels: int) -> Any:
+    """MEGO: the multipliers of least weighted error using at most ``n_kernels`` kernels.
+
+    Keeps the ``n_kernels`` largest non-zero values; any other allocation of the same
+    size drops a set whose sum is at least as large (an exchange argument), so the error
+    is minimal.
+
+    Parameters
+    ----------
+    values : array of shape (C, R)
+        Weighted squared singular values (non-negative, non-increasing per row).
+    n_kernels : int
+        The kernel budget ``gamma >= 0``.
+
+    Returns
+    -------
+    array of shape (C,), int64
+        Channel multipliers ``g`` with ``sum(g) <= n_kernels``.
+    """
+    _check_values(values)
+    if isinstance(n_kernels, bool) or not isinstance(n_kernels, numbers.Integral) or n_kernels < 0:
+        raise ValueError(f"n_kernels must be a non-negative integer; got {n_kernels!r}.")
+    return _keep_mask(values, int(n_kernels))
+
+
+def lego_multipliers(values: Any, beta: float) -> Any:
+    """LEGO: the fewest kernels whose weighted squared error is at most ``beta``.
+
+    Drops the smallest values while their running sum stays ``<= beta``. Any set of ``k``
+    dropped values sums to at least the ``k`` smallest, so no allocation drops more within
+    the budget: the kernel count is minimal. ``beta = 0`` drops only zero values, an exact
+    representation.
+
+    Parameters
+    ----------
+    values : array of shape (C, R)
+        Weighted squared singular values (non-negative, non-increasing per row).
+    beta : float
+        Budget on the weighted squared error, ``beta >= 0``.
+
+    Returns
+    -------
+    array of shape (C,), int64
+        Channel multipliers ``g``.
+    """
+    xp = _check_values(values)
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
+    flat = xp.reshape(values, (-1,))
+    if flat.shape[0] == 0:
+        return _keep_mask(values, 0)
+    smallest_first = xp.flip(xp.take(flat, keep_order(values)), axis=0)
+    dropped_sum = xp.cumulative_sum(smallest_first)
+    n_dropped = int(xp.sum(xp.astype(dropped_sum <= float(beta), xp.int64)))
+    return _keep_mask(values, flat.shape[0] - n_dropped)
+
+
+def channel_errors(values: Any, multipliers: Any) -> Any:
+    """Weighted squared error of each channel: the sum of its dropped values.
+
+    Parameters
+    ----------
+    values : array of shape (C, R)
+    multipliers : array of shape (C,)
+
+    Returns
+    -------
+    array of shape (C,)
+        ``sum_{i >= g_c} values[c, i]``.
+    """
+    xp = _check_values(values)
+    index = xp.arange(values.shape[1], device=array_api_compat.device(values))
+    dropped = index[None, :] >= xp.astype(multipliers, index.dtype)[:, None]
+    return xp.sum(xp.where(dropped, values, xp.zeros_like(values)), axis=1)
