@@ -59,8 +59,8 @@ def as_float_array(x: Any, name: str) -> tuple[Any, Any]:
         )
     if not _is_array_api_obj(x):
         x = np.asarray(x)
-        if x.dtype == object:
-            x = x.astype(np.float64)
+    if isinstance(x, np.ndarray) and x.dtype == object:
+        x = x.astype(np.float64)
     xp = get_namespace(x)
     if xp.isdtype(x.dtype, "complex floating"):
         raise ValueError(f"Complex data not supported: {name} has dtype {x.dtype}.")

@@ -7,6 +7,7 @@ channels uses several cores without copying data between processes.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ def channel_slices(n_channels: int, n_jobs: int | None) -> list[slice]:
     """Contiguous slices of ``range(n_channels)``, one per worker worth starting."""
     n_workers = min(effective_n_jobs(n_jobs), max(1, n_channels // MIN_CHANNELS_PER_CHUNK))
     bounds = [round(i * n_channels / n_workers) for i in range(n_workers + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
 def map_slices(function: Callable[[slice], Any], slices: Sequence[slice]) -> list[Any]:

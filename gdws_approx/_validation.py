@@ -89,7 +89,9 @@ def check_n_jobs(n_jobs: Any) -> int | None:
     if n_jobs is None:
         return None
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs == 0:
-        raise ValueError(f"n_jobs must be None or a non-zero integer (-1: all cores); got {n_jobs!r}.")
+        raise ValueError(
+            f"n_jobs must be None or a non-zero integer (-1: all cores); got {n_jobs!r}."
+        )
     return int(n_jobs)
 
 
@@ -136,8 +138,8 @@ def check_weight(
         n_out, n_features = shape
         if kernel_size is None:
             raise ValueError(
-                f"kernel_size is required for a 2-D {name} (shape {shape}): set kernel_size=(Kh, Kw) "
-                "so its columns can be read as C channels of Kh*Kw kernel entries."
+                f"kernel_size is required for a 2-D {name} (shape {shape}): set "
+                "kernel_size=(Kh, Kw) so its columns read as C channels of Kh*Kw entries."
             )
         area = kernel_size[0] * kernel_size[1]
         if expected_in is None and n_features % area:
@@ -197,7 +199,5 @@ def check_alpha(alpha: Any, n_channels: int, like: Any, dtype: Any) -> Any:
     alpha = xp.astype(alpha, dtype)
     check_finite(xp, alpha, "alpha")
     if bool(xp.any(alpha < 0)):
-        raise ValueError(
-            f"alpha must be non-negative; got minimum {float(xp.min(alpha))!r}."
-        )
+        raise ValueError(f"alpha must be non-negative; got minimum {float(xp.min(alpha))!r}.")
     return alpha

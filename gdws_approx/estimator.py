@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from gdws_approx import cost
-from gdws_approx._namespace import compute_dtype, get_namespace, work_dtype
+from gdws_approx._namespace import compute_dtype, work_dtype
 from gdws_approx._validation import (
     check_alpha,
     check_finite,
@@ -215,12 +215,31 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         """
         return self.fit(W, y, alpha=alpha).pointwise_weights_
 
+    def _check_same_namespace(self, x: Any, method: str) -> Any:
+        """The namespace of ``x``, which must be the fit's (library and device)."""
+        fitted = self.depthwise_kernels_
+        where = f"{type(self).__name__}.{method}()"
+        try:
+            xp = array_api_compat.array_namespace(x, fitted)
+        except TypeError:
+            raise ValueError(
+                f"{where}: inputs must use the same namespace as the fit; got "
+                f"{type(x).__module__}.{type(x).__name__}, fitted on "
+                f"{type(fitted).__module__}.{type(fitted).__name__}. Fit and call it with "
+                "arrays of the same library."
+            ) from None
+        x_device, fitted_device = array_api_compat.device(x), array_api_compat.device(fitted)
+        if x_device != fitted_device:
+            raise ValueError(
+                f"{where}: inputs must use the same namespace and device as the fit; got "
+                f"device {x_device}, fitted on {fitted_device}."
+            )
+        return xp
+
     def _padded_kernels(self, xp: Any, dtype: Any) -> tuple[Any, Any]:
         layout = kernel_layout(self.multipliers_)
         kh, kw = self.kernel_size_
-        kernels = xp.astype(
-            xp.reshape(self.depthwise_kernels_, (self.n_kernels_, kh * kw)), dtype
-        )
+        kernels = xp.astype(xp.reshape(self.depthwise_kernels_, (self.n_kernels_, kh * kw)), dtype)
         return pad_kernels(kernels, layout, self.n_input_channels_), layout
 
     def transform(self, W: Any) -> Any:
@@ -242,7 +261,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         weight = check_weight(W, self.kernel_size_, expected_in=self.n_input_channels_)
-        xp = get_namespace(weight.W3, self.depthwise_kernels_)
+        xp = self._check_same_namespace(weight.W3, "transform")
         device = array_api_compat.device(weight.W3)
         dtype = compute_dtype(xp, weight.W3.dtype, device)
         padded, layout = self._padded_kernels(xp, dtype)
@@ -263,7 +282,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
             ``What[m, c] = sum_{j: c_j = c} P[m, j] D_j``, in ``P``'s dtype.
         """
         check_is_fitted(self)
-        xp = get_namespace(P, self.depthwise_kernels_)
+        xp = self._check_same_namespace(P, "inverse_transform")
         if P.ndim != 2 or P.shape[1] != self.n_kernels_:
             raise ValueError(
                 f"P must be a 2-D array (M, G) with G={self.n_kernels_} columns (one per "
@@ -281,8 +300,9 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         shape = (m, c, kh, kw) if self._fitted_ndim == 4 else (m, c * kh * kw)
         return xp.astype(xp.reshape(dense, shape), P.dtype, copy=False)
 
-    def __sklearn_tags__(self):  # noqa: D105
+    def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         tags.input_tags.allow_nan = False
+        tags.array_api_support = True
         return tags

@@ -114,7 +114,12 @@ def lego_multipliers(values: Any, beta: float) -> Any:
         Channel multipliers ``g``.
     """
     xp = _check_values(values)
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 0:
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, numbers.Real)
+        or not math.isfinite(beta)
+        or beta < 0
+    ):
         raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
     flat = xp.reshape(values, (-1,))
     if flat.shape[0] == 0:
