@@ -85,16 +85,6 @@ def check_svd_solver(svd_solver: Any) -> str:
     return svd_solver
 
 
-def check_n_jobs(n_jobs: Any) -> int | None:
-    if n_jobs is None:
-        return None
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs == 0:
-        raise ValueError(
-            f"n_jobs must be None or a non-zero integer (-1: all cores); got {n_jobs!r}."
-        )
-    return int(n_jobs)
-
-
 class Weight(NamedTuple):
     """A validated convolution weight, flattened to ``(M, C, K2)``."""
 

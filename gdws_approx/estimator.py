@@ -14,7 +14,6 @@ from gdws_approx._validation import (
     check_alpha,
     check_finite,
     check_kernel_size,
-    check_n_jobs,
     check_solver,
     check_solver_budget,
     check_svd_solver,
@@ -64,8 +63,6 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         the ``K2 x K2`` Gram matrices (fast; exact to float64 Gram precision),
         ``"full"`` runs a batched SVD. ``"auto"`` picks ``"covariance_eigh"`` when float64
         is wider than the input (float32/16 weights) and ``"full"`` otherwise.
-    n_jobs : int or None, default=None
-        Threads over chunks of input channels (``None``: 1, ``-1``: all cores).
 
     Attributes
     ----------
@@ -131,14 +128,12 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         n_kernels: int | None = None,
         kernel_size: int | tuple[int, int] | None = None,
         svd_solver: str = "auto",
-        n_jobs: int | None = None,
     ) -> None:
         self.solver = solver
         self.beta = beta
         self.n_kernels = n_kernels
         self.kernel_size = kernel_size
         self.svd_solver = svd_solver
-        self.n_jobs = n_jobs
 
     def fit(self, W: Any, y: Any = None, alpha: Any = None) -> GDWSApproximator:
         """Choose the multipliers and learn the depthwise and pointwise factors of ``W``.
@@ -160,7 +155,6 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         solver = check_solver(self.solver)
         beta, n_kernels = check_solver_budget(solver, self.beta, self.n_kernels)
         svd_solver = check_svd_solver(self.svd_solver)
-        n_jobs = check_n_jobs(self.n_jobs)
         weight = check_weight(W, check_kernel_size(self.kernel_size))
         xp, W3 = weight.xp, weight.W3
         device = array_api_compat.device(W3)
@@ -170,7 +164,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         kh, kw = weight.kernel_size
 
         alpha = check_alpha(alpha, weight.n_in, W3, wide)
-        spectra = channel_spectra(W3, method=svd_solver, n_jobs=n_jobs)
+        spectra = channel_spectra(W3, method=svd_solver)
         values = alpha[:, None] * spectra.squared_singular_values
         if solver == "lego":
             multipliers = lego_multipliers(values, beta)
@@ -181,7 +175,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         padded = xp.astype(
             spectra.right_singular_vectors[:, : layout.n_slots, :], matmul_dtype, copy=False
         )
-        pointwise = project(xp.astype(W3, matmul_dtype, copy=False), padded, layout, n_jobs)
+        pointwise = project(xp.astype(W3, matmul_dtype, copy=False), padded, layout)
         kernels = xp.take(
             xp.reshape(padded, (weight.n_in * layout.n_slots, kh * kw)), layout.kernel_slots, axis=0
         )
@@ -266,7 +260,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         dtype = compute_dtype(xp, weight.W3.dtype, device)
         padded, layout = self._padded_kernels(xp, dtype)
         W3 = xp.astype(weight.W3, dtype, copy=False)
-        pointwise = project(W3, padded, layout, check_n_jobs(self.n_jobs))
+        pointwise = project(W3, padded, layout)
         return xp.astype(pointwise, weight.W3.dtype, copy=False)
 
     def inverse_transform(self, P: Any) -> Any:

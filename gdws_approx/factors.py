@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from gdws_approx._namespace import get_namespace
-from gdws_approx._parallel import channel_slices, map_slices
 
 __all__ = ["KernelLayout", "kernel_layout", "pad_kernels", "project", "reconstruct"]
 
@@ -74,7 +73,7 @@ def pad_kernels(kernels: Any, layout: KernelLayout, n_channels: int) -> Any:
     return xp.reshape(padded, (n_channels, layout.n_slots, kernels.shape[1]))
 
 
-def project(W3: Any, padded_kernels: Any, layout: KernelLayout, n_jobs: int | None = None) -> Any:
+def project(W3: Any, padded_kernels: Any, layout: KernelLayout) -> Any:
     """Pointwise weights: ``W3`` projected on the depthwise kernels.
 
     ``P[m, j] = <W3[m, c_j, :], D_j>``. With orthonormal kernels per channel (as fitted),
@@ -85,8 +84,6 @@ def project(W3: Any, padded_kernels: Any, layout: KernelLayout, n_jobs: int | No
     W3 : array of shape (M, C, K2)
     padded_kernels : array of shape (C, n_slots, K2)
     layout : KernelLayout
-    n_jobs : int or None
-        Threads over chunks of channels.
 
     Returns
     -------
@@ -97,12 +94,7 @@ def project(W3: Any, padded_kernels: Any, layout: KernelLayout, n_jobs: int | No
     xp = get_namespace(W3, padded_kernels)
     m, c, _ = W3.shape
     by_channel = xp.permute_dims(W3, (1, 2, 0))  # (C, K2, M)
-
-    def project_chunk(channels: slice) -> Any:
-        return xp.matmul(padded_kernels[channels, ...], by_channel[channels, ...])
-
-    parts = map_slices(project_chunk, channel_slices(c, n_jobs))
-    padded = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    padded = xp.matmul(padded_kernels, by_channel)  # (C, n_slots, M)
     padded = xp.reshape(padded, (c * layout.n_slots, m))
     return xp.matrix_transpose(xp.take(padded, layout.kernel_slots, axis=0))
 

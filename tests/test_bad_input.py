@@ -72,7 +72,6 @@ def test_bad_alpha(alpha, message):
             r"beta=0.5 is LEGO's error budget",
         ),
         ({"svd_solver": "qr"}, ValueError, r"svd_solver must be one of .* got 'qr'"),
-        ({"n_jobs": 0}, ValueError, r"n_jobs must be None or a non-zero integer"),
     ],
 )
 def test_bad_or_contradicting_parameters(params, error, message):

@@ -157,12 +157,3 @@ def test_params_follow_scikit_learn_conventions(weight):
     with pytest.raises(NotFittedError):
         est.transform(weight)
     assert est.fit(weight) is est
-
-
-def test_threads_give_identical_results():
-    W = np.random.default_rng(5).standard_normal((32, 256, 3, 3)).astype(np.float32)
-    single = GDWSApproximator(beta=100.0).fit(W)
-    threaded = GDWSApproximator(beta=100.0, n_jobs=2).fit(W)
-    np.testing.assert_array_equal(single.multipliers_, threaded.multipliers_)
-    np.testing.assert_array_equal(single.pointwise_weights_, threaded.pointwise_weights_)
-    np.testing.assert_array_equal(single.transform(W), threaded.transform(W))
