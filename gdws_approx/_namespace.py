@@ -13,7 +13,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["as_float_array", "compute_dtype", "get_namespace", "work_dtype"]
+__all__ = ["as_float_array", "compute_dtype", "get_namespace", "index_dtype", "work_dtype"]
 
 
 def _describe(x: Any) -> str:
@@ -106,3 +106,15 @@ def compute_dtype(xp: Any, dtype: Any, device: Any) -> Any:
     if dtype == xp.float32 or dtype == xp.float64:
         return dtype
     return work_dtype(xp, device)
+
+
+def index_dtype(xp: Any, device: Any) -> Any:
+    """The namespace's default integer for indices and counts on ``device``.
+
+    int64 almost everywhere; int32 on JAX without x64, which would otherwise truncate (and
+    warn about) every int64 request.
+    """
+    try:
+        return xp.__array_namespace_info__().default_dtypes(device=device)["indexing"]
+    except (AttributeError, TypeError, KeyError):
+        return xp.int64

@@ -66,15 +66,16 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
-    multipliers_ : array of shape (C,), int64
+    multipliers_ : array of shape (C,), integer
         Channel multipliers ``g``: depthwise kernels kept per input channel.
     n_kernels_ : int
         ``G = sum(g)``.
     depthwise_kernels_ : array of shape (G, Kh, Kw)
         The kernels, grouped by input channel (ascending) and, within a channel, by
         decreasing singular value. Orthonormal within each channel.
-    kernel_channels_ : array of shape (G,), int64
-        Input channel read by each depthwise kernel.
+    kernel_channels_ : array of shape (G,), integer
+        Input channel read by each depthwise kernel. Integer arrays use the namespace's
+        index dtype: int64, or int32 on JAX without x64.
     pointwise_weights_ : array of shape (M, G)
         Pointwise (``1 x 1``) weights; ``P @ D`` per channel is the dense equivalent.
     singular_values_ : array of shape (C, R)

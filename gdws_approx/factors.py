@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import array_api_compat
 
-from gdws_approx._namespace import get_namespace
+from gdws_approx._namespace import get_namespace, index_dtype
 
 __all__ = ["KernelLayout", "kernel_layout", "pad_kernels", "project", "reconstruct"]
 
@@ -26,11 +26,11 @@ class KernelLayout(NamedTuple):
     ----------
     n_slots : int
         ``max(g)``, slots per channel.
-    slot_kernel : array of shape (C * n_slots,), int64
+    slot_kernel : array of shape (C * n_slots,), integer (the namespace's index dtype)
         Kernel index of every slot; ``G`` (one past the last kernel) for empty slots.
-    kernel_slots : array of shape (G,), int64
+    kernel_slots : array of shape (G,), integer (the namespace's index dtype)
         Flat slot of every kernel (the inverse map).
-    kernel_channels : array of shape (G,), int64
+    kernel_channels : array of shape (G,), integer (the namespace's index dtype)
         Input channel of every kernel.
     """
 
@@ -44,19 +44,20 @@ def kernel_layout(multipliers: Any) -> KernelLayout:
     """Padded layout of the kernels selected by channel multipliers ``g`` (shape ``(C,)``)."""
     xp = get_namespace(multipliers)
     device = array_api_compat.device(multipliers)
-    g = xp.astype(multipliers, xp.int64)
+    integer = index_dtype(xp, device)
+    g = xp.astype(multipliers, integer)
     n_slots = int(xp.max(g)) if g.shape[0] else 0
     n_kernels = int(xp.sum(g))
     first_kernel = xp.cumulative_sum(g) - g
-    slot = xp.arange(n_slots, dtype=xp.int64, device=device)
+    slot = xp.arange(n_slots, dtype=integer, device=device)
     occupied = slot[None, :] < g[:, None]
     slot_kernel = xp.where(
         occupied,
         first_kernel[:, None] + slot[None, :],
-        xp.full_like(occupied, n_kernels, dtype=xp.int64),
+        xp.full_like(occupied, n_kernels, dtype=integer),
     )
     kernel_slots = xp.nonzero(xp.reshape(occupied, (-1,)))[0]
-    kernel_slots = xp.astype(kernel_slots, xp.int64)
+    kernel_slots = xp.astype(kernel_slots, integer)
     kernel_channels = kernel_slots // max(n_slots, 1)
     return KernelLayout(n_slots, xp.reshape(slot_kernel, (-1,)), kernel_slots, kernel_channels)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import array_api_compat
 
-from gdws_approx._namespace import get_namespace
+from gdws_approx._namespace import get_namespace, index_dtype
 
 __all__ = ["channel_errors", "keep_order", "lego_multipliers", "mego_multipliers"]
 
@@ -48,7 +48,8 @@ def keep_order(values: Any) -> Any:
     xp = _check_values(values)
     flat = xp.reshape(values, (-1,))
     if flat.shape[0] == 0:
-        return xp.zeros(0, dtype=xp.int64, device=array_api_compat.device(values))
+        device = array_api_compat.device(values)
+        return xp.zeros(0, dtype=index_dtype(xp, device), device=device)
     bits = 40 if xp.finfo(flat.dtype).bits >= 64 else 20
     scale = xp.max(flat)
     key = flat if float(scale) == 0.0 else xp.round(flat / (scale * 2.0**-bits))
@@ -65,7 +66,8 @@ def _keep_mask(values: Any, n_keep: Any) -> Any:
     rank = xp.argsort(order, stable=True)  # inverse permutation: position of each value
     kept = rank < n_keep
     kept = xp.logical_and(kept, xp.reshape(values, (-1,)) > 0)
-    return xp.sum(xp.astype(xp.reshape(kept, values.shape), xp.int64), axis=1)
+    integer = index_dtype(xp, array_api_compat.device(values))
+    return xp.sum(xp.astype(xp.reshape(kept, values.shape), integer), axis=1)
 
 
 def mego_multipliers(values: Any, n_kernels: int) -> Any:
@@ -84,7 +86,7 @@ def mego_multipliers(values: Any, n_kernels: int) -> Any:
 
     Returns
     -------
-    array of shape (C,), int64
+    array of shape (C,), integer (the namespace's index dtype, int64 almost everywhere)
         Channel multipliers ``g`` with ``sum(g) <= n_kernels``.
     """
     _check_values(values)
@@ -110,7 +112,7 @@ def lego_multipliers(values: Any, beta: float) -> Any:
 
     Returns
     -------
-    array of shape (C,), int64
+    array of shape (C,), integer (the namespace's index dtype, int64 almost everywhere)
         Channel multipliers ``g``.
     """
     xp = _check_values(values)
@@ -126,7 +128,7 @@ def lego_multipliers(values: Any, beta: float) -> Any:
         return _keep_mask(values, 0)
     smallest_first = xp.flip(xp.take(flat, keep_order(values)), axis=0)
     dropped_sum = xp.cumulative_sum(smallest_first)
-    n_dropped = int(xp.sum(xp.astype(dropped_sum <= float(beta), xp.int64)))
+    n_dropped = int(xp.count_nonzero(dropped_sum <= float(beta)))
     return _keep_mask(values, flat.shape[0] - n_dropped)
 
 
