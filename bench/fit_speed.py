@@ -15,18 +15,17 @@ the script checks that both sides choose identical multipliers and report the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from gdws_approx import GDWSApproximator
+from gdws_approx._io import write_json_atomic
 
 # (M, C) of the 3x3 convolutions of PreActResNet-18 after its stem.
 PREACT_RESNET18_3X3 = (
@@ -167,13 +166,6 @@ def time_once(function, *args) -> float:
     return time.perf_counter() - start
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
-
-
 SIDES = {
     "original (torch)": original_fit_torch,
     "reference (numpy)": reference_fit,
@@ -231,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_vs_original_torch": total["original (torch)"] / total["gdws_approx"],
         "ratio_vs_numpy_reference": total["reference (numpy)"] / total["gdws_approx"],
     }
-    atomic_write_json(args.out, result)
+    write_json_atomic(args.out, result)
     print(f"\nJSON: {args.out}")
     print(
         f"the same algorithm as the original in NumPy: {result['ratio_vs_numpy_reference']:.1f}x "

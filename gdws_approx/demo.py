@@ -8,15 +8,13 @@ Run ``python -m gdws_approx.demo`` (``make demo``). By default the weight is a s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from gdws_approx import GDWSApproximator, break_even_kernels
+from gdws_approx._io import write_json_atomic
 
 LEGO_ENERGY_FRACTIONS = (0.0, 0.001, 0.01, 0.03, 0.1, 0.2, 0.4)
 MEGO_KERNELS_PER_CHANNEL = (9, 6, 4, 3, 2, 1)
@@ -102,13 +100,6 @@ def format_table(rows: list[dict]) -> str:
         "MACs: dense / GDWS per output pixel; * = GDWS not cheaper, a converter keeps dense"
     )
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:
