@@ -59,10 +59,11 @@ def keep_order(values: Any) -> Any:
     return xp.argsort(-key, stable=True)
 
 
-def _keep_mask(values: Any, n_keep: Any) -> Any:
+def _keep_mask(values: Any, n_keep: int, order: Any = None) -> Any:
     """Multipliers for keeping the first ``n_keep`` entries of :func:`keep_order`."""
     xp = get_namespace(values)
-    order = keep_order(values)
+    if order is None:
+        order = keep_order(values)
     rank = xp.argsort(order, stable=True)  # inverse permutation: position of each value
     kept = rank < n_keep
     kept = xp.logical_and(kept, xp.reshape(values, (-1,)) > 0)
@@ -126,10 +127,11 @@ def lego_multipliers(values: Any, beta: float) -> Any:
     flat = xp.reshape(values, (-1,))
     if flat.shape[0] == 0:
         return _keep_mask(values, 0)
-    smallest_first = xp.flip(xp.take(flat, keep_order(values)), axis=0)
+    order = keep_order(values)
+    smallest_first = xp.flip(xp.take(flat, order), axis=0)
     dropped_sum = xp.cumulative_sum(smallest_first)
     n_dropped = int(xp.count_nonzero(dropped_sum <= float(beta)))
-    return _keep_mask(values, flat.shape[0] - n_dropped)
+    return _keep_mask(values, flat.shape[0] - n_dropped, order)
 
 
 def channel_errors(values: Any, multipliers: Any) -> Any:
