@@ -14,5 +14,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
+        try:
+            json.dump(data, f, indent=2)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)  # no half-written temporary left behind
+            raise
     os.replace(f.name, path)

@@ -85,3 +85,14 @@ def test_bench_references_agree_with_the_estimator(solver):
             np.testing.assert_allclose(ref_c, ours_c, atol=1e-4)
         torch_ref = bench.original_fit_torch(W, solver, **budget)
         np.testing.assert_array_equal(torch_ref["multipliers"].numpy(), ours.multipliers_)
+
+
+def test_json_writer_leaves_nothing_behind_on_failure(tmp_path):
+    from gdws_approx._io import write_json_atomic
+
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
