@@ -7,7 +7,14 @@ arrays work unchanged) and never imports a deep-learning framework.
 from gdws_approx.cost import break_even_kernels, dense_macs, gdws_macs, mac_reduction
 from gdws_approx.estimator import GDWSApproximator
 from gdws_approx.factors import KernelLayout, kernel_layout, pad_kernels, project, reconstruct
-from gdws_approx.selection import channel_errors, keep_order, lego_multipliers, mego_multipliers
+from gdws_approx.planning import LayerPlan, LayerSpec, NetworkPlan, plan_network
+from gdws_approx.selection import (
+    channel_errors,
+    keep_order,
+    lego_breakpoints,
+    lego_multipliers,
+    mego_multipliers,
+)
 from gdws_approx.spectra import ChannelSpectra, channel_spectra
 
 __version__ = "0.1.0"
@@ -16,6 +23,9 @@ __all__ = [
     "ChannelSpectra",
     "GDWSApproximator",
     "KernelLayout",
+    "LayerPlan",
+    "LayerSpec",
+    "NetworkPlan",
     "__version__",
     "break_even_kernels",
     "channel_errors",
@@ -24,10 +34,12 @@ __all__ = [
     "gdws_macs",
     "keep_order",
     "kernel_layout",
+    "lego_breakpoints",
     "lego_multipliers",
     "mac_reduction",
     "mego_multipliers",
     "pad_kernels",
+    "plan_network",
     "project",
     "reconstruct",
 ]

@@ -22,7 +22,13 @@ import array_api_compat
 
 from gdws_approx._namespace import get_namespace, index_dtype
 
-__all__ = ["channel_errors", "keep_order", "lego_multipliers", "mego_multipliers"]
+__all__ = [
+    "channel_errors",
+    "keep_order",
+    "lego_breakpoints",
+    "lego_multipliers",
+    "mego_multipliers",
+]
 
 
 def _check_values(values: Any) -> Any:
@@ -124,14 +130,39 @@ def lego_multipliers(values: Any, beta: float) -> Any:
         or beta < 0
     ):
         raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
-    flat = xp.reshape(values, (-1,))
-    if flat.shape[0] == 0:
+    if values.shape[0] * values.shape[1] == 0:
         return _keep_mask(values, 0)
     order = keep_order(values)
-    smallest_first = xp.flip(xp.take(flat, order), axis=0)
-    dropped_sum = xp.cumulative_sum(smallest_first)
-    n_dropped = int(xp.count_nonzero(dropped_sum <= float(beta)))
-    return _keep_mask(values, flat.shape[0] - n_dropped, order)
+    n_dropped = int(xp.count_nonzero(lego_breakpoints(values, order) <= float(beta)))
+    return _keep_mask(values, values.shape[0] * values.shape[1] - n_dropped, order)
+
+
+def lego_breakpoints(values: Any, order: Any = None) -> Any:
+    """The error budgets at which LEGO drops one more kernel.
+
+    Entry ``k`` is the sum of the ``k + 1`` values LEGO drops first (the smallest, in
+    reverse :func:`keep_order`). LEGO with budget ``beta`` drops exactly the values whose
+    breakpoint is ``<= beta``, so it keeps ``C * R - count(breakpoints <= beta)`` kernels:
+    a non-increasing step function of ``beta``, which is what a network-level search on
+    ``beta`` walks.
+
+    Parameters
+    ----------
+    values : array of shape (C, R)
+        Weighted squared singular values (non-negative, non-increasing per row).
+    order : array, optional
+        ``keep_order(values)`` when already computed.
+
+    Returns
+    -------
+    array of shape (C * R,)
+        Non-decreasing; the last entry is the total ``sum(values)``.
+    """
+    xp = _check_values(values)
+    if order is None:
+        order = keep_order(values)
+    smallest_first = xp.flip(xp.take(xp.reshape(values, (-1,)), order), axis=0)
+    return xp.cumulative_sum(smallest_first)
 
 
 def channel_errors(values: Any, multipliers: Any) -> Any:

@@ -1,0 +1,503 @@
+"""Network-level planning: one allocation per layer for a whole network.
+
+Adapters describe each layer to approximate (its weight, its error weights ``alpha`` and
+how many output pixels it computes) and the MACs of everything that stays as it is; the
+planner returns, per layer, a fitted :class:`~gdws_approx.GDWSApproximator` (or the
+decision to keep the layer dense) and the network's MAC totals. Three modes:
+
+- LEGO with one ``beta`` for every layer (the original work's Algorithm 3);
+- MEGO with a kernel budget per layer;
+- a target MAC reduction over the whole network, met by the smallest ``beta`` (so the
+  least error) whose network MACs are low enough. Each layer's kernel count is a step
+  function of ``beta`` with steps at its :func:`~gdws_approx.lego_breakpoints`, so the
+  network MACs are a non-increasing step function too, and a binary search over the
+  union of breakpoints finds the exact smallest ``beta``.
+
+A layer whose GDWS form would not be cheaper than the dense convolution
+(``G * (K2 + M) >= M * C * K2``) stays dense unless ``only_if_cheaper=False``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from gdws_approx import cost
+from gdws_approx._namespace import work_dtype
+from gdws_approx._validation import (
+    check_alpha,
+    check_beta,
+    check_n_kernels,
+    check_svd_solver,
+    check_weight,
+)
+from gdws_approx.estimator import GDWSApproximator
+from gdws_approx.selection import lego_breakpoints
+from gdws_approx.spectra import channel_spectra
+
+__all__ = ["LayerPlan", "LayerSpec", "NetworkPlan", "plan_network"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer to plan.
+
+    Parameters
+    ----------
+    name : str
+        The layer's name (for example the module path ``"layer1.0.conv1"``).
+    weight : array of shape (M, C, Kh, Kw)
+        Its weight, any array-API library. Not modified.
+    output_pixels : int
+        ``H' * W'``: output positions per input sample at the planned input size.
+    alpha : array of shape (C,) or None, default=None
+        Per-input-channel error weights (noise gains); all ones when ``None``.
+    n_kernels : int or None, default=None
+        This layer's MEGO budget (overrides the network-wide one).
+    """
+
+    name: str
+    weight: Any
+    output_pixels: int
+    alpha: Any = None
+    n_kernels: int | None = None
+
+
+@dataclass
+class LayerPlan:
+    """The plan of one layer.
+
+    Attributes
+    ----------
+    name : str
+    shape : tuple of int
+        ``(M, C, Kh, Kw)``.
+    output_pixels : int
+    replaced : bool
+        Whether the layer becomes GDWS (``False``: it stays dense).
+    reason : str
+        Why it stays dense, empty when replaced.
+    estimator : GDWSApproximator
+        Fitted on the layer's weight with the planned budget (also for a layer that
+        stays dense, so its would-be cost and error are reported).
+    n_kernels : int
+        ``G`` of the fitted GDWS form.
+    multiplier_histogram : dict of int to int
+        ``{g: number of input channels with g kernels}``.
+    error : float
+        Weighted squared error of the GDWS form (0 for a layer kept dense).
+    dense_macs : int
+        MACs of the dense layer per input sample (``M*C*K2 * output_pixels``).
+    macs : int
+        MACs of the layer as planned (GDWS when replaced, dense otherwise).
+    """
+
+    name: str
+    shape: tuple[int, int, int, int]
+    output_pixels: int
+    replaced: bool
+    reason: str
+    estimator: GDWSApproximator
+    n_kernels: int
+    multiplier_histogram: dict[int, int]
+    error: float
+    dense_macs: int
+    macs: int
+
+    @property
+    def mac_reduction(self) -> float:
+        """``dense_macs / macs`` for this layer."""
+        return cost.mac_reduction(self.dense_macs, self.macs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (without the estimator)."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "output_pixels": self.output_pixels,
+            "replaced": self.replaced,
+            "reason": self.reason,
+            "n_kernels": self.n_kernels,
+            "multiplier_histogram": {str(g): n for g, n in self.multiplier_histogram.items()},
+            "error": self.error,
+            "dense_macs": self.dense_macs,
+            "macs": self.macs,
+            "mac_reduction": _finite_or_none(self.mac_reduction),
+        }
+
+
+@dataclass
+class NetworkPlan:
+    """Per-layer plans and network totals.
+
+    Attributes
+    ----------
+    layers : list of LayerPlan
+    solver : {"lego", "mego"}
+    beta : float or None
+        The LEGO budget used (found by the search with ``target_mac_reduction``).
+    target_mac_reduction : float or None
+    other_macs : int
+        MACs of the layers outside the plan (they stay as they are).
+    dense_macs : int
+        Network MACs before: ``other_macs`` plus every planned layer dense.
+    macs : int
+        Network MACs after.
+    """
+
+    layers: list[LayerPlan]
+    solver: str
+    beta: float | None
+    target_mac_reduction: float | None
+    other_macs: int
+    dense_macs: int = field(init=False)
+    macs: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dense_macs = self.other_macs + sum(layer.dense_macs for layer in self.layers)
+        self.macs = self.other_macs + sum(layer.macs for layer in self.layers)
+
+    @property
+    def mac_reduction(self) -> float:
+        """``dense_macs / macs`` over the network."""
+        return cost.mac_reduction(self.dense_macs, self.macs)
+
+    @property
+    def error(self) -> float:
+        """Sum of the replaced layers' weighted squared errors."""
+        return sum(layer.error for layer in self.layers)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the plan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "solver": self.solver,
+            "beta": self.beta,
+            "target_mac_reduction": self.target_mac_reduction,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "n_replaced": sum(layer.replaced for layer in self.layers),
+            "other_macs": self.other_macs,
+            "dense_macs": self.dense_macs,
+            "macs": self.macs,
+            "mac_reduction": _finite_or_none(self.mac_reduction),
+            "error": self.error,
+        }
+
+    def format_table(self) -> str:
+        """The per-layer report as a text table, with the network totals."""
+        header = (
+            "layer",
+            "shape",
+            "G",
+            "g histogram",
+            "error",
+            "MACs before",
+            "MACs after",
+            "fewer",
+        )
+        rows = []
+        for layer in self.layers:
+            histogram = " ".join(f"{g}:{n}" for g, n in sorted(layer.multiplier_histogram.items()))
+            rows.append(
+                (
+                    layer.name,
+                    "x".join(map(str, layer.shape)),
+                    str(layer.n_kernels) if layer.replaced else "dense",
+                    histogram if layer.replaced else layer.reason,
+                    f"{layer.error:.4g}",
+                    f"{layer.dense_macs:,}",
+                    f"{layer.macs:,}",
+                    f"{layer.mac_reduction:.2f}",
+                )
+            )
+        rows.append(
+            ("(other layers)", "", "", "", "", f"{self.other_macs:,}", f"{self.other_macs:,}", "")
+        )
+        rows.append(
+            (
+                "total",
+                "",
+                "",
+                f"{sum(lp.replaced for lp in self.layers)}/{len(self.layers)} replaced",
+                f"{self.error:.4g}",
+                f"{self.dense_macs:,}",
+                f"{self.macs:,}",
+                f"{self.mac_reduction:.2f}",
+            )
+        )
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
+            for r in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(line.rstrip() for line in lines)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def plan_network(
+    layers: Sequence[LayerSpec],
+    *,
+    beta: float | None = None,
+    n_kernels: int | Mapping[str, int] | None = None,
+    target_mac_reduction: float | None = None,
+    other_macs: int = 0,
+    only_if_cheaper: bool = True,
+    svd_solver: str = "auto",
+) -> NetworkPlan:
+    """Plan the GDWS approximation of a whole network.
+
+    Give exactly one budget: ``beta`` (LEGO, the same error budget for every layer),
+    ``n_kernels`` (MEGO, one budget for all layers or one per layer name; a
+    :attr:`LayerSpec.n_kernels` overrides it) or ``target_mac_reduction`` (LEGO with the
+    smallest common ``beta`` that reaches it). With none of them, ``beta=0`` (exact).
+
+    Parameters
+    ----------
+    layers : sequence of LayerSpec
+        The layers to approximate, with distinct names.
+    beta : float, optional
+    n_kernels : int or mapping of str to int, optional
+    target_mac_reduction : float, optional
+        ``dense_macs / macs`` to reach over the network (``other_macs`` included), ``> 1``.
+    other_macs : int, default=0
+        MACs of the network's layers that are not planned (they stay as they are).
+    only_if_cheaper : bool, default=True
+        Keep a layer dense when its GDWS form would cost at least as many MACs.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+
+    Returns
+    -------
+    NetworkPlan
+
+    Raises
+    ------
+    ValueError
+        No layer; duplicate names; several budgets; a budget that leaves a layer with no
+        kernel at all; an unreachable ``target_mac_reduction`` (the message says the
+        largest reachable one).
+    """
+    specs = _check_specs(layers)
+    other_macs = _check_count(other_macs, "other_macs")
+    svd_solver = check_svd_solver(svd_solver)
+    given = [
+        name
+        for name, value in (
+            ("beta", beta),
+            ("n_kernels", n_kernels),
+            ("target_mac_reduction", target_mac_reduction),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(f"give one budget, not {' and '.join(given)}.")
+    target = None
+    if n_kernels is not None or any(s.n_kernels is not None for s in specs):
+        if given and given != ["n_kernels"]:
+            raise ValueError(f"per-layer MEGO budgets (LayerSpec.n_kernels) exclude {given[0]}.")
+        solver, budgets = "mego", _mego_budgets(specs, n_kernels)
+    else:
+        if target_mac_reduction is not None:
+            target = _check_target(target_mac_reduction)
+            beta = _search_beta(specs, target, other_macs, only_if_cheaper, svd_solver)
+        beta = 0.0 if beta is None else check_beta(beta)
+        solver, budgets = "lego", dict.fromkeys((s.name for s in specs), beta)
+    plans = [_plan_layer(s, solver, budgets[s.name], only_if_cheaper, svd_solver) for s in specs]
+    empty = [p for p in plans if p.replaced and p.n_kernels == 0]
+    if empty:
+        names = ", ".join(p.name for p in empty)
+        what = f"beta={beta!r}" if solver == "lego" else "the MEGO budget"
+        raise ValueError(
+            f"{what} keeps no kernel in layer(s) {names}: the whole weighted energy of the "
+            f"layer is within the budget (smallest: {min(_energy(p) for p in empty):.6g})."
+            + (" Use a smaller beta." if solver == "lego" else " Its weight is all zero.")
+        )
+    plan = NetworkPlan(plans, solver, beta if solver == "lego" else None, target, other_macs)
+    if target is not None and plan.dense_macs < target * plan.macs:
+        raise RuntimeError("internal error: the planned beta misses the MAC target")
+    return plan
+
+
+def _energy(plan: LayerPlan) -> float:
+    return float(plan.estimator.error_)
+
+
+def _check_specs(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
+    specs = list(layers)
+    if not specs:
+        raise ValueError("layers is empty: give at least one LayerSpec to plan.")
+    for spec in specs:
+        if not isinstance(spec, LayerSpec):
+            raise TypeError(f"layers must hold LayerSpec objects; got {type(spec).__name__}.")
+        _check_count(spec.output_pixels, f"output_pixels of layer {spec.name!r}")
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"layer names must be distinct; repeated: {duplicates}.")
+    return specs
+
+
+def _check_count(x: Any, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {x!r}.")
+    return int(x)
+
+
+def _check_target(target: Any) -> float:
+    if isinstance(target, bool) or not isinstance(target, numbers.Real):
+        raise TypeError(f"target_mac_reduction must be a number > 1; got {target!r}.")
+    if not math.isfinite(target) or target <= 1:
+        raise ValueError(
+            f"target_mac_reduction must be a finite number > 1 (for example 3.0 for three "
+            f"times fewer MACs); got {target!r}."
+        )
+    return float(target)
+
+
+def _mego_budgets(specs: list[LayerSpec], n_kernels: Any) -> dict[str, int]:
+    budgets = {}
+    if isinstance(n_kernels, Mapping):
+        unknown = sorted(set(n_kernels) - {s.name for s in specs})
+        if unknown:
+            raise ValueError(f"n_kernels names layers that are not planned: {unknown}.")
+    for spec in specs:
+        if spec.n_kernels is not None:
+            budget = spec.n_kernels
+        elif isinstance(n_kernels, Mapping):
+            if spec.name not in n_kernels:
+                raise ValueError(f"n_kernels has no budget for layer {spec.name!r}.")
+            budget = n_kernels[spec.name]
+        elif n_kernels is None:
+            raise ValueError(f"solver='mego' needs n_kernels for layer {spec.name!r}.")
+        else:
+            budget = n_kernels
+        try:
+            budgets[spec.name] = check_n_kernels(budget)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"layer {spec.name!r}: {exc}") from None
+        if budgets[spec.name] == 0:
+            raise ValueError(f"n_kernels=0 for layer {spec.name!r} keeps no kernel; give >= 1.")
+    return budgets
+
+
+def _layer_values(spec: LayerSpec, svd_solver: str) -> tuple[np.ndarray, Any]:
+    """The weighted spectrum exactly as :meth:`GDWSApproximator.fit` computes it."""
+    weight = check_weight(spec.weight, None, name=f"weight of layer {spec.name!r}")
+    if weight.ndim != 4:
+        raise ValueError(f"weight of layer {spec.name!r} must be 4-D (M, C, Kh, Kw).")
+    xp, W3 = weight.xp, weight.W3
+    wide = work_dtype(xp, array_api_compat.device(W3))
+    try:
+        alpha = check_alpha(spec.alpha, weight.n_in, W3, wide)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"layer {spec.name!r}: {exc}") from None
+    spectra = channel_spectra(W3, method=svd_solver)
+    return alpha[:, None] * spectra.squared_singular_values, weight
+
+
+def _search_beta(
+    specs: list[LayerSpec], target: float, other_macs: int, only_if_cheaper: bool, svd_solver: str
+) -> float:
+    """The smallest common LEGO ``beta`` whose network MACs are ``<= dense / target``."""
+    steps = []  # per layer: (breakpoints as float64 numpy, M, C, K2, pixels)
+    for spec in specs:
+        values, weight = _layer_values(spec, svd_solver)
+        breakpoints = np.asarray(_to_numpy(lego_breakpoints(values)), dtype=np.float64)
+        kh, kw = weight.kernel_size
+        steps.append((breakpoints, weight.n_out, weight.n_in, kh * kw, spec.output_pixels))
+    dense = other_macs + sum(m * c * k2 * px for _, m, c, k2, px in steps)
+
+    def network_macs(b: float) -> int:
+        total = other_macs
+        for breakpoints, m, c, k2, px in steps:
+            g = breakpoints.size - int(np.searchsorted(breakpoints, b, side="right"))
+            layer_dense = cost.dense_macs(m, c, k2)
+            layer_gdws = cost.gdws_macs(g, k2, m)
+            use_gdws = layer_gdws < layer_dense or not only_if_cheaper
+            total += px * (layer_gdws if use_gdws else layer_dense)
+        return total
+
+    # Every layer must keep a kernel: beta below each layer's total weighted energy.
+    ceiling = min(bp[-1] for bp, *_ in steps)
+    candidates = np.unique(np.concatenate([[0.0], *[bp[bp < ceiling] for bp, *_ in steps]]))
+    if dense < target * network_macs(float(candidates[-1])):
+        best = dense / network_macs(float(candidates[-1]))
+        raise ValueError(
+            f"target_mac_reduction={target!r} is out of reach: with at least one kernel per "
+            f"layer the network reaches at most {best:.3f}x fewer MACs (other layers: "
+            f"{other_macs:,} MACs stay as they are)."
+        )
+    lo, hi = 0, candidates.size - 1  # network_macs(candidates[hi]) meets the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if dense >= target * network_macs(float(candidates[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(candidates[lo])
+
+
+def _to_numpy(x: Any) -> Any:
+    """A host copy of a small 1-D array of any library (breakpoints for the search)."""
+    if hasattr(x, "detach"):  # torch, without importing it
+        return x.detach().cpu().numpy()
+    if hasattr(x, "get"):  # cupy
+        return x.get()
+    return np.asarray(x)
+
+
+def _plan_layer(
+    spec: LayerSpec, solver: str, budget: float | int, only_if_cheaper: bool, svd_solver: str
+) -> LayerPlan:
+    if solver == "lego":
+        estimator = GDWSApproximator(solver="lego", beta=budget, svd_solver=svd_solver)
+    else:
+        estimator = GDWSApproximator(solver="mego", n_kernels=budget, svd_solver=svd_solver)
+    try:
+        estimator.fit(spec.weight, alpha=spec.alpha)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"layer {spec.name!r}: {exc}") from None
+    m, c = estimator.n_output_channels_, estimator.n_input_channels_
+    kh, kw = estimator.kernel_size_
+    dense = estimator.dense_macs_ * spec.output_pixels
+    gdws = estimator.gdws_macs_ * spec.output_pixels
+    cheaper = estimator.gdws_macs_ < estimator.dense_macs_
+    replaced = cheaper or not only_if_cheaper
+    reason = (
+        ""
+        if replaced
+        else f"kept dense: GDWS needs {estimator.gdws_macs_:,} MACs/pixel >= dense "
+        f"{estimator.dense_macs_:,}"
+    )
+    histogram = Counter(int(g) for g in _to_numpy(estimator.multipliers_).tolist())
+    return LayerPlan(
+        name=spec.name,
+        shape=(m, c, kh, kw),
+        output_pixels=spec.output_pixels,
+        replaced=replaced,
+        reason=reason,
+        estimator=estimator,
+        n_kernels=estimator.n_kernels_,
+        multiplier_histogram=dict(sorted(histogram.items())),
+        error=float(estimator.error_) if replaced else 0.0,
+        dense_macs=dense,
+        macs=gdws if replaced else dense,
+    )
