@@ -1,0 +1,35 @@
+"""gdws_torch: the PyTorch adapter of gdws-approx.
+
+GDWS layers, whole-model conversion, MAC counting, noise gains and checkpoint files.
+"""
+
+from gdws_torch.checkpoints import (
+    load_alphas,
+    load_checkpoint,
+    load_converted,
+    load_state_dict_file,
+    save_alphas,
+    save_converted,
+)
+from gdws_torch.convert import convert, replace_module, set_fused
+from gdws_torch.eligibility import eligible_convs, is_approximable
+from gdws_torch.layers import GDWSConv2d
+from gdws_torch.macs import LayerMacs, MacCount, count_macs
+
+__all__ = [
+    "GDWSConv2d",
+    "LayerMacs",
+    "MacCount",
+    "convert",
+    "count_macs",
+    "eligible_convs",
+    "is_approximable",
+    "load_alphas",
+    "load_checkpoint",
+    "load_converted",
+    "load_state_dict_file",
+    "replace_module",
+    "save_alphas",
+    "save_converted",
+    "set_fused",
+]

@@ -1,0 +1,176 @@
+"""Whole-model conversion: replace the eligible convolutions of a torch model by GDWS ones."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gdws_approx import LayerSpec, NetworkPlan, plan_network
+from gdws_torch.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.layers import GDWSConv2d
+from gdws_torch.macs import count_macs
+
+__all__ = ["convert", "replace_module", "set_fused"]
+
+
+def convert(
+    model: nn.Module,
+    *,
+    beta: float | None = None,
+    alphas: Mapping[str, Any] | None = None,
+    n_kernels: int | Mapping[str, int] | None = None,
+    target_mac_reduction: float | None = None,
+    input_size: Sequence[int] = (3, 32, 32),
+    layers: Iterable[str] | LayerPredicate | None = None,
+    exclude: Iterable[str] = (),
+    skip_first: bool = True,
+    only_if_cheaper: bool = True,
+    fused: bool = False,
+    inplace: bool = False,
+    svd_solver: str = "auto",
+) -> tuple[nn.Module, NetworkPlan]:
+    """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
+
+    Give one budget: ``beta`` (LEGO with this error budget for every layer, each layer's
+    error weighted by its ``alphas``, the original work's Algorithm 3), ``n_kernels``
+    (MEGO: a kernel budget for all layers or one per layer name) or
+    ``target_mac_reduction`` (LEGO with the smallest common ``beta`` that makes the
+    network's convolutions that many times cheaper at ``input_size``). With none,
+    ``beta=0``: an exact representation.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Not modified unless ``inplace=True``.
+    beta : float, optional
+        LEGO's budget on each layer's weighted squared error.
+    alphas : mapping, optional
+        Per-layer noise gains ``{name: tensor(C)}``, keyed by parameter name
+        (``"layer1.0.conv1.weight"``, as :func:`gdws_torch.noise_gains` and the original's
+        files) or module name, with or without a ``"module."`` prefix. Every converted
+        layer must have one. Unit weights when ``None``.
+    n_kernels : int or mapping of str to int, optional
+        MEGO kernel budgets.
+    target_mac_reduction : float, optional
+        Overall ``dense conv MACs / converted conv MACs`` to reach (``> 1``), counting every
+        convolution of the network, converted or not.
+    input_size : sequence of int, default=(3, 32, 32)
+        One input sample's shape (no batch dimension), for the MAC counts.
+    layers, exclude, skip_first
+        Which convolutions are eligible; see :func:`gdws_torch.eligible_convs`.
+    only_if_cheaper : bool, default=True
+        Keep a layer dense when its GDWS form would not need fewer MACs (the report says
+        so). ``False`` replaces every eligible layer, as the original did.
+    fused : bool, default=False
+        Build the layers in fused mode (one dense conv with the reconstructed weight:
+        faster robustness evaluation in eager PyTorch; the explicit form is the deployed one).
+    inplace : bool, default=False
+        Modify ``model`` itself instead of a deep copy.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+
+    Returns
+    -------
+    converted : torch.nn.Module
+        The converted copy (or ``model`` when ``inplace``), in ``model``'s train/eval mode.
+    report : gdws_approx.NetworkPlan
+        Per layer: name, shape, ``G``, multiplier histogram, weighted error, MACs before
+        and after, whether it stays dense and why; network totals over all convolutions
+        (``report.dense_macs``, ``report.macs``, ``report.mac_reduction``). Print it for a
+        table, ``report.to_dict()`` for JSON.
+
+    Raises
+    ------
+    ValueError
+        No eligible convolution, an alpha missing or of the wrong length, a budget that
+        keeps no kernel in a layer, an unreachable target. The model is untouched then.
+
+    Examples
+    --------
+    >>> from gdws_torch import convert
+    >>> from gdws_torch.models import PreActResNet18
+    >>> net = PreActResNet18().eval()
+    >>> fast, report = convert(net, target_mac_reduction=2.0)  # doctest: +SKIP
+    >>> print(report)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    # Plan on the original (read only); copy only once everything is known to work.
+    chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
+    macs = count_macs(model, input_size)
+    names = {name for name, _ in chosen}
+    specs = []
+    for name, conv in chosen:
+        calls = [layer for layer in macs.layers if layer.name == name]
+        if len(calls) != 1:
+            raise ValueError(
+                f"layer {name!r} runs {len(calls)} times in one forward pass at input_size "
+                f"{tuple(input_size)}; only convolutions called exactly once can be planned. "
+                "Exclude it with exclude=[...]."
+            )
+        alpha = None if alphas is None else lookup_alpha(alphas, name, conv)
+        specs.append(LayerSpec(name, conv.weight.detach(), calls[0].output_pixels, alpha))
+    other = sum(
+        la.macs for la in macs.layers if la.kind in ("conv", "gdws") and la.name not in names
+    )
+    plan = plan_network(
+        specs,
+        beta=beta,
+        n_kernels=n_kernels,
+        target_mac_reduction=target_mac_reduction,
+        other_macs=other,
+        only_if_cheaper=only_if_cheaper,
+        svd_solver=svd_solver,
+    )
+    converted = model if inplace else copy.deepcopy(model)
+    modules = dict(converted.named_modules())
+    for layer in plan.layers:
+        if layer.replaced:
+            gdws = GDWSConv2d.from_estimator(layer.estimator, modules[layer.name], fused=fused)
+            replace_module(converted, layer.name, gdws)
+    return converted, plan
+
+
+def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch.Tensor:
+    """The noise gains of layer ``name`` from a mapping keyed as the original's files."""
+    if not isinstance(alphas, Mapping):
+        raise TypeError(
+            f"alphas must be a mapping {{layer name: tensor(C)}}; got {type(alphas).__name__}."
+        )
+    bare = name.removeprefix("module.")
+    candidates = (f"{bare}.weight", bare, f"module.{bare}.weight", f"module.{bare}")
+    for key in candidates:
+        if key in alphas:
+            alpha = torch.as_tensor(alphas[key])
+            break
+    else:
+        raise ValueError(
+            f"alphas has no entry for layer {name!r} (looked for {candidates[0]!r}, "
+            f"{candidates[1]!r} and their 'module.' forms); it has {len(alphas)} entries, "
+            f"for example {sorted(alphas)[:3]}."
+        )
+    n_in = conv.in_channels
+    if alpha.ndim != 1 or alpha.shape[0] != n_in:
+        raise ValueError(
+            f"alphas[{key!r}] must have one value per input channel of {name!r} (C={n_in}); "
+            f"got shape {tuple(alpha.shape)}."
+        )
+    return alpha.to(device=conv.weight.device, dtype=torch.float64)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` of ``model`` to ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch every :class:`GDWSConv2d` of ``model`` to fused (or explicit) mode; returns it."""
+    for module in model.modules():
+        if isinstance(module, GDWSConv2d):
+            module.fused = bool(fused)
+    return model

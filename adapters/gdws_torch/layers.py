@@ -1,0 +1,352 @@
+"""``GDWSConv2d``: a generalized depthwise-separable convolution as a ``torch.nn`` module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from gdws_approx import GDWSApproximator, cost
+
+__all__ = ["GDWSConv2d"]
+
+
+class GDWSConv2d(nn.Module):
+    """A GDWS convolution: per-channel depthwise kernels, then a ``1 x 1`` pointwise conv.
+
+    Input channel ``c`` is convolved with its own ``g_c`` depthwise kernels (stride,
+    padding, dilation and padding mode of the convolution it replaces), giving ``G``
+    intermediate channels; a ``1 x 1`` convolution with the original bias maps them to the
+    ``M`` outputs. Its output equals a dense convolution with the reconstructed weight
+    ``What[:, c] = sum_{j: c_j = c} P[:, j] D_j`` (:meth:`dense_weight`).
+
+    Build it from a fitted :class:`~gdws_approx.GDWSApproximator` with
+    :meth:`from_estimator`, or from factors with :meth:`from_factors`. The constructor
+    makes a layer of the right structure with uninitialised weights (for loading a
+    ``state_dict``).
+
+    Parameters
+    ----------
+    in_channels : int
+        ``C``.
+    out_channels : int
+        ``M``.
+    kernel_size : int or (int, int)
+    kernel_channels : sequence of int or LongTensor of shape (G,)
+        The input channel each depthwise kernel reads (``G >= 1`` entries in ``[0, C)``).
+    stride, padding, dilation, padding_mode
+        As :class:`torch.nn.Conv2d`.
+    bias : bool, default=True
+    fused : bool, default=False
+        ``False``: run the explicit two-stage form (what a deployment runs; fewer MACs).
+        ``True``: run one dense convolution with :meth:`dense_weight` (same output; the
+        fast way to evaluate robustness in eager PyTorch). Switch by setting the attribute.
+    device, dtype
+        As :class:`torch.nn.Conv2d`.
+
+    Attributes
+    ----------
+    depthwise : torch.nn.Conv2d
+        ``G -> G`` channels, ``groups=G``: weight of shape ``(G, 1, Kh, Kw)``.
+    pointwise : torch.nn.Conv2d
+        ``G -> M`` channels, ``1 x 1``: weight of shape ``(M, G, 1, 1)``, the bias.
+    kernel_channels : torch.LongTensor of shape (G,)
+        Buffer: input channel of each depthwise kernel.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gdws_approx import GDWSApproximator
+    >>> from gdws_torch import GDWSConv2d
+    >>> conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+    >>> gdws = GDWSApproximator(beta=0.5).fit(conv.weight.detach())
+    >>> layer = GDWSConv2d.from_estimator(gdws, conv)
+    >>> layer(torch.randn(1, 16, 8, 8)).shape
+    torch.Size([1, 32, 8, 8])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        kernel_channels: Sequence[int] | torch.Tensor,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        fused: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        kernel_channels = torch.as_tensor(kernel_channels, device=device)
+        n_kernels = int(kernel_channels.numel())
+        if n_kernels == 0:
+            raise ValueError(
+                "kernel_channels is empty: a GDWS convolution needs at least one depthwise "
+                "kernel (G >= 1); a budget that keeps no kernel cannot be built."
+            )
+        if kernel_channels.ndim != 1 or kernel_channels.dtype.is_floating_point:
+            raise ValueError(
+                "kernel_channels must be a 1-D sequence of channel indices; got "
+                f"shape {tuple(kernel_channels.shape)}, dtype {kernel_channels.dtype}."
+            )
+        if int(kernel_channels.min()) < 0 or int(kernel_channels.max()) >= in_channels:
+            raise ValueError(
+                f"kernel_channels must lie in [0, in_channels={in_channels}); got values from "
+                f"{int(kernel_channels.min())} to {int(kernel_channels.max())}."
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.fused = fused
+        self.depthwise = nn.Conv2d(
+            n_kernels,
+            n_kernels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=n_kernels,
+            bias=False,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.pointwise = nn.Conv2d(
+            n_kernels, out_channels, 1, bias=bias, device=device, dtype=dtype
+        )
+        self.register_buffer("kernel_channels", kernel_channels.to(torch.long))
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_factors(
+        cls,
+        conv: nn.Conv2d,
+        depthwise_kernels: Any,
+        kernel_channels: Any,
+        pointwise_weights: Any,
+        fused: bool = False,
+    ) -> GDWSConv2d:
+        """The GDWS layer with the given factors and every other option of ``conv``.
+
+        Parameters
+        ----------
+        conv : torch.nn.Conv2d
+            The convolution replaced (``groups=1``): stride, padding, dilation, padding
+            mode, bias (copied), dtype and device are taken from it. Not modified.
+        depthwise_kernels : array of shape (G, Kh, Kw)
+        kernel_channels : array of shape (G,), integer
+        pointwise_weights : array of shape (M, G)
+            Arrays of any library that ``torch.as_tensor`` accepts (torch, NumPy).
+        fused : bool, default=False
+
+        Returns
+        -------
+        GDWSConv2d
+        """
+        _check_conv(conv)
+        weight = conv.weight
+        to = {"dtype": weight.dtype, "device": weight.device}
+        depthwise = torch.as_tensor(depthwise_kernels, **to)
+        pointwise = torch.as_tensor(pointwise_weights, **to)
+        channels = torch.as_tensor(kernel_channels, device=weight.device)
+        m, c, kh, kw = weight.shape
+        g = channels.numel()
+        if tuple(depthwise.shape) != (g, kh, kw):
+            raise ValueError(
+                f"depthwise_kernels must have shape (G, Kh, Kw) = ({g}, {kh}, {kw}) for this "
+                f"conv and kernel_channels; got {tuple(depthwise.shape)}."
+            )
+        if tuple(pointwise.shape) != (m, g):
+            raise ValueError(
+                f"pointwise_weights must have shape (M, G) = ({m}, {g}); got "
+                f"{tuple(pointwise.shape)}."
+            )
+        layer = cls(
+            c,
+            m,
+            (kh, kw),
+            channels,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            fused=fused,
+            **to,
+        )
+        with torch.no_grad():
+            layer.depthwise.weight.copy_(depthwise.reshape(g, 1, kh, kw))
+            layer.pointwise.weight.copy_(pointwise.reshape(m, g, 1, 1))
+            if conv.bias is not None:
+                layer.pointwise.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    @classmethod
+    def from_estimator(
+        cls, estimator: GDWSApproximator, conv: nn.Conv2d, fused: bool = False
+    ) -> GDWSConv2d:
+        """The GDWS layer of an estimator fitted on ``conv.weight``.
+
+        Parameters
+        ----------
+        estimator : GDWSApproximator
+            Fitted (on ``conv.weight`` or any weight of its shape, any array library).
+        conv : torch.nn.Conv2d
+            The convolution replaced; see :meth:`from_factors`.
+        fused : bool, default=False
+
+        Returns
+        -------
+        GDWSConv2d
+        """
+        if not isinstance(estimator, GDWSApproximator):
+            raise TypeError(
+                f"estimator must be a GDWSApproximator; got {type(estimator).__name__}."
+            )
+        check_is_fitted(estimator)
+        _check_conv(conv)
+        shape = (estimator.n_output_channels_, estimator.n_input_channels_, *estimator.kernel_size_)
+        if shape != tuple(conv.weight.shape):
+            raise ValueError(
+                f"the estimator was fitted on a weight of shape {shape}, but conv.weight has "
+                f"shape {tuple(conv.weight.shape)}."
+            )
+        return cls.from_factors(
+            conv,
+            estimator.depthwise_kernels_,
+            estimator.kernel_channels_,
+            estimator.pointwise_weights_,
+            fused=fused,
+        )
+
+    # -- behaviour ----------------------------------------------------------------------
+
+    @property
+    def n_kernels(self) -> int:
+        """``G``: the number of depthwise kernels."""
+        return self.depthwise.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.depthwise.kernel_size)
+
+    @property
+    def multipliers(self) -> torch.Tensor:
+        """Channel multipliers ``g`` (kernels per input channel), shape ``(C,)``."""
+        return torch.bincount(self.kernel_channels, minlength=self.in_channels)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.pointwise.bias
+
+    @property
+    def dense_macs(self) -> int:
+        """MACs per output pixel of the dense equivalent, ``M * C * K2``."""
+        kh, kw = self.kernel_size
+        return cost.dense_macs(self.out_channels, self.in_channels, kh * kw)
+
+    @property
+    def gdws_macs(self) -> int:
+        """MACs per output pixel of the explicit form, ``G * (K2 + M)``."""
+        kh, kw = self.kernel_size
+        return cost.gdws_macs(self.n_kernels, kh * kw, self.out_channels)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight ``(M, C, Kh, Kw)`` (differentiable)."""
+        g = self.n_kernels
+        kh, kw = self.kernel_size
+        pointwise = self.pointwise.weight.reshape(self.out_channels, g, 1)
+        depthwise = self.depthwise.weight.reshape(1, g, kh * kw)
+        dense = pointwise.new_zeros(self.out_channels, self.in_channels, kh * kw)
+        dense = dense.index_add(1, self.kernel_channels, pointwise * depthwise)
+        return dense.reshape(self.out_channels, self.in_channels, kh, kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._dense_forward(x)
+        return self.pointwise(self.depthwise(x.index_select(1, self.kernel_channels)))
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dw = self.depthwise
+        weight = self.dense_weight()
+        if dw.padding_mode != "zeros":
+            x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
+            return F.conv2d(x, weight, self.pointwise.bias, dw.stride, 0, dw.dilation)
+        return F.conv2d(x, weight, self.pointwise.bias, dw.stride, dw.padding, dw.dilation)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """A dense ``nn.Conv2d`` with the reconstructed weight (same options and bias)."""
+        dw = self.depthwise
+        weight = self.pointwise.weight
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            dw.kernel_size,
+            stride=dw.stride,
+            padding=dw.padding,
+            dilation=dw.dilation,
+            bias=self.bias is not None,
+            padding_mode=dw.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready) that rebuild this layer's structure."""
+        dw = self.depthwise
+        padding = dw.padding if isinstance(dw.padding, str) else list(dw.padding)
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(dw.kernel_size),
+            "kernel_channels": self.kernel_channels.tolist(),
+            "stride": list(dw.stride),
+            "padding": padding,
+            "dilation": list(dw.dilation),
+            "bias": self.bias is not None,
+            "padding_mode": dw.padding_mode,
+            "fused": bool(self.fused),
+        }
+
+    def extra_repr(self) -> str:
+        dw = self.depthwise
+        parts = [
+            f"C={self.in_channels}, G={self.n_kernels}, M={self.out_channels}",
+            f"kernel_size={tuple(dw.kernel_size)}",
+            f"stride={tuple(dw.stride)}",
+        ]
+        if dw.padding != (0, 0):
+            parts.append(f"padding={dw.padding}")
+        if dw.dilation != (1, 1):
+            parts.append(f"dilation={tuple(dw.dilation)}")
+        if dw.padding_mode != "zeros":
+            parts.append(f"padding_mode={dw.padding_mode!r}")
+        if self.bias is None:
+            parts.append("bias=False")
+        reduction = cost.mac_reduction(self.dense_macs, self.gdws_macs)
+        parts.append(f"mac_reduction={reduction:.2f}x")
+        parts.append(f"fused={self.fused}")
+        return ", ".join(parts)
+
+
+def _check_conv(conv: Any) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be a torch.nn.Conv2d; got {type(conv).__name__}.")
+    if conv.groups != 1:
+        raise ValueError(
+            f"conv has groups={conv.groups}; GDWS replaces convolutions with groups=1."
+        )

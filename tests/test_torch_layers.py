@@ -1,0 +1,190 @@
+"""GDWSConv2d: equals the dense conv with its reconstructed weight, for every conv option."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+from torch import nn
+
+from gdws_approx import GDWSApproximator
+from gdws_torch import GDWSConv2d
+
+CONV_OPTIONS = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "bias": False},
+    {"kernel_size": (3, 1), "padding": (1, 0)},
+    {"kernel_size": (1, 5), "stride": (1, 2), "padding": (0, 2), "bias": False},
+    {"kernel_size": 3, "dilation": 2, "padding": 2},
+    {"kernel_size": 3, "padding": "same", "dilation": (2, 1)},
+    {"kernel_size": 3, "padding": "valid"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+    {"kernel_size": (2, 3), "padding": (1, 2), "padding_mode": "circular", "stride": 2},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "replicate", "bias": False},
+]
+
+
+def make_conv(options: dict, seed: int = 0, dtype=torch.float64) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(6, 10, dtype=dtype, **options)
+    if conv.bias is not None:
+        nn.init.uniform_(conv.bias, -1, 1)
+    return conv
+
+
+def gdws_of(conv: nn.Conv2d, fraction: float = 0.3, **kwargs) -> GDWSConv2d:
+    energy = float((conv.weight.detach().double() ** 2).sum())
+    estimator = GDWSApproximator(beta=fraction * energy).fit(conv.weight.detach())
+    return GDWSConv2d.from_estimator(estimator, conv, **kwargs)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: str(o))
+def test_output_equals_dense_conv_with_reconstructed_weight(options):
+    conv = make_conv(options)
+    layer = gdws_of(conv)
+    assert layer.n_kernels < 6 * conv.weight[0, 0].numel()  # a real approximation
+    x = torch.randn(3, 6, 13, 11, dtype=torch.float64)
+    reference = conv._conv_forward(x, layer.dense_weight().detach(), conv.bias)
+    assert relative(layer(x), reference) < 1e-10
+    layer.fused = True
+    assert relative(layer(x), reference) < 1e-10
+
+
+def test_dense_weight_is_the_estimators_reconstruction():
+    conv = make_conv({"kernel_size": (3, 2)})
+    estimator = GDWSApproximator(beta=2.0).fit(conv.weight.detach())
+    layer = GDWSConv2d.from_estimator(estimator, conv)
+    expected = estimator.inverse_transform(estimator.pointwise_weights_)
+    torch.testing.assert_close(layer.dense_weight(), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.multipliers, estimator.multipliers_)
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS[:3], ids=lambda o: str(o))
+def test_exact_representation_reproduces_the_conv(options):
+    conv = make_conv(options)
+    layer = GDWSConv2d.from_estimator(GDWSApproximator(beta=0.0).fit(conv.weight.detach()), conv)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    assert relative(layer(x), conv(x)) < 1e-12
+
+
+def test_factors_from_numpy_and_float32_keep_the_conv_dtype_and_device():
+    conv = make_conv({"kernel_size": 3, "padding": 1}, dtype=torch.float32)
+    estimator = GDWSApproximator(beta=1.0).fit(conv.weight.detach().numpy())
+    layer = GDWSConv2d.from_estimator(estimator, conv)
+    assert layer.depthwise.weight.dtype == torch.float32
+    assert layer.kernel_channels.dtype == torch.long
+    assert torch.equal(layer.pointwise.bias, conv.bias)
+    np.testing.assert_allclose(
+        layer.dense_weight().detach().numpy(),
+        estimator.inverse_transform(estimator.pointwise_weights_),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_conv_is_not_modified_and_bias_is_copied():
+    conv = make_conv({"kernel_size": 3, "padding": 1})
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    layer = gdws_of(conv)
+    with torch.no_grad():
+        layer.pointwise.bias.add_(1.0)
+    for key, value in conv.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_extra_repr_shows_channels_kernels_and_mac_ratio():
+    conv = make_conv({"kernel_size": 3, "padding": 1, "padding_mode": "reflect"})
+    layer = gdws_of(conv)
+    text = repr(layer)
+    ratio = layer.dense_macs / layer.gdws_macs
+    assert f"C=6, G={layer.n_kernels}, M=10" in text
+    assert f"mac_reduction={ratio:.2f}x" in text
+    assert "padding_mode='reflect'" in text
+    assert layer.gdws_macs == layer.n_kernels * (9 + 10)
+
+
+def test_state_dict_round_trips_into_a_layer_built_from_config():
+    conv = make_conv({"kernel_size": (3, 1), "stride": 2, "padding": (1, 0)})
+    layer = gdws_of(conv)
+    twin = GDWSConv2d(**layer.config(), dtype=torch.float64)
+    twin.load_state_dict(layer.state_dict())
+    assert set(layer.state_dict()) == {
+        "depthwise.weight",
+        "pointwise.weight",
+        "pointwise.bias",
+        "kernel_channels",
+    }
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    assert torch.equal(twin(x), layer(x))
+
+
+def test_to_conv2d_gives_the_dense_equivalent():
+    conv = make_conv({"kernel_size": 3, "padding": 1, "padding_mode": "circular"})
+    layer = gdws_of(conv)
+    dense = layer.to_conv2d()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    assert relative(dense(x), layer(x)) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("fused", [False, True])
+def test_torchscript_and_torch_export(fused):
+    layer = gdws_of(make_conv({"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}))
+    layer.fused = fused
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    expected = layer(x)
+    scripted = torch.jit.script(layer)
+    torch.testing.assert_close(scripted(x), expected)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), expected)
+    exported = torch.export.export(layer, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_onnx_export_matches_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    conv = make_conv({"kernel_size": 3, "stride": 2, "padding": 1}, dtype=torch.float32)
+    layer = gdws_of(conv).eval()
+    x = torch.randn(2, 6, 12, 12)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(layer, (x,), buffer, dynamo=False, input_names=["x"])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, layer(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input():
+    conv = make_conv({"kernel_size": 3, "padding": 1})
+    with pytest.raises(NotFittedError):
+        GDWSConv2d.from_estimator(GDWSApproximator(), conv)
+    with pytest.raises(TypeError, match="GDWSApproximator"):
+        GDWSConv2d.from_estimator(object(), conv)
+    other = GDWSApproximator().fit(torch.randn(10, 6, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        GDWSConv2d.from_estimator(other, conv)
+    grouped = nn.Conv2d(6, 10, 3, groups=2)
+    with pytest.raises(ValueError, match="groups=2"):
+        GDWSConv2d.from_factors(grouped, torch.zeros(1, 3, 3), [0], torch.zeros(10, 1))
+    with pytest.raises(TypeError, match="Conv2d"):
+        GDWSConv2d.from_factors(nn.Linear(3, 3), torch.zeros(1, 3, 3), [0], torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="at least one depthwise kernel"):
+        GDWSConv2d(6, 10, 3, kernel_channels=[])
+    with pytest.raises(ValueError, match=r"\[0, in_channels=6\)"):
+        GDWSConv2d(6, 10, 3, kernel_channels=[0, 6])
+    with pytest.raises(ValueError, match="pointwise_weights"):
+        GDWSConv2d.from_factors(conv, torch.zeros(2, 3, 3), [0, 1], torch.zeros(10, 3))
+    keeps_nothing = GDWSApproximator(beta=1e9).fit(conv.weight.detach())
+    with pytest.raises(ValueError, match="at least one depthwise kernel"):
+        GDWSConv2d.from_estimator(keeps_nothing, conv)
