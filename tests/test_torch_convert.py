@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +235,20 @@ def test_a_model_without_eligible_convs_is_refused():
         convert(NoEligible(), input_size=(3, 8, 8))
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         convert("resnet", input_size=(3, 8, 8))
+
+
+def test_converted_model_exports_to_onnx_and_torch_export():
+    ort = pytest.importorskip("onnxruntime")
+    model = small_resnet().float()
+    converted, _ = convert(model, input_size=INPUT_SIZE, beta=0.5, only_if_cheaper=False)
+    x = torch.rand(2, *INPUT_SIZE)
+    expected = converted(x).detach()
+    exported = torch.export.export(converted, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation, reflect-pad folding
+        torch.onnx.export(converted, (x,), buffer, dynamo=False, input_names=["x"])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
