@@ -96,3 +96,15 @@ def test_json_writer_leaves_nothing_behind_on_failure(tmp_path):
         write_json_atomic(target, {"bad": object()})
     assert json.loads(target.read_text()) == {"ok": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_alpha_bench_quick_run_agrees_and_prints_its_result(tmp_path, capsys):
+    bench = _load_bench("alpha_speed")
+    out = tmp_path / "alpha.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RESULT alpha_speed: ")
+    assert lines[-1].endswith("x (batched vs per-sample loop)")
+    result = json.loads(out.read_text())
+    assert max(result["max_relative_difference"].values()) < 1e-4
+    assert set(result["forms"].values()) == {"gram", "materialize"}

@@ -15,6 +15,7 @@ from gdws_torch.convert import convert, replace_module, set_fused
 from gdws_torch.eligibility import eligible_convs, is_approximable
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
+from gdws_torch.noise_gains import noise_gains, reference_noise_gains
 
 __all__ = [
     "GDWSConv2d",
@@ -28,6 +29,8 @@ __all__ = [
     "load_checkpoint",
     "load_converted",
     "load_state_dict_file",
+    "noise_gains",
+    "reference_noise_gains",
     "replace_module",
     "save_alphas",
     "save_converted",
