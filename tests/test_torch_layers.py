@@ -43,7 +43,7 @@ def gdws_of(conv: nn.Conv2d, fraction: float = 0.3, **kwargs) -> GDWSConv2d:
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: str(o))
