@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[torch,dev]"
+	# torchattacks (the reference our PGD is tested against) requires torchvision, which
+	# would replace the CPU torch with a CUDA build; it imports fine without it.
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 test: venv

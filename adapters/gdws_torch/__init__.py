@@ -3,6 +3,7 @@
 GDWS layers, whole-model conversion, MAC counting, noise gains and checkpoint files.
 """
 
+from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
 from gdws_torch.checkpoints import (
     load_alphas,
     load_checkpoint,
@@ -13,17 +14,23 @@ from gdws_torch.checkpoints import (
 )
 from gdws_torch.convert import convert, replace_module, set_fused
 from gdws_torch.eligibility import eligible_convs, is_approximable
+from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.noise_gains import noise_gains, reference_noise_gains
 
 __all__ = [
+    "PGD",
+    "PGDL1",
+    "PGDL2",
+    "Attack",
     "GDWSConv2d",
     "LayerMacs",
     "MacCount",
     "convert",
     "count_macs",
     "eligible_convs",
+    "evaluate",
     "is_approximable",
     "load_alphas",
     "load_checkpoint",

@@ -1,0 +1,286 @@
+"""Adversarial attacks, torchattacks style: configure once, call on ``(images, labels)``.
+
+The model receives pixels in ``[0, 1]`` (normalisation belongs inside the model); inputs
+outside that range are refused. The model runs in eval mode during an attack and its
+train/eval mode is restored afterwards; gradients are taken with respect to the
+perturbation only, so the model's parameters and ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PGD", "PGDL1", "PGDL2", "Attack"]
+
+
+def _check_positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
+    kind = numbers.Integral if integer else numbers.Real
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, kind) or not low_ok:
+        what = "integer" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a {what} {bound}; got {value!r}.")
+    return int(value) if integer else float(value)
+
+
+class Attack:
+    """Base of the PGD attacks: validation, restarts, early stop, mode handling.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier taking pixels in ``[0, 1]`` and returning logits.
+    eps : float
+        Radius of the perturbation ball, in pixel units (``8/255`` for l_inf CIFAR-10).
+    alpha : float
+        Step size.
+    steps : int
+        Iterations per restart (``0``: the random start only).
+    random_start : bool, default=True
+        Start from a random point of the ball (uniform for l_inf, as the original).
+    restarts : int, default=1
+        Independent runs; per sample the worst case is kept (a misclassifying
+        perturbation first, then the highest loss).
+    early_stop : bool, default=False
+        Stop updating a sample once it is misclassified.
+    seed : int or None, default=None
+        Seed of the random starts (a private generator: reproducible, and the global
+        RNG is not consumed). ``None``: the global RNG.
+    """
+
+    norm = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        alpha: float,
+        steps: int = 10,
+        random_start: bool = True,
+        restarts: int = 1,
+        early_stop: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.eps = _check_positive(eps, "eps")
+        self.alpha = _check_positive(alpha, "alpha")
+        self.steps = _check_positive(steps, "steps", integer=True, allow_zero=True)
+        self.restarts = _check_positive(restarts, "restarts", integer=True)
+        self.random_start = bool(random_start)
+        self.early_stop = bool(early_stop)
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps:g}, alpha={self.alpha:g}, steps={self.steps}, "
+            f"random_start={self.random_start}, restarts={self.restarts}, "
+            f"early_stop={self.early_stop})"
+        )
+
+    # -- the parts each norm defines -------------------------------------------------
+
+    def _random_delta(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step(self, x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------
+
+    def _check(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError("images must be a floating-point torch.Tensor of pixels in [0, 1].")
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
+            raise TypeError("labels must be a torch.LongTensor of class indices.")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},) to match images; got "
+                f"{tuple(labels.shape)}."
+            )
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"images must be pixels in [0, 1] (normalise inside the model); got values in "
+                f"[{low:.4g}, {high:.4g}]."
+            )
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def _loss_and_grad(self, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor):
+        delta = delta.detach().requires_grad_(True)
+        logits = self.model(x + delta)
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        return logits.detach(), loss.detach(), grad
+
+    def _run(self, x: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
+        if self.random_start:
+            delta = self._random_delta(x, generator)
+            delta = (x + delta).clamp(0, 1) - x
+        else:
+            delta = torch.zeros_like(x)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.steps):
+            with torch.enable_grad():
+                logits, _, grad = self._loss_and_grad(x, delta, labels)
+            if self.early_stop:
+                active = logits.argmax(1) == labels
+                if not bool(active.any()):
+                    break
+            with torch.no_grad():
+                stepped = self._step(x, delta, grad)
+                stepped = (x + stepped).clamp(0, 1) - x
+                if self.early_stop:
+                    mask = active.view(-1, *([1] * (x.ndim - 1)))
+                    stepped = torch.where(mask, stepped, delta)
+                delta = stepped
+        return delta.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial images: ``images + delta``, in the ball and in ``[0, 1]``."""
+        self._check(images, labels)
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        x = images.detach()
+        generator = self._generator(x.device)
+        try:
+            best_delta = torch.zeros_like(x)
+            best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            best_loss = torch.full((x.shape[0],), -torch.inf, dtype=x.dtype, device=x.device)
+            for _ in range(self.restarts):
+                delta = self._run(x, labels, generator)
+                if self.restarts == 1:  # nothing to choose from: skip the extra forward
+                    best_delta = delta
+                    break
+                with torch.no_grad():
+                    logits = self.model(x + delta)
+                    loss = F.cross_entropy(logits, labels, reduction="none")
+                    wrong = logits.argmax(1) != labels
+                better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss >= best_loss))
+                mask = better.view(-1, *([1] * (x.ndim - 1)))
+                best_delta = torch.where(mask, delta, best_delta)
+                best_wrong = best_wrong | wrong
+                best_loss = torch.where(better, loss, best_loss)
+        finally:
+            for module, training in modes:
+                module.training = training
+        return (x + best_delta).clamp(0, 1).detach()
+
+
+def _per_sample_norm(t: torch.Tensor, p: float) -> torch.Tensor:
+    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+class PGD(Attack):
+    """l_inf PGD (Madry et al.): signed-gradient steps, clipped to the ``eps`` box.
+
+    Same parameters and defaults as :class:`Attack`. As in the original evaluation,
+    ``PGD(model, eps=8/255, alpha=2/255, steps=10)``.
+    """
+
+    norm = "l_inf"
+
+    def _random_delta(self, x, generator):
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (2 * noise - 1) * self.eps
+
+    def _step(self, x, delta, grad):
+        return (delta + self.alpha * grad.sign()).clamp(-self.eps, self.eps)
+
+
+class PGDL2(Attack):
+    """l_2 PGD: normalised-gradient steps, projection onto the l_2 ball of radius ``eps``.
+
+    The random start is a uniform direction scaled by ``U(0, 1) * eps``, as the original.
+    """
+
+    norm = "l_2"
+
+    def _random_delta(self, x, generator):
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        radius = radius.view(-1, *([1] * (x.ndim - 1)))
+        return noise / _per_sample_norm(noise, 2).clamp_min(1e-12) * radius * self.eps
+
+    def _step(self, x, delta, grad):
+        delta = delta + self.alpha * grad / _per_sample_norm(grad, 2).clamp_min(1e-12)
+        scale = (self.eps / _per_sample_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
+        return delta * scale
+
+
+def project_l1_ball(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Euclidean projection of each sample of ``delta`` onto the l_1 ball of radius ``eps``.
+
+    The sort-based algorithm of Duchi et al. (2008), batched over samples.
+    """
+    flat = delta.flatten(1)
+    magnitude = flat.abs()
+    inside = magnitude.sum(1) <= eps
+    sorted_desc, _ = magnitude.sort(dim=1, descending=True)
+    cumulative = sorted_desc.cumsum(1) - eps
+    index = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
+    condition = sorted_desc - cumulative / index > 0
+    rho = condition.to(flat.dtype).cumsum(1).argmax(1, keepdim=True)  # last True
+    theta = (cumulative.gather(1, rho) / (rho + 1).to(flat.dtype)).clamp_min(0)
+    projected = flat.sign() * (magnitude - theta).clamp_min(0)
+    projected = torch.where(inside[:, None], flat, projected)
+    return projected.view_as(delta)
+
+
+class PGDL1(Attack):
+    """l_1 attack: sparse l_1 descent (Tramèr & Boneh, 2019) in the l_1 ball and the pixel box.
+
+    Each step moves only the coordinates whose gradient magnitude is in the top
+    ``1 - sparsity`` fraction (ignoring coordinates at a pixel bound that the gradient
+    pushes outward), by ``alpha`` in l_1 norm in total, then projects onto the l_1 ball
+    (the pixel clip after it only shrinks the perturbation, so it stays inside both).
+
+    Parameters
+    ----------
+    sparsity : float in [0, 1), default=0.99
+        Percentile of ``|grad|`` below which coordinates are not moved.
+    **kwargs
+        As :class:`Attack` (``eps=12``, ``alpha=1`` are typical for CIFAR-10 in pixel units).
+    """
+
+    norm = "l_1"
+
+    def __init__(
+        self, model: nn.Module, eps: float, alpha: float, *args, sparsity: float = 0.99, **kwargs
+    ):
+        super().__init__(model, eps, alpha, *args, **kwargs)
+        if (
+            isinstance(sparsity, bool)
+            or not isinstance(sparsity, numbers.Real)
+            or not 0 <= sparsity < 1
+        ):
+            raise ValueError(f"sparsity must be a number in [0, 1); got {sparsity!r}.")
+        self.sparsity = float(sparsity)
+
+    def _random_delta(self, x, generator):
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        laplace = -torch.log1p(-noise * (1 - 1e-7)) * (2 * (noise > 0.5).to(x.dtype) - 1)
+        radius = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        radius = radius.view(-1, *([1] * (x.ndim - 1)))
+        return laplace / _per_sample_norm(laplace, 1).clamp_min(1e-12) * radius * self.eps
+
+    def _step(self, x, delta, grad):
+        position = x + delta
+        blocked = ((position >= 1) & (grad > 0)) | ((position <= 0) & (grad < 0))
+        magnitude = torch.where(blocked, torch.zeros_like(grad), grad.abs()).flatten(1)
+        threshold = torch.quantile(magnitude, self.sparsity, dim=1, keepdim=True)
+        chosen = (magnitude >= threshold) & (magnitude > 0)
+        count = chosen.sum(1, keepdim=True).clamp_min(1).to(grad.dtype)
+        direction = torch.where(chosen, grad.flatten(1).sign(), torch.zeros_like(magnitude)) / count
+        delta = delta + self.alpha * direction.view_as(delta)
+        return project_l1_ball(delta, self.eps)
