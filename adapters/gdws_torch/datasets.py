@@ -1,0 +1,190 @@
+"""Datasets from their standard on-disk formats, as pixels in ``[0, 1]``.
+
+- CIFAR-10: ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (the "python
+  version" pickles: ``{b'data': uint8 (N, 3072), b'labels': [...]}``);
+- CIFAR-100: ``<root>/cifar-100-python/{train, test}`` (``b'fine_labels'``);
+- SVHN: ``<root>/{train,test}_32x32.mat`` (``X``: uint8 ``(32, 32, 3, N)``, ``y``: 1..10,
+  10 meaning the digit 0);
+- digits: scikit-learn's bundled 8x8 handwritten digits (real data that ships with the
+  package): a fixed stratified split, optionally upsampled to 32x32.
+
+The CIFAR pickles are read by an unpickler that only accepts plain containers and NumPy
+arrays: a file that asks for anything else is refused, never executed. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+__all__ = ["DATASETS", "load_dataset", "num_classes"]
+
+DATASETS = ("cifar10", "cifar100", "svhn", "digits")
+_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10}
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes: encodes a string, nothing else
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def num_classes(name: str) -> int:
+    """Number of classes of a dataset name."""
+    return _CLASSES[_check_name(name)]
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}; got {name!r}.")
+    return name
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+    return split
+
+
+def _read_pickle(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what}: expected the file {str(path)!r}, which does not exist. Download the "
+            "dataset's python version and extract it under the root you gave (nothing is "
+            "downloaded for you)."
+        )
+    try:
+        with open(path, "rb") as f:
+            data = _SafeUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: {str(path)!r} is not a valid batch file ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {str(path)!r} does not hold a dict of arrays.")
+    return data
+
+
+def _cifar(root: Path, split: str, hundred: bool) -> tuple[np.ndarray, np.ndarray]:
+    if hundred:
+        folder, files, key, what = root / "cifar-100-python", [split], b"fine_labels", "CIFAR-100"
+    else:
+        folder = root / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        key, what = b"labels", "CIFAR-10"
+    images, labels = [], []
+    for name in files:
+        batch = _read_pickle(folder / name, what)
+        if b"data" not in batch or key not in batch:
+            raise ValueError(
+                f"{what}: {str(folder / name)!r} lacks b'data' or {key!r} (found keys "
+                f"{sorted(batch)[:5]})."
+            )
+        data = np.asarray(batch[b"data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(
+                f"{what}: {str(folder / name)!r} has data {data.dtype} {data.shape}; "
+                "expected uint8 (N, 3072)."
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[key], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _svhn(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    path = root / f"{split}_32x32.mat"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SVHN: expected the file {str(path)!r} (the cropped-digits format "
+            f"{split}_32x32.mat), which does not exist."
+        )
+    try:
+        mat = loadmat(path)
+    except (MatReadError, ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"SVHN: {str(path)!r} is not a readable .mat file ({exc}).") from None
+    if "X" not in mat or "y" not in mat or mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
+        raise ValueError(f"SVHN: {str(path)!r} needs X (32, 32, 3, N) and y (N, 1).")
+    images = np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8)
+    labels = mat["y"].reshape(-1).astype(np.int64) % 10  # label 10 is the digit 0
+    return images, labels
+
+
+def _digits(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train, test = train_test_split(index, test_size=0.3, random_state=0, stratify=digits.target)
+    chosen = np.sort(train if split == "train" else test)
+    images = torch.tensor(digits.images[chosen] / 16.0, dtype=torch.float32)[:, None]
+    if size != 8:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        images = images.clamp(0, 1)
+    return images, torch.tensor(digits.target[chosen], dtype=torch.long)
+
+
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, split: str = "test", *, size: int = 8
+) -> TensorDataset:
+    """A dataset as a ``TensorDataset`` of float pixels in ``[0, 1]`` and long labels.
+
+    Parameters
+    ----------
+    name : {"cifar10", "cifar100", "svhn", "digits"}
+    root : path-like, optional
+        The folder holding the dataset's files (see the module docstring); not used for
+        ``"digits"``.
+    split : {"train", "test"}, default="test"
+    size : int, default=8
+        ``"digits"`` only: side of the (bilinearly upsampled) images, e.g. 32.
+
+    Returns
+    -------
+    torch.utils.data.TensorDataset
+        ``(images (N, C, H, W) float32, labels (N,) int64)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file is missing: the message names the file expected and where.
+    ValueError
+        A file is corrupt or not in the format.
+    """
+    name, split = _check_name(name), _check_split(split)
+    if name == "digits":
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an integer >= 8; got {size!r}.")
+        return TensorDataset(*_digits(split, size))
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs root: the folder holding its files.")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: the root folder {str(root)!r} does not exist.")
+    if name == "svhn":
+        images, labels = _svhn(root, split)
+    else:
+        images, labels = _cifar(root, split, hundred=name == "cifar100")
+    if len(images) != len(labels):
+        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels.")
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    return TensorDataset(pixels, torch.from_numpy(labels))
