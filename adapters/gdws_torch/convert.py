@@ -61,7 +61,8 @@ def convert(
     input_size : sequence of int, default=(3, 32, 32)
         One input sample's shape (no batch dimension), for the MAC counts.
     layers, exclude, skip_first
-        Which convolutions are eligible; see :func:`gdws_torch.eligible_convs`.
+        Which convolutions are eligible; see :func:`gdws_torch.eligible_convs`. A conv
+        that the forward pass never calls is left as it is.
     only_if_cheaper : bool, default=True
         Keep a layer dense when its GDWS form would not need fewer MACs (the report says
         so). ``False`` replaces every eligible layer, as the original did.
@@ -105,6 +106,8 @@ def convert(
     specs = []
     for name, conv in chosen:
         calls = [layer for layer in macs.layers if layer.name == name]
+        if not calls:  # defined but never called (e.g. WRN's sub_block1): nothing to convert
+            continue
         if len(calls) != 1:
             raise ValueError(
                 f"layer {name!r} runs {len(calls)} times in one forward pass at input_size "
@@ -116,6 +119,11 @@ def convert(
     other = sum(
         la.macs for la in macs.layers if la.kind in ("conv", "gdws") and la.name not in names
     )
+    if not specs:
+        raise ValueError(
+            "none of the eligible convolutions runs in a forward pass at input_size "
+            f"{tuple(input_size)}; nothing to convert."
+        )
     plan = plan_network(
         specs,
         beta=beta,

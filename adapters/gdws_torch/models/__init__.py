@@ -1,5 +1,26 @@
-"""Model definitions with the parameter names of the original checkpoints."""
+"""Model definitions with the parameter names of the original checkpoints (32x32 inputs)."""
 
 from gdws_torch.models.preact_resnet import PreActBlock, PreActResNet, PreActResNet18
+from gdws_torch.models.resnet import ResNet, ResNet18
+from gdws_torch.models.vgg import VGG, VGG16_BN
+from gdws_torch.models.wide_resnet import WRN28_4, WideResNet
 
-__all__ = ["PreActBlock", "PreActResNet", "PreActResNet18"]
+ARCHITECTURES = {
+    "preactresnet18": PreActResNet18,
+    "resnet18": ResNet18,
+    "vgg16_bn": VGG16_BN,
+    "wrn_28_4": WRN28_4,
+}
+
+__all__ = [
+    "ARCHITECTURES",
+    "VGG",
+    "VGG16_BN",
+    "WRN28_4",
+    "PreActBlock",
+    "PreActResNet",
+    "PreActResNet18",
+    "ResNet",
+    "ResNet18",
+    "WideResNet",
+]
