@@ -30,6 +30,7 @@ demo: venv
 bench: venv
 	$(PY) bench/fit_speed.py
 	$(PY) bench/alpha_speed.py
+	$(PY) bench/pgd_speed.py
 
 lint: venv
 	$(PY) -m ruff check --fix .
