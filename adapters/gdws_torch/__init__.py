@@ -17,7 +17,7 @@ from gdws_torch.eligibility import eligible_convs, is_approximable
 from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
-from gdws_torch.noise_gains import noise_gains, reference_noise_gains
+from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
 
 __all__ = [
     "PGD",
@@ -37,6 +37,7 @@ __all__ = [
     "load_converted",
     "load_state_dict_file",
     "noise_gains",
+    "plan_noise_gain_forms",
     "reference_noise_gains",
     "replace_module",
     "save_alphas",

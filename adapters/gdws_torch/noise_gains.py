@@ -5,30 +5,32 @@ with weight ``W`` of shape ``(M, C, Kh, Kw)``, over ``N`` inputs (DESIGN section
 
     alpha_c = (1/N) sum_x sum_{j != t} ||d(z_t - z_j)/dW[:, c]||_F^2 / (2 (z_t - z_j)^2 M Kh Kw)
 
-How it is computed (batched over samples, never one sample at a time):
+How :func:`noise_gains` computes it, for all layers at once and batched over samples:
 
-1. one forward pass per chunk of samples (eval mode), with hooks keeping each eligible
-   layer's input and output;
-2. one backward pass per class ``k`` for the whole chunk, with ``e_t - e_k`` as the
-   logits' gradient, taking gradients with respect to the layers' *outputs* only (no
-   weight gradients, no per-sample gradients materialised by autograd);
-3. per layer, the per-sample, per-input-channel squared norms of the weight gradient
-   ``dW[n, :, c] = g[n] X[n, c]^T`` (``g``: output gradient ``(M, P)``, ``X[n, c]``:
-   the input patches ``(K2, P)``, ``P`` output positions) in one of two forms, chosen per
-   layer by their cost:
+1. one forward pass per chunk of samples (eval mode); hooks keep each layer's input and
+   output;
+2. ``K - 1`` backward passes per chunk (``K`` classes), with respect to the layers'
+   *outputs* only (no weight gradients). Pass ``i`` seeds sample ``n`` with
+   ``(e_t - e_j) / (sqrt(2) |z_t - z_j|)`` for its ``i``-th class ``j != t``, so every
+   pass does useful work for every sample and already carries the weight of the formula;
+3. per layer, with ``g`` the output gradient ``(M, P)`` of one sample and pass (``P``
+   output positions) and ``X_c`` its input patches of channel ``c`` ``(K2, P)``, the
+   weight gradient is ``g X_c^T`` and its squared norm is summed over the passes in one
+   of two forms, chosen per layer by their cost (:func:`choose_form`):
 
-   - *materialize*: the per-sample gradient ``g[n] @ X[n]^T`` (a batched GEMM of
-     ``M * P * C * K2`` MACs per sample and class), squared and summed per channel;
-   - *gram*: ``||dW[n, :, c]||^2 = sum_{p,q} (g^T g)[p, q] (X_c^T X_c)[p, q]``, with the
-     patch Gram ``X_c^T X_c`` computed once per chunk and shared by all classes
-     (``P^2 * (M + C)`` MACs per sample and class): far cheaper when the output is small
-     (deep layers), far dearer when it is large.
+   - ``"materialize"``: form ``g X^T`` (a batched GEMM per pass), square
+     it and sum per channel: ``(K-1) M P C K2`` multiply-adds per sample;
+   - ``"gram"``: ``sum_passes ||g X_c^T||^2 = sum_k X_ck^T A X_ck`` with
+     ``A = sum_passes g^T g`` (``P x P``): the classes are summed into ``A`` before it
+     meets the patches, ``P^2 ((K-1) M + C K2)`` multiply-adds per sample, far fewer
+     when the output is small (deep layers).
 
-The patches are unfolded once per chunk, not once per class.
+The patches are unfolded once per chunk, never once per class.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,28 +42,75 @@ from tqdm.auto import tqdm
 
 from gdws_torch.eligibility import LayerPredicate, eligible_convs
 
-__all__ = ["METHODS", "choose_form", "noise_gains", "reference_noise_gains"]
+__all__ = [
+    "FORMS",
+    "METHODS",
+    "choose_form",
+    "form_costs",
+    "noise_gains",
+    "plan_noise_gain_forms",
+    "reference_noise_gains",
+]
 
 METHODS = ("auto", "gram", "materialize")
-# The gram form keeps C patch Gram matrices (P x P) per sample; cap that memory.
-GRAM_BYTES = 256 * 2**20
+FORMS = ("gram", "materialize")
+# "auto" keeps the gram form's P x P matrices (one per sample of a chunk) under this size.
+GRAM_BYTES = 512 * 2**20
+# Largest intermediate (per-sample weight gradients, or patches times A) formed at once.
+BLOCK_BYTES = 64 * 2**20
+# Cost of touching one element in memory-bound steps, in multiply-add equivalents.
+ELEMENT_COST = 8
+
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def choose_form(n_out: int, n_in: int, kernel_area: int, n_positions: int, n_classes: int) -> str:
-    """``"gram"`` or ``"materialize"``: the faster form for one layer.
+def form_costs(
+    n_out: int, n_in: int, kernel_area: int, n_positions: int, n_classes: int
+) -> dict[str, int]:
+    """Estimated work per sample of each form, in multiply-add equivalents.
 
-    Materialize costs ``K * M * P * C * K2`` MACs per sample in GEMMs that run near the
-    CPU's peak. Gram costs ``C * P^2 * K2`` once plus ``K * P^2 * (M + C)``, but its patch
-    Gram matrices have an inner dimension of only ``K2`` and ``C * P^2`` entries to write
-    and read again: measured 3 to 4 times slower per MAC (PreActResNet-18, 2-core CPU).
-    So gram is chosen only when it needs fewer than a quarter of the MACs: in practice
-    for small outputs (``P <= 64`` there), where materialize writes ``M * C * K2``
-    numbers per sample and class for a product with a tiny inner dimension ``P``.
+    Parameters
+    ----------
+    n_out, n_in, kernel_area : int
+        ``M``, ``C`` and ``K2 = Kh * Kw`` of the layer.
+    n_positions : int
+        ``P``, the layer's output positions ``H' * W'``.
+    n_classes : int
+        ``K``, the number of logits (``K - 1`` backward passes).
+
+    Returns
+    -------
+    dict
+        ``{"materialize": cost, "gram": cost}``: GEMM multiply-adds plus
+        ``ELEMENT_COST`` per element of the memory-bound steps (squaring the
+        materialised gradients; unfolding and multiplying the patches).
     """
-    m, c, k2, p, k = n_out, n_in, kernel_area, n_positions, n_classes
-    materialize = k * m * p * c * k2
-    gram = c * p * p * k2 + k * p * p * (m + c)
-    return "gram" if 4 * gram < materialize else "materialize"
+    m, ck2, p, passes = n_out, n_in * kernel_area, n_positions, max(n_classes - 1, 0)
+    materialize = passes * m * p * ck2 + ELEMENT_COST * (passes * m * ck2 + ck2 * p)
+    gram = passes * m * p * p + ck2 * p * p + ELEMENT_COST * (3 * ck2 * p + p * p)
+    return {"materialize": materialize, "gram": gram}
+
+
+def choose_form(
+    n_out: int,
+    n_in: int,
+    kernel_area: int,
+    n_positions: int,
+    n_classes: int,
+    chunk_size: int = 32,
+    itemsize: int = 4,
+) -> str:
+    """``"gram"`` or ``"materialize"``: the cheaper form for one layer.
+
+    The cheaper one by :func:`form_costs`, except that the gram form is not chosen
+    when its ``chunk_size`` matrices of ``P x P`` elements would exceed ``GRAM_BYTES``.
+    With PreActResNet-18 on 32x32 inputs it picks materialize for the 32x32 outputs
+    (``P = 1024``) and gram from the 16x16 outputs on.
+    """
+    costs = form_costs(n_out, n_in, kernel_area, n_positions, n_classes)
+    if chunk_size * n_positions**2 * itemsize > GRAM_BYTES:
+        return "materialize"
+    return "gram" if costs["gram"] < costs["materialize"] else "materialize"
 
 
 def _check_arguments(n_samples: Any, chunk_size: Any, method: Any, attack: Any) -> None:
@@ -72,28 +121,30 @@ def _check_arguments(n_samples: Any, chunk_size: Any, method: Any, attack: Any) 
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     if attack is not None and not callable(attack):
         raise TypeError(
-            f"attack must be None or a callable attack(images, labels) -> images; got "
-            f"{type(attack).__name__}."
+            "attack must be None or a callable attack(images, labels) -> images; got "
+            f"{type(attack).__name__} {attack!r}."
         )
 
 
 def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple[Any, Any]]:
     """Exactly ``n_samples`` samples from ``loader``, re-batched into chunks."""
-    images, labels, have = [], [], 0
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    have = buffered = 0
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
                 f"loader must yield (images, labels) batches; got a {type(batch).__name__}."
             )
-        x, y = batch[0], batch[1]
-        take = min(len(x), n_samples - have)
-        images.append(x[:take])
-        labels.append(y[:take])
+        take = min(len(batch[0]), n_samples - have)
+        images.append(batch[0][:take])
+        labels.append(torch.as_tensor(batch[1])[:take])
         have += take
-        while sum(len(i) for i in images) >= chunk_size:
-            x_all, y_all = torch.cat(images), torch.cat(labels)
-            yield x_all[:chunk_size], y_all[:chunk_size]
-            images, labels = [x_all[chunk_size:]], [y_all[chunk_size:]]
+        buffered += take
+        while buffered >= chunk_size:
+            x, y = torch.cat(images), torch.cat(labels)
+            yield x[:chunk_size], y[:chunk_size]
+            images, labels, buffered = [x[chunk_size:]], [y[chunk_size:]], buffered - chunk_size
         if have == n_samples:
             break
     if have < n_samples:
@@ -101,49 +152,95 @@ def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple
             f"the loader ran out after {have} samples; n_samples={n_samples} asks for more. "
             "Lower n_samples or give a longer loader."
         )
-    rest = sum(len(i) for i in images)
-    if rest:
+    if buffered:
         yield torch.cat(images), torch.cat(labels)
 
 
 def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The conv's input patches ``(N, C * K2, P)``, any padding mode or ``"same"``."""
+    """The conv's input patches ``(N, C * K2, P)``, for any padding and padding mode.
+
+    What ``F.unfold`` gives, built as a strided view of the padded input and copied
+    once: several times faster than ``F.unfold`` on CPU.
+    """
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    if any(conv._reversed_padding_repeated_twice):
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    n, c, h, w = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    stride_n, stride_c, stride_h, stride_w = x.stride()
+    view = x.as_strided(
+        (n, c, kh, kw, ho, wo),
+        (stride_n, stride_c, dh * stride_h, dw * stride_w, sh * stride_h, sw * stride_w),
+    )
+    return view.reshape(n, c * kh * kw, ho * wo)
 
 
-def _materialized_norms(grads: list[torch.Tensor], patches: torch.Tensor, c: int) -> torch.Tensor:
-    """``(N, K, C)`` squared weight-gradient norms, per-sample gradients formed per class."""
-    n, ck2, p = patches.shape
-    patches_t = patches.transpose(1, 2).contiguous()  # (N, P, C*K2), shared by all classes
-    norms = []
-    for g in grads:
-        per_sample = torch.bmm(g.reshape(n, -1, p), patches_t)  # (N, M, C*K2)
-        norms.append(per_sample.reshape(n, -1, c, ck2 // c).square().sum((1, 3)))
-    return torch.stack(norms, 1)
-
-
-def _gram_norms(grads: list[torch.Tensor], patches: torch.Tensor, c: int) -> torch.Tensor:
-    """``(N, K, C)`` squared weight-gradient norms from output-position Gram matrices."""
-    n, ck2, p = patches.shape
-    k2 = ck2 // c
-    step = max(1, min(n, GRAM_BYTES // max(1, c * p * p * patches.element_size())))
-    out = []
+def _sample_blocks(n: int, bytes_per_sample: int) -> Iterator[slice]:
+    step = max(1, min(n, BLOCK_BYTES // max(1, bytes_per_sample)))
     for start in range(0, n, step):
-        x = patches[start : start + step]
-        m = x.shape[0]
-        x = x.reshape(m * c, k2, p)
-        patch_gram = torch.bmm(x.transpose(1, 2), x).reshape(m, c, p * p)  # once for all classes
-        g = torch.stack([gk[start : start + step].reshape(m, -1, p) for gk in grads], 1)
-        g = g.reshape(m * len(grads), -1, p)
-        grad_gram = torch.bmm(g.transpose(1, 2), g).reshape(m, len(grads), p * p)
-        out.append(torch.bmm(grad_gram, patch_gram.transpose(1, 2)))  # (m, K, C)
-    return torch.cat(out)
+        yield slice(start, start + step)
+
+
+class _Materialized:
+    """Sums ``||g X_c^T||^2`` over the passes by forming the per-sample gradients."""
+
+    def __init__(self, conv: nn.Conv2d, layer_input: torch.Tensor) -> None:
+        self.n_in = conv.in_channels
+        self.patches = _patches(conv, layer_input)  # (N, C*K2, P), once for all passes
+        self.total = layer_input.new_zeros(self.n_in)
+
+    def add(self, grad: torch.Tensor) -> None:
+        g = grad.flatten(2)  # (N, M, P)
+        n, m, _ = g.shape
+        ck2 = self.patches.shape[1]
+        for block in _sample_blocks(n, m * ck2 * g.element_size()):
+            # Transposed view: the GEMM reads it in place; a contiguous copy costs more.
+            weight_grads = torch.bmm(g[block], self.patches[block].transpose(1, 2))
+            per_channel = weight_grads.view(-1, self.n_in, ck2 // self.n_in)
+            # vector_norm reads the block once; square-then-sum reads it twice.
+            self.total += torch.linalg.vector_norm(per_channel, dim=(0, 2)).square()
+
+    def result(self) -> torch.Tensor:
+        return self.total
+
+
+class _Gram:
+    """Sums ``||g X_c^T||^2`` over the passes as ``sum_k X_ck^T A X_ck``, ``A = sum g^T g``."""
+
+    def __init__(self, conv: nn.Conv2d, layer_input: torch.Tensor) -> None:
+        self.conv = conv
+        self.layer_input = layer_input
+        self.gram: torch.Tensor | None = None
+
+    def add(self, grad: torch.Tensor) -> None:
+        g = grad.flatten(2)  # (N, M, P)
+        if self.gram is None:
+            self.gram = torch.bmm(g.transpose(1, 2), g)
+        else:
+            self.gram.baddbmm_(g.transpose(1, 2), g)
+
+    def result(self) -> torch.Tensor:
+        c = self.conv.in_channels
+        total = self.layer_input.new_zeros(c)
+        if self.gram is None:
+            return total
+        n, p, _ = self.gram.shape
+        # The patches are formed here, after the backward passes, to keep memory low.
+        kh, kw = self.conv.kernel_size
+        per_sample = 2 * c * kh * kw * p * self.gram.element_size()  # patches and product
+        for block in _sample_blocks(n, per_sample):
+            patches = _patches(self.conv, self.layer_input[block])  # (n, C*K2, P)
+            quadratic = torch.bmm(patches, self.gram[block]).mul_(patches).sum(2)
+            total += quadratic.view(-1, c, quadratic.shape[1] // c).sum((0, 2))
+        return total
+
+
+_ACCUMULATORS = {"materialize": _Materialized, "gram": _Gram}
 
 
 class _Recorder:
-    """Forward hooks keeping each layer's input and output (for one forward pass)."""
+    """Forward hooks keeping each layer's input and output, for one forward pass."""
 
     def __init__(self, layers: list[tuple[str, nn.Conv2d]]) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
@@ -151,14 +248,18 @@ class _Recorder:
         self.handles = [conv.register_forward_hook(self._hook(name)) for name, conv in layers]
 
     def _hook(self, name: str) -> Callable:
-        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if name in self.outputs:
                 raise ValueError(
                     f"layer {name!r} runs more than once per forward pass; noise gains are "
-                    "defined for layers called once. Exclude it with exclude=[...]."
+                    "defined for layers called once. Leave it out with exclude=[...]."
                 )
-            self.inputs[name] = inputs[0].detach()
+            # Copies: the model may modify the conv's input or output in place later
+            # (``Conv2d`` then ``ReLU(inplace=True)``); the gradient must be the one of the
+            # conv's own output, so the rest of the model gets the copy.
+            self.inputs[name] = inputs[0].detach().clone()
             self.outputs[name] = output
+            return output.clone()
 
         return record
 
@@ -171,17 +272,60 @@ class _Recorder:
             handle.remove()
 
 
-def _logit_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes and ``1 / (2 (z_t - z_k)^2)`` per sample and class (0 at ``k = t``).
+def _check_all_ran(layers: list[tuple[str, nn.Conv2d]], recorder: _Recorder) -> None:
+    missing = [name for name, _ in layers if name not in recorder.outputs]
+    if missing:
+        raise ValueError(
+            f"layers {missing} did not run in the forward pass; leave them out with "
+            "exclude=[...] or layers=[...]."
+        )
 
-    A class tied with the prediction (``z_k = z_t``) has no finite term; it is left out.
+
+def _pair_seeds(logits: torch.Tensor) -> torch.Tensor:
+    """Gradient seeds of the ``K - 1`` backward passes, ``(K - 1, N, K)``.
+
+    Pass ``i`` gives sample ``n`` the seed ``(e_t - e_j) / (sqrt(2) |z_t - z_j|)`` with
+    ``j`` the ``i``-th class other than ``t``, so the squared gradient norms come out
+    divided by ``2 (z_t - z_j)^2``. A class tied with the prediction has no finite term
+    and is left out (zero seed).
     """
     z = logits.detach()
+    n, k = z.shape
+    if not torch.isfinite(z).all():
+        raise ValueError("the model returned non-finite logits; noise gains are undefined.")
     top = z.argmax(1)
-    margin = z.gather(1, top[:, None]) - z
-    keep = margin != 0
-    weights = torch.where(keep, 1.0 / (2.0 * margin.square().clamp_min(1e-300)), 0.0)
-    return top, weights
+    index = torch.arange(k - 1, device=z.device).expand(n, k - 1)
+    others = index + (index >= top[:, None])  # (N, K-1): every class but t, in order
+    margin = z.gather(1, top[:, None]) - z.gather(1, others)
+    scale = torch.where(margin > 0, 1.0 / (math.sqrt(2.0) * margin.clamp_min(1e-300)), 0.0)
+    seeds = z.new_zeros(n, k - 1, k)
+    seeds.scatter_(2, top[:, None, None].expand(n, k - 1, 1), scale[..., None])
+    seeds.scatter_(2, others[..., None], -scale[..., None])
+    return seeds.transpose(0, 1)
+
+
+def _layer_forms(
+    layers: list[tuple[str, nn.Conv2d]],
+    outputs: dict[str, torch.Tensor],
+    n_classes: int,
+    method: str,
+    chunk_size: int,
+) -> dict[str, str]:
+    if method != "auto":
+        return {name: method for name, _ in layers}
+    forms = {}
+    for name, conv in layers:
+        out = outputs[name]
+        forms[name] = choose_form(
+            conv.out_channels,
+            conv.in_channels,
+            conv.kernel_size[0] * conv.kernel_size[1],
+            out.shape[-2] * out.shape[-1],
+            n_classes,
+            chunk_size,
+            out.element_size(),
+        )
+    return forms
 
 
 def _chunk_sums(
@@ -190,44 +334,45 @@ def _chunk_sums(
     recorder: _Recorder,
     images: torch.Tensor,
     method: str,
+    chunk_size: int,
 ) -> dict[str, torch.Tensor]:
-    """Sum over the chunk's samples of each layer's un-normalised noise gains, ``(C,)``."""
+    """Sum over a chunk's samples of each layer's noise gains times ``M * K2``, ``(C,)``."""
     recorder.clear()
-    with torch.enable_grad():
-        x = images.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        # The input requires grad so the layers' outputs are in the graph even when the
+        # model's parameters do not; the engine computes only what the outputs need.
+        x = images.detach().clone().requires_grad_(True)
         logits = model(x)
         if logits.ndim != 2:
             raise ValueError(
                 f"the model must return logits of shape (N, classes); got {tuple(logits.shape)}."
             )
-        top, weights = _logit_weights(logits)
-        n, k = logits.shape
+        seeds = _pair_seeds(logits)
+        _check_all_ran(layers, recorder)
         outputs = [recorder.outputs[name] for name, _ in layers]
-        rows = torch.arange(n, device=logits.device)
-        grads_per_class: list[list[torch.Tensor]] = [[] for _ in layers]
-        for cls in range(k):
-            seed = torch.zeros_like(logits)
-            seed[rows, top] = 1.0
-            seed[:, cls] -= 1.0  # rows with cls == top become zero; their weight is 0
+        forms = _layer_forms(layers, recorder.outputs, logits.shape[1], method, chunk_size)
+        accumulators = [
+            _ACCUMULATORS[forms[name]](conv, recorder.inputs[name]) for name, conv in layers
+        ]
+        for i, seed in enumerate(seeds):
             grads = torch.autograd.grad(
-                logits, outputs, seed, retain_graph=cls < k - 1, allow_unused=True
+                logits, outputs, seed, retain_graph=i < len(seeds) - 1, allow_unused=True
             )
-            for i, (g, out) in enumerate(zip(grads, outputs, strict=True)):
-                grads_per_class[i].append(torch.zeros_like(out) if g is None else g)
-    sums = {}
-    for (name, conv), grads in zip(layers, grads_per_class, strict=True):
-        patches = _patches(conv, recorder.inputs[name])
-        m, c, kh, kw = conv.weight.shape
-        form = method
-        if form == "auto":
-            form = choose_form(m, c, kh * kw, patches.shape[-1], k)
-        norms = (_gram_norms if form == "gram" else _materialized_norms)(grads, patches, c)
-        sums[name] = (norms * weights[:, :, None].to(norms.dtype)).sum((0, 1)) / (m * kh * kw)
-    return sums
+            for accumulator, grad in zip(accumulators, grads, strict=True):
+                if grad is not None:
+                    accumulator.add(grad)
+        del outputs, logits
+    recorder.clear()
+    return {name: acc.result() for (name, _), acc in zip(layers, accumulators, strict=True)}
 
 
-def _restoring_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+def _training_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(module, module.training) for module in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 def noise_gains(
@@ -235,7 +380,7 @@ def noise_gains(
     loader: Iterable,
     n_samples: int = 1000,
     *,
-    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    attack: Attack | None = None,
     layers: Iterable[str] | LayerPredicate | None = None,
     exclude: Iterable[str] = (),
     skip_first: bool = True,
@@ -243,62 +388,123 @@ def noise_gains(
     method: str = "auto",
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Noise gains (the ``alpha`` of :func:`gdws_torch.convert`) of all eligible layers.
+    """Noise gains (the ``alphas`` of :func:`gdws_torch.convert`) of all eligible layers.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier returning logits ``(N, classes)``; it receives the loader's images
-        (normalisation belongs inside the model). Run in eval mode; its mode is restored
-        afterwards; its parameters, gradients and flags are not touched.
+        A classifier returning logits ``(N, classes)`` for the loader's images
+        (normalisation belongs inside the model). It runs in eval mode; its modes are
+        restored afterwards, even on error; its parameters, their ``.grad`` and
+        ``requires_grad`` flags are not touched.
     loader : iterable of (images, labels)
         For example a ``DataLoader``; the first ``n_samples`` samples are used.
     n_samples : int, default=1000
+        Samples averaged over (``N`` in the formula).
     attack : callable, optional
-        ``attack(images, labels) -> images`` (a torchattacks-style object): the gains are
-        computed on the attacked inputs, as the original did with PGD.
+        ``attack(images, labels) -> images`` (a torchattacks-style object), applied per
+        chunk: the gains are computed on the attacked inputs, as the original did with
+        PGD. It should not leave gradients on the model (torchattacks does not).
     layers, exclude, skip_first
         Which layers; see :func:`gdws_torch.eligible_convs`.
     chunk_size : int, default=32
-        Samples per forward pass: bounds memory.
+        Samples per forward pass; bounds memory (about 28 MB per sample for
+        PreActResNet-18 on 32x32 inputs, float32).
     method : {"auto", "gram", "materialize"}, default="auto"
-        How the per-sample weight-gradient norms are computed; ``"auto"`` picks the
-        cheaper form per layer (:func:`choose_form`).
+        How the per-sample weight-gradient norms are summed (see the module docstring);
+        ``"auto"`` picks the cheaper form per layer (:func:`plan_noise_gain_forms` tells
+        which). All give the same result up to rounding.
     progress : bool, default=True
-        Show a progress bar.
+        Show a progress bar over samples.
 
     Returns
     -------
     dict of str to torch.Tensor
-        ``{"<layer>.weight": tensor(C)}``, on the weight's device and in its dtype, keyed
-        as the original's files (save with :func:`gdws_torch.save_alphas`).
+        ``{"<layer>.weight": tensor(C)}`` in ``model.named_modules()`` order, on the
+        weight's device and in its dtype; keyed as the original's files (save with
+        :func:`gdws_torch.save_alphas`).
+
+    Raises
+    ------
+    ValueError
+        Bad ``n_samples``, ``chunk_size`` or ``method``; a loader with fewer samples
+        than ``n_samples``; a model without eligible layers or returning non-2-D or
+        non-finite logits.
+    TypeError
+        ``attack`` neither ``None`` nor callable.
     """
     _check_arguments(n_samples, chunk_size, method, attack)
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
+    device = chosen[0][1].weight.device
     totals = {name: torch.zeros_like(conv.weight[0, :, 0, 0]) for name, conv in chosen}
-    modes = _restoring_modes(model)
+    modes = _training_modes(model)
+    recorder = None
     bar = tqdm(total=n_samples, desc="noise gains", unit="sample", disable=not progress)
     try:
         model.eval()
+        recorder = _Recorder(chosen)
         for images, labels in _chunks(loader, n_samples, chunk_size):
-            device = chosen[0][1].weight.device
             images, labels = images.to(device), labels.to(device)
             if attack is not None:
                 images = attack(images, labels).detach()
                 model.eval()  # an attack may switch modes
-            recorder = _Recorder(chosen)
-            try:
-                sums = _chunk_sums(model, chosen, recorder, images, method)
-            finally:
-                recorder.remove()
-            for name in totals:
-                totals[name] += sums[name].to(totals[name].dtype)
+            sums = _chunk_sums(model, chosen, recorder, images, method, chunk_size)
+            for name, total in totals.items():
+                total += sums[name].to(total.dtype)
             bar.update(len(images))
     finally:
+        if recorder is not None:
+            recorder.remove()
         bar.close()
-        for module, training in modes:
-            module.training = training
-    return {f"{name}.weight": total / n_samples for name, total in totals.items()}
+        _restore(modes)
+    gains = {}
+    for name, conv in chosen:
+        m, _, kh, kw = conv.weight.shape
+        gains[f"{name}.weight"] = totals[name] / (n_samples * m * kh * kw)
+    return gains
+
+
+def plan_noise_gain_forms(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    layers: Iterable[str] | LayerPredicate | None = None,
+    exclude: Iterable[str] = (),
+    skip_first: bool = True,
+    chunk_size: int = 32,
+    method: str = "auto",
+) -> dict[str, str]:
+    """The form (``"gram"`` or ``"materialize"``) :func:`noise_gains` uses for each layer.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    input_shape : tuple of int
+        One sample's shape, e.g. ``(3, 32, 32)``; a zero input of this shape is run
+        through the model (eval mode, no gradients; modes restored) to find the layers'
+        output sizes and the number of classes.
+    layers, exclude, skip_first, chunk_size, method
+        As for :func:`noise_gains`.
+
+    Returns
+    -------
+    dict of str to str
+        ``{layer name: form}`` in ``model.named_modules()`` order.
+    """
+    _check_arguments(1, chunk_size, method, None)
+    chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
+    weight = chosen[0][1].weight
+    modes = _training_modes(model)
+    recorder = _Recorder(chosen)
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(weight.new_zeros((1, *input_shape)))
+        _check_all_ran(chosen, recorder)
+        return _layer_forms(chosen, recorder.outputs, logits.shape[-1], method, chunk_size)
+    finally:
+        recorder.remove()
+        _restore(modes)
 
 
 def reference_noise_gains(
@@ -306,7 +512,7 @@ def reference_noise_gains(
     loader: Iterable,
     n_samples: int = 1000,
     *,
-    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    attack: Attack | None = None,
     layers: Iterable[str] | LayerPredicate | None = None,
     exclude: Iterable[str] = (),
     skip_first: bool = True,
@@ -315,21 +521,21 @@ def reference_noise_gains(
     """The direct computation: one sample at a time, one backward pass per class.
 
     The original's algorithm (batch size 1; for each class ``j != t`` the weight
-    gradient of ``z_t - z_j``, its squared norm per input channel), in eval mode and
-    without touching the model's ``.grad``. Slow; the test reference and the benchmark's
-    other side. Same parameters and result as :func:`noise_gains`.
+    gradient of ``z_t - z_j``, its squared norm per input channel, divided as in the
+    formula), in eval mode and with ``torch.autograd.grad``, so the model's ``.grad``
+    stays untouched. Slow: the test reference and the benchmark's other side. Same
+    parameters (without ``chunk_size`` and ``method``) and result as :func:`noise_gains`.
     """
     _check_arguments(n_samples, 1, "auto", attack)
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     weights = [conv.weight for _, conv in chosen]
     totals = [torch.zeros_like(w[0, :, 0, 0]) for w in weights]
-    modes = _restoring_modes(model)
+    modes = _training_modes(model)
+    bar = tqdm(total=n_samples, desc="noise gains (loop)", unit="sample", disable=not progress)
     try:
         model.eval()
-        bar = tqdm(total=n_samples, desc="noise gains (loop)", disable=not progress)
         for images, labels in _chunks(loader, n_samples, 1):
-            device = weights[0].device
-            images, labels = images.to(device), labels.to(device)
+            images, labels = images.to(weights[0].device), labels.to(weights[0].device)
             if attack is not None:
                 images = attack(images, labels).detach()
                 model.eval()
@@ -343,16 +549,13 @@ def reference_noise_gains(
                     grads = torch.autograd.grad(
                         margin, weights, retain_graph=True, allow_unused=True
                     )
+                    denominator = 2 * margin.detach() ** 2
                     for total, g, w in zip(totals, grads, weights, strict=True):
-                        if g is None:
-                            continue
-                        m, _, kh, kw = w.shape
-                        total += g.square().sum((0, 2, 3)) / (
-                            2 * margin.detach() ** 2 * m * kh * kw
-                        )
+                        if g is not None:
+                            m, _, kh, kw = w.shape
+                            total += g.square().sum((0, 2, 3)) / (denominator * m * kh * kw)
             bar.update(1)
-        bar.close()
     finally:
-        for module, training in modes:
-            module.training = training
+        bar.close()
+        _restore(modes)
     return {f"{name}.weight": t / n_samples for (name, _), t in zip(chosen, totals, strict=True)}
