@@ -92,6 +92,16 @@ def test_with_an_attack_equals_the_loop_on_the_same_attacked_inputs(model, refer
     assert not model.training
 
 
+def test_with_a_multi_step_pgd_attack_equals_the_loop(model):
+    # PGD runs the model several times per chunk: the layer hooks must not record those.
+    from gdws_torch.attacks import PGD
+
+    attack = PGD(model, eps=0.05, alpha=0.02, steps=3, random_start=False)
+    got = noise_gains(model, data(), N_SAMPLES, attack=attack, chunk_size=4, progress=False)
+    expected = reference_noise_gains(model, data(), N_SAMPLES, attack=attack)
+    assert max_relative(got, expected) < 1e-8
+
+
 class ConvThenLinear(nn.Module):
     """Logits linear in the conv weight, ``z = L(flatten(conv(x)))``: easy to differentiate."""
 

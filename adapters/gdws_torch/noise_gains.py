@@ -245,10 +245,13 @@ class _Recorder:
     def __init__(self, layers: list[tuple[str, nn.Conv2d]]) -> None:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.active = True  # off while an attack runs the model
         self.handles = [conv.register_forward_hook(self._hook(name)) for name, conv in layers]
 
     def _hook(self, name: str) -> Callable:
-        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.active:
+                return None
             if name in self.outputs:
                 raise ValueError(
                     f"layer {name!r} runs more than once per forward pass; noise gains are "
@@ -446,7 +449,9 @@ def noise_gains(
         for images, labels in _chunks(loader, n_samples, chunk_size):
             images, labels = images.to(device), labels.to(device)
             if attack is not None:
+                recorder.active = False
                 images = attack(images, labels).detach()
+                recorder.active = True
                 model.eval()  # an attack may switch modes
             sums = _chunk_sums(model, chosen, recorder, images, method, chunk_size)
             for name, total in totals.items():
