@@ -10,6 +10,7 @@ from gdws_torch.checkpoints import (
     load_converted,
     load_state_dict_file,
     save_alphas,
+    save_checkpoint,
     save_converted,
 )
 from gdws_torch.convert import convert, replace_module, set_fused
@@ -41,6 +42,7 @@ __all__ = [
     "reference_noise_gains",
     "replace_module",
     "save_alphas",
+    "save_checkpoint",
     "save_converted",
     "set_fused",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "load_converted",
     "load_state_dict_file",
     "save_alphas",
+    "save_checkpoint",
     "save_converted",
 ]
 
@@ -157,6 +158,18 @@ def load_checkpoint(
     state = check_state_dict(model, load_state_dict_file(path, map_location), repr(str(path)))
     model.load_state_dict(state)
     return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **metadata: Any) -> None:
+    """Save ``{'state_dict': ..., **metadata}`` atomically (the original's checkpoint layout).
+
+    ``metadata`` holds plain Python values only, so :func:`load_checkpoint` reads the file
+    with ``weights_only=True``.
+    """
+    if "state_dict" in metadata:
+        raise ValueError("metadata cannot use the key 'state_dict'.")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    _save_atomic({"state_dict": state, **metadata}, path)
 
 
 def load_alphas(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:

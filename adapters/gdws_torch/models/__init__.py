@@ -1,5 +1,6 @@
 """Model definitions with the parameter names of the original checkpoints (32x32 inputs)."""
 
+from gdws_torch.models.digits import DigitsCNN
 from gdws_torch.models.preact_resnet import PreActBlock, PreActResNet, PreActResNet18
 from gdws_torch.models.resnet import ResNet, ResNet18
 from gdws_torch.models.vgg import VGG, VGG16_BN
@@ -10,6 +11,7 @@ ARCHITECTURES = {
     "resnet18": ResNet18,
     "vgg16_bn": VGG16_BN,
     "wrn_28_4": WRN28_4,
+    "digits_cnn": DigitsCNN,
 }
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "VGG",
     "VGG16_BN",
     "WRN28_4",
+    "DigitsCNN",
     "PreActBlock",
     "PreActResNet",
     "PreActResNet18",

@@ -1,0 +1,157 @@
+"""Standard and PGD adversarial training (Madry et al.), used to build the demo model."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["accuracy", "random_crop_flip", "train"]
+
+
+def accuracy(model: nn.Module, loader: Iterable, device: Any = None) -> float:
+    """Natural accuracy in percent (eval mode, restored afterwards)."""
+    if device is None:
+        device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for images, labels in loader:
+                images, labels = images.to(device), labels.to(device)
+                correct += int((model(images).argmax(1) == labels).sum())
+                total += len(labels)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the loader yielded no samples.")
+    return 100.0 * correct / total
+
+
+def random_crop_flip(
+    images: torch.Tensor,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The usual CIFAR augmentation on a batch: random crop after zero padding, and flip."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[
+        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
+    if flip:
+        mirrored = torch.rand(n, generator=generator) < 0.5
+        out = torch.where(mirrored[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    test_loader: Iterable | None = None,
+    device: Any = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place with SGD (momentum 0.9, Nesterov) and a one-cycle schedule.
+
+    With ``attack`` this is PGD adversarial training: every batch is replaced by its
+    adversarial version (crafted in eval mode, as our attacks do), then trained on in
+    train mode.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Takes pixels in ``[0, 1]``. Trained in place and left in eval mode.
+    loader : iterable of (images, labels)
+        Training batches (shuffle them); iterated once per epoch.
+    epochs : int
+    lr : float, default=0.05
+        Peak learning rate.
+    weight_decay : float, default=5e-4
+    attack : callable, optional
+        ``attack(images, labels) -> images``, e.g. ``PGD(model, ...)``.
+    augment : callable, optional
+        ``augment(images) -> images``, applied before the attack (e.g.
+        :func:`random_crop_flip`).
+    test_loader : iterable, optional
+        Natural test accuracy after every epoch.
+    device, progress, log
+        Where to run, whether to show a progress bar, and a function receiving one
+        summary line per epoch.
+
+    Returns
+    -------
+    list of dict
+        Per epoch: ``epoch``, ``loss``, ``train_accuracy`` (on the inputs trained on), and
+        ``test_accuracy`` when ``test_loader`` is given.
+    """
+    for name, value in (("epochs", epochs),):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    if not (isinstance(lr, numbers.Real) and lr > 0):
+        raise ValueError(f"lr must be a positive number; got {lr!r}.")
+    if device is None:
+        device = next(iter(model.parameters())).device
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
+    history = []
+    for epoch in range(1, epochs + 1):
+        total_loss = correct = seen = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress)
+        for images, labels in bar:
+            if augment is not None:
+                images = augment(images)
+            images, labels = images.to(device), labels.to(device)
+            if attack is not None:
+                images = attack(images, labels)
+            model.train()
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += float(loss.detach()) * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        bar.close()
+        record = {
+            "epoch": epoch,
+            "loss": total_loss / seen,
+            "train_accuracy": 100.0 * correct / seen,
+        }
+        if test_loader is not None:
+            record["test_accuracy"] = accuracy(model, test_loader, device)
+        history.append(record)
+        if log is not None:
+            log(
+                f"epoch {epoch}: loss {record['loss']:.4f}, train acc "
+                f"{record['train_accuracy']:.2f} %"
+                + (f", test acc {record['test_accuracy']:.2f} %" if test_loader else "")
+            )
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return history
