@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build of PyTorch, installed before anything can ask for `torch`.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test demo core-demo bench lint format clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
+	$(VENV)/bin/gdws demo
+
+core-demo: venv
 	$(PY) -m gdws_approx.demo
 
 bench: venv

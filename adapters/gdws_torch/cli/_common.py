@@ -1,0 +1,324 @@
+"""What the ``gdws`` subcommands share: arguments, model and data set-up, output files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from gdws_approx._io import write_json_atomic
+from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.checkpoints import check_state_dict, load_alphas, load_state_dict_file
+from gdws_torch.datasets import DATASETS, load_dataset, num_classes
+from gdws_torch.models import ARCHITECTURES
+from gdws_torch.normalization import normalized
+
+# The original's model names (its get_architecture) and other spellings users type.
+MODEL_ALIASES = {
+    "wideresnet_28_4": "wrn_28_4",
+    "wrn28_4": "wrn_28_4",
+    "vgg16_hydra": "vgg16_bn",
+    "digits": "digits_cnn",
+}
+DIGITS_SIZE = 16  # the demo network's input side
+
+
+class UsageError(ValueError):
+    """A bad command line: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``gdws eval: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    group = parser.add_argument_group("model and data")
+    names = ", ".join(sorted(ARCHITECTURES))
+    group.add_argument("--model", required=True, help=f"architecture: {names}")
+    group.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    group.add_argument(
+        "--data-dir",
+        "--root",
+        dest="data_dir",
+        help="folder holding the dataset's files (cifar-10-batches-py/, ...); not for digits",
+    )
+    group.add_argument(
+        "--fname", help="run folder: holds model_best.pth; other file names are relative to it"
+    )
+    if checkpoint:
+        group.add_argument("--checkpoint", help="checkpoint file (default: FNAME/model_best.pth)")
+    group.add_argument(
+        "--no-norm",
+        action="store_true",
+        help="the checkpoint expects raw pixels (no dataset normalisation in front of it)",
+    )
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_attack_arguments(parser: argparse.ArgumentParser, default_attack: str = "pgd") -> None:
+    group = parser.add_argument_group("attack (the original's flags; sizes in 1/255 units)")
+    group.add_argument("--attack", default=default_attack, choices=("pgd", "none"))
+    group.add_argument("--norm", default="l_inf", choices=("l_inf", "l_2", "l_1"))
+    group.add_argument("--epsilon", type=float, default=8.0, help="radius, in 1/255 (default 8)")
+    group.add_argument("--pgd-alpha", type=float, default=2.0, help="step, in 1/255 (default 2)")
+    group.add_argument("--attack-iters", type=int, default=10)
+    group.add_argument("--restarts", type=int, default=1)
+    group.add_argument(
+        "--l1-sparsity", type=float, default=0.99, help="l_1 only: quantile of |grad| not moved"
+    )
+
+
+def add_gdws_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("GDWS approximation")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--beta", type=float, help="LEGO error budget of every layer")
+    budget.add_argument(
+        "--target-mac-reduction",
+        type=float,
+        help="overall conv MAC reduction to reach (LEGO with the smallest common beta)",
+    )
+    budget.add_argument("--n-kernels", type=int, help="MEGO: kernels per layer")
+    group.add_argument(
+        "--alphas-filename",
+        "--alphas",
+        dest="alphas",
+        help="noise gains file (the original's format; relative to FNAME); unit alphas if absent",
+    )
+    group.add_argument(
+        "--replace-all",
+        action="store_true",
+        help="replace every eligible layer, even where GDWS needs more MACs (the original)",
+    )
+    group.add_argument(
+        "--include-first",
+        action="store_true",
+        help="also approximate the network's first convolution",
+    )
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Range checks argparse's types cannot express."""
+    for name in ("batch_size", "attack_iters", "restarts", "threads", "n_samples", "sample_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "attack_iters" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
+    for name in ("epsilon", "pgd_alpha"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number; got {value}.")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def in_run_folder(args: argparse.Namespace, name: str | None) -> Path | None:
+    """``name`` inside ``--fname`` unless it is absolute or there is no run folder."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_absolute() or args.fname is None:
+        return path
+    return Path(args.fname) / path
+
+
+def check_output(path: Path, inputs: Iterable[Path | None], flag: str) -> Path:
+    """Refuse to write an output over one of the command's input files."""
+    for source in inputs:
+        if source is not None and source.exists() and path.resolve() == source.resolve():
+            raise UsageError(f"{flag} {str(path)!r} is an input of this command; not overwriting.")
+    return path
+
+
+# -- model and data -----------------------------------------------------------------------
+
+
+def architecture_name(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    key = MODEL_ALIASES.get(key, key)
+    if key not in ARCHITECTURES:
+        raise UsageError(f"--model must be one of {sorted(ARCHITECTURES)}; got {name!r}.")
+    return key
+
+
+def input_shape(dataset: str, architecture: str) -> tuple[int, int, int]:
+    """One sample's shape: the digits network's 16x16 gray, or 32x32 colour."""
+    if (dataset == "digits") != (architecture == "digits_cnn"):
+        raise UsageError(
+            f"--model {architecture} does not fit --dataset {dataset}: digits_cnn takes the "
+            "16x16 gray digits; the other architectures take 32x32 colour images."
+        )
+    return (1, DIGITS_SIZE, DIGITS_SIZE) if dataset == "digits" else (3, 32, 32)
+
+
+def build_network(args: argparse.Namespace, checkpoint: Path | None) -> nn.Module:
+    """The bare architecture (no normalisation), with the checkpoint's weights if given."""
+    architecture = architecture_name(args.model)
+    input_shape(args.dataset, architecture)
+    torch.manual_seed(args.seed)
+    network = ARCHITECTURES[architecture](num_classes=num_classes(args.dataset))
+    if checkpoint is not None:
+        state = load_state_dict_file(checkpoint)
+        if hasattr(network, "sub_block1") and not any("sub_block1" in k for k in state):
+            network.sub_block1 = None  # the original deleted WRN's unused block before saving
+        network.load_state_dict(check_state_dict(network, state, repr(str(checkpoint))))
+    return network.eval()
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "checkpoint", None):
+        path = Path(args.checkpoint)
+    elif args.fname:
+        path = Path(args.fname) / "model_best.pth"
+    else:
+        raise UsageError("give --fname RUN (holding model_best.pth) or --checkpoint FILE.")
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {str(path)!r}.")
+    return path
+
+
+def with_normalization(args: argparse.Namespace, network: nn.Module) -> nn.Module:
+    return network if args.no_norm else normalized(network, args.dataset)
+
+
+def dataset(args: argparse.Namespace, split: str):
+    return load_dataset(args.dataset, args.data_dir, split, size=DIGITS_SIZE)
+
+
+def loader(data, args: argparse.Namespace, n_samples: int | None = None, shuffle=False):
+    if n_samples is not None and n_samples < len(data):
+        data = Subset(data, range(n_samples))
+    generator = torch.Generator().manual_seed(args.seed)
+    return DataLoader(data, batch_size=args.batch_size, shuffle=shuffle, generator=generator)
+
+
+def load_alpha_file(args: argparse.Namespace) -> tuple[dict | None, Path | None]:
+    path = in_run_folder(args, getattr(args, "alphas", None))
+    if path is None:
+        return None, None
+    if not path.is_file():
+        raise UsageError(f"--alphas-filename: no file at {str(path)!r}.")
+    return load_alphas(path), path
+
+
+def make_attack(args: argparse.Namespace, model: nn.Module) -> Attack | None:
+    """The attack of ``--attack/--norm/--epsilon/...`` (sizes converted from 1/255)."""
+    if args.attack == "none":
+        return None
+    kwargs = dict(
+        eps=args.epsilon / 255,
+        alpha=args.pgd_alpha / 255,
+        steps=args.attack_iters,
+        restarts=args.restarts,
+        seed=args.seed,
+    )
+    if args.norm == "l_inf":
+        return PGD(model, **kwargs)
+    if args.norm == "l_2":
+        return PGDL2(model, **kwargs)
+    return PGDL1(model, sparsity=args.l1_sparsity, **kwargs)
+
+
+def attack_label(args: argparse.Namespace) -> str:
+    return f"{args.norm} PGD-{args.attack_iters} (eps {args.epsilon:g}/255)"
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A plain text table: ``columns`` is ``[(key, header)]``; floats to 2 decimals."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:,.2f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, (_, h) in enumerate(columns)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in body:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_json_atomic(path, json.loads(json.dumps(data, default=_plain)))
+    print(f"wrote {path}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def append_log(path: Path, epsilon: float, accuracy: float) -> None:
+    """The original's log: header ``epsilon<TAB>testacc``, then one line per run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file()
+    with open(path, "a") as f:
+        if new:
+            f.write("epsilon\ttestacc\n")
+        f.write(f"{epsilon:.8f}\t{accuracy:.3f}\n")
+    print(f"appended to {path}")
+
+
+def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[int]):
+    """``network`` with GDWS layers per ``--beta/--target-mac-reduction/--n-kernels``.
+
+    Returns ``(converted copy, report, alphas file or None)``; prints the report.
+    """
+    from gdws_torch.convert import convert
+
+    alphas, alphas_path = load_alpha_file(args)
+    budget = {}
+    if args.target_mac_reduction is not None:
+        budget["target_mac_reduction"] = args.target_mac_reduction
+    elif args.n_kernels is not None:
+        budget["n_kernels"] = args.n_kernels
+    else:
+        budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
+    converted, report = convert(
+        network,
+        alphas=alphas,
+        input_size=shape,
+        only_if_cheaper=not args.replace_all,
+        skip_first=not args.include_first,
+        **budget,
+    )
+    print(report.format_table())
+    return converted, report, alphas_path

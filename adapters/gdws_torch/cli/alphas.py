@@ -1,0 +1,93 @@
+"""``gdws alphas``: compute noise gains (the per-layer weight error vectors) and save them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gdws_torch.checkpoints import save_alphas
+from gdws_torch.cli import _common as common
+from gdws_torch.noise_gains import noise_gains
+
+HELP = "compute the noise gains (alphas) of a checkpoint on training samples"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "alphas", help=HELP, description=HELP[0].upper() + HELP[1:] + "."
+    )
+    common.add_model_arguments(parser)
+    common.add_attack_arguments(parser)
+    parser.add_argument(
+        "--sample-size", type=int, default=1000, help="training samples averaged over"
+    )
+    parser.add_argument("--chunk-size", type=int, default=32, help="samples per batched pass")
+    parser.add_argument(
+        "--out",
+        "--alphas-filename",
+        dest="out",
+        default="alphas.pth",
+        help="output file (relative to FNAME; default alphas.pth)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    if args.chunk_size < 1:
+        raise common.UsageError(f"--chunk-size must be positive; got {args.chunk_size}.")
+    checkpoint = common.checkpoint_path(args)
+    out = common.check_output(common.in_run_folder(args, args.out), [checkpoint], "--out")
+    network = common.build_network(args, checkpoint)
+    model = common.with_normalization(args, network)
+    data = common.dataset(args, "train")
+    if args.sample_size > len(data):
+        raise common.UsageError(
+            f"--sample-size {args.sample_size} exceeds the {len(data)} training samples."
+        )
+    attack = common.make_attack(args, model)
+    gains = noise_gains(
+        model,
+        common.loader(data, args),
+        args.sample_size,
+        attack=attack,
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
+    )
+    rows = [
+        {
+            "layer": name,
+            "channels": len(value),
+            "mean": float(value.mean()),
+            "min": float(value.min()),
+            "max": float(value.max()),
+        }
+        for name, value in gains.items()
+    ]
+    print(
+        common.format_table(
+            [{**r, **{k: f"{r[k]:.4g}" for k in ("mean", "min", "max")}} for r in rows],
+            [
+                ("layer", "layer"),
+                ("channels", "C"),
+                ("mean", "mean"),
+                ("min", "min"),
+                ("max", "max"),
+            ],
+        )
+    )
+    save_alphas(
+        out,
+        gains,
+        attack=args.attack,
+        norm=args.norm,
+        epsilon=args.epsilon,
+        **{"attack-iters": args.attack_iters},
+        sample_size=args.sample_size,
+        model=common.architecture_name(args.model),
+        dataset=args.dataset,
+    )
+    print(f"wrote {out}")
+    summary = Path(out).with_suffix(".json")
+    common.write_json(summary, {"command": "alphas", "checkpoint": checkpoint, "layers": rows})
+    return 0

@@ -1,0 +1,53 @@
+"""``gdws convert``: approximate a checkpoint and save the GDWS model with its report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gdws_torch.checkpoints import save_converted
+from gdws_torch.cli import _common as common
+
+HELP = "replace the convolutions of a checkpoint by GDWS ones and save the result"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert", help=HELP, description=HELP[0].upper() + HELP[1:] + "."
+    )
+    common.add_model_arguments(parser)
+    common.add_gdws_arguments(parser)
+    parser.add_argument(
+        "--out",
+        default="gdws_model.pth",
+        help="converted model file (relative to FNAME; its report goes beside it as .json)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    architecture = common.architecture_name(args.model)
+    shape = common.input_shape(args.dataset, architecture)
+    checkpoint = common.checkpoint_path(args)
+    out = common.in_run_folder(args, args.out)
+    network = common.build_network(args, checkpoint)
+    converted, report, alphas_path = common.approximate(args, network, shape)
+    inputs = [checkpoint, alphas_path]
+    common.check_output(out, inputs, "--out")
+    report_path = common.check_output(Path(out).with_suffix(".json"), inputs, "report")
+    save_converted(
+        out,
+        converted,
+        report,
+        model_name=architecture,
+        dataset=args.dataset,
+        checkpoint=str(checkpoint),
+        alphas=None if alphas_path is None else str(alphas_path),
+    )
+    print(f"wrote {out}")
+    common.write_json(
+        report_path,
+        {"command": "convert", "model": architecture, "checkpoint": checkpoint, **report.to_dict()},
+    )
+    return 0

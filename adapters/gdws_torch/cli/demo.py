@@ -1,0 +1,111 @@
+"""``gdws demo``: the whole pipeline on the embedded robust digits model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gdws_torch.cli import _common as common
+
+HELP = "run the pipeline on the embedded robust digits CNN: dense vs GDWS, and a sweep"
+
+HEADLINE_COLUMNS = [
+    ("model", "model"),
+    ("natural", "natural %"),
+    ("robust", "PGD robust %"),
+    ("conv_macs", "conv MACs"),
+    ("mac_reduction", "MACs x fewer"),
+    ("params", "parameters"),
+    ("fps", "FPS (batch 1)"),
+    ("speedup", "FPS x"),
+]
+SWEEP_COLUMNS = [
+    ("model", "model"),
+    ("beta", "beta"),
+    ("mac_reduction", "MACs x fewer"),
+    ("natural", "natural %"),
+    ("robust", "PGD robust %"),
+    ("fps", "FPS (batch 1)"),
+    ("speedup", "FPS x"),
+]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    parser.add_argument("--out-dir", default="gdws-results/demo", help="where JSON and PNG go")
+    parser.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        help="conv MAC reductions of the sweep (default: 1.25 1.5 1.75 2 2.5)",
+    )
+    parser.add_argument(
+        "--default-target", type=float, help="the GDWS model of the headline table (1.25)"
+    )
+    parser.add_argument("--n-test", type=int, help="first N of the 540 test digits")
+    parser.add_argument("--alpha-samples", type=int, default=512)
+    parser.add_argument("--attack-iters", type=int, help="PGD iterations (default 20)")
+    parser.add_argument("--fps-rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (tests use it)")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def _format(rows):
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row.get("beta") is not None:
+            row["beta"] = f"{row['beta']:.4g}"
+        out.append(row)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from gdws_torch import demo
+
+    common.check_common(args)
+    targets = args.targets or list(demo.SWEEP_TARGETS)
+    default_target = args.default_target or demo.DEFAULT_TARGET
+    for value in [*targets, default_target]:
+        if not value > 1:
+            raise common.UsageError(f"--targets/--default-target must be > 1; got {value}.")
+    settings = dict(
+        targets=targets,
+        default_target=default_target,
+        n_test=args.n_test,
+        alpha_samples=args.alpha_samples,
+        attack_steps=args.attack_iters or demo.DEMO_ATTACK["steps"],
+        fps_rounds=args.fps_rounds,
+    )
+    if args.quick:
+        settings.update(
+            targets=args.targets or [1.25, 2.0],
+            n_test=args.n_test or 100,
+            alpha_samples=64,
+            attack_steps=args.attack_iters or 5,
+            fps_rounds=3,
+        )
+    for name in ("n_test", "alpha_samples", "attack_steps", "fps_rounds"):
+        if settings[name] is not None and settings[name] < 1:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be positive.")
+    results = demo.run_demo(progress=not args.no_progress, **settings)
+    attack = results["attack"]
+    print()
+    print(
+        f"Robust digits CNN ({results['dataset']}; {results['n_test']} test digits), "
+        f"l_inf PGD-{attack['steps']} at eps {attack['eps'] * 255:.0f}/255, CPU with "
+        f"{results['threads']} threads"
+    )
+    headline = [results["dense"]] + ([results["default"]] if results["default"] else [])
+    print(common.format_table(_format(headline), HEADLINE_COLUMNS))
+    print()
+    print("Sweep: LEGO with the smallest common beta reaching each MAC target")
+    print(common.format_table(_format(results["sweep"]), SWEEP_COLUMNS))
+    out_dir = Path(args.out_dir)
+    common.write_json(out_dir / "demo.json", results)
+    plot = demo.plot_sweep(results, out_dir / "demo_sweep.png")
+    print(f"wrote {plot}")
+    print(f"done in {results['seconds']:.0f} s")
+    return 0

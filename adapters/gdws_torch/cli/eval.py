@@ -1,0 +1,122 @@
+"""``gdws eval``: natural and robust accuracy of a checkpoint, dense or GDWS-approximated."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gdws_torch.checkpoints import load_converted
+from gdws_torch.cli import _common as common
+from gdws_torch.convert import set_fused
+from gdws_torch.evaluate import evaluate
+from gdws_torch.macs import count_macs
+
+HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    common.add_model_arguments(parser)
+    common.add_attack_arguments(parser)
+    gdws = parser.add_argument_group("GDWS")
+    gdws.add_argument("--apply-gdws", action="store_true", help="approximate before evaluating")
+    gdws.add_argument("--converted", help="evaluate a model saved by `gdws convert` instead")
+    common.add_gdws_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--n-samples", type=int, help="evaluate the first N test samples only")
+    out.add_argument(
+        "--logfilename", help="append 'epsilon<TAB>acc' to this file (relative to FNAME)"
+    )
+    out.add_argument("--json", default="gdws-results/eval.json", help="results file")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    architecture = common.architecture_name(args.model)
+    shape = common.input_shape(args.dataset, architecture)
+    report = converted_path = None
+    # Every file argument is checked before the (long) evaluation starts.
+    alphas_path = common.in_run_folder(args, args.alphas) if args.apply_gdws else None
+    if alphas_path is not None and not alphas_path.is_file():
+        raise common.UsageError(f"--alphas-filename: no file at {str(alphas_path)!r}.")
+    if args.converted:
+        converted_path = common.in_run_folder(args, args.converted)
+        if not converted_path.is_file():
+            raise common.UsageError(f"--converted: no file at {str(converted_path)!r}.")
+        checkpoint = None
+        network, info = load_converted(converted_path, common.build_network(args, None))
+        print(f"loaded the converted {info['architecture']} from {converted_path}")
+    else:
+        checkpoint = common.checkpoint_path(args)
+        network = common.build_network(args, checkpoint)
+        if args.apply_gdws:
+            network, report, _ = common.approximate(args, network, shape)
+    inputs = [checkpoint, alphas_path, converted_path]
+    log = None
+    if args.logfilename:
+        log = common.in_run_folder(args, args.logfilename)
+        common.check_output(log, inputs, "--logfilename")
+    json_path = common.check_output(Path(args.json), inputs, "--json")
+    macs = count_macs(network, shape)
+    parameters = common.count_parameters(network)
+    model = common.with_normalization(args, set_fused(network, True))  # same outputs, faster
+    data = common.dataset(args, "test")
+    attack = common.make_attack(args, model)
+    attacks = {} if attack is None else {common.attack_label(args): attack}
+    result = evaluate(
+        model,
+        common.loader(data, args, args.n_samples),
+        attacks,
+        progress=not args.no_progress,
+    )
+    robust = result["natural"] if attack is None else result["attacks"][common.attack_label(args)]
+    epsilon = 0.0 if attack is None else args.epsilon / 255
+    row = {
+        "model": f"{architecture}{' (GDWS)' if report or args.converted else ''}",
+        "natural": result["natural"],
+        "robust": None if attack is None else robust,
+        "conv_macs": macs.conv_macs,
+        "params": parameters,
+    }
+    print()
+    print(
+        common.format_table(
+            [row],
+            [
+                ("model", "model"),
+                ("natural", "natural acc. %"),
+                ("robust", f"{common.attack_label(args)} acc. %" if attack else "robust acc. %"),
+                ("conv_macs", "conv MACs"),
+                ("params", "parameters"),
+            ],
+        )
+    )
+    if log is not None:
+        common.append_log(log, epsilon, robust)
+    common.write_json(
+        json_path,
+        {
+            "command": "eval",
+            "model": architecture,
+            "dataset": args.dataset,
+            "checkpoint": checkpoint or converted_path,
+            "attack": None
+            if attack is None
+            else {
+                "norm": args.norm,
+                "epsilon": args.epsilon / 255,
+                "step": args.pgd_alpha / 255,
+                "iterations": args.attack_iters,
+                "restarts": args.restarts,
+            },
+            "n_samples": result["n_samples"],
+            "natural_accuracy": result["natural"],
+            "robust_accuracy": None if attack is None else robust,
+            "conv_macs": macs.conv_macs,
+            "parameters": parameters,
+            "gdws": None if report is None else report.to_dict(),
+            "alphas": alphas_path,
+        },
+    )
+    return 0

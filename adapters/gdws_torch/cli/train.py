@@ -1,0 +1,84 @@
+"""``gdws train``: standard or PGD adversarial training of a bundled architecture."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+
+from gdws_torch.checkpoints import save_checkpoint
+from gdws_torch.cli import _common as common
+from gdws_torch.training import random_crop_flip, train
+
+HELP = "train a bundled architecture, standard or PGD adversarial (builds the demo model)"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    common.add_model_arguments(parser, checkpoint=False)
+    common.add_attack_arguments(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=30)
+    group.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
+    group.add_argument("--weight-decay", type=float, default=5e-4)
+    group.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no random crop/flip (never used for digits, where flips change the class)",
+    )
+    group.add_argument(
+        "--out", default="model_best.pth", help="checkpoint file (relative to FNAME)"
+    )
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    if args.epochs < 1:
+        raise common.UsageError(f"--epochs must be positive; got {args.epochs}.")
+    out = common.in_run_folder(args, args.out)
+    if out.exists() and not args.overwrite:
+        raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    architecture = common.architecture_name(args.model)
+    network = common.build_network(args, None).train()
+    model = common.with_normalization(args, network)
+    train_data, test_data = common.dataset(args, "train"), common.dataset(args, "test")
+    augment = None
+    if not args.no_augment and args.dataset != "digits":
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        augment = functools.partial(
+            random_crop_flip, flip=args.dataset != "svhn", generator=generator
+        )
+    history = train(
+        model,
+        common.loader(train_data, args, shuffle=True),
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        attack=common.make_attack(args, model),
+        augment=augment,
+        test_loader=common.loader(test_data, args),
+        progress=not args.no_progress,
+        log=print,
+    )
+    settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("run", "command") and isinstance(value, (str, int, float, bool, type(None)))
+    }
+    save_checkpoint(
+        out,
+        network,
+        epoch=args.epochs,
+        history=history,
+        args=settings,
+        architecture=architecture,
+    )
+    print(f"wrote {out}")
+    common.write_json(
+        Path(out).with_suffix(".json"), {"command": "train", "args": settings, "history": history}
+    )
+    return 0

@@ -1,0 +1,257 @@
+"""The ``gdws`` command: eval/alphas/convert/train/demo on files in the standard formats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_datasets import write_cifar10
+
+from gdws_torch import load_alphas, load_converted, noise_gains
+from gdws_torch.cli import main
+from gdws_torch.models import WRN28_4, PreActResNet18
+from gdws_torch.normalization import Normalized
+
+CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+CIFAR10_STD = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A CIFAR-10 directory in the python-batch format and a run folder holding a
+    PreActResNet-18 checkpoint saved the way the original's DataParallel training did."""
+    root = tmp_path_factory.mktemp("cli")
+    write_cifar10(root / "data", n_per_batch=8)
+    torch.manual_seed(0)
+    network = PreActResNet18().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    run = root / "run"
+    run.mkdir()
+    state = {f"module.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, run / "model_best.pth")
+    return root, network
+
+
+def gdws(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def common_args(root: Path) -> list[str]:
+    return ["--model", "preactresnet18", "--fname", root / "run", "--data-dir", root / "data"]
+
+
+def test_eval_natural_matches_a_direct_evaluation_and_logs_like_the_original(run_folder, capsys):
+    root, network = run_folder
+    args = [*common_args(root), "--attack", "none", "--no-progress"]
+    json_path = root / "nat.json"
+    assert gdws("eval", *args, "--logfilename", "a_nat_base.txt", "--json", json_path) == 0
+    assert gdws("eval", *args, "--logfilename", "a_nat_base.txt", "--json", json_path) == 0
+    from gdws_torch.datasets import load_dataset
+
+    images, labels = load_dataset("cifar10", root / "data", "test").tensors
+    with torch.no_grad():
+        predicted = network((images - CIFAR10_MEAN) / CIFAR10_STD).argmax(1)
+    expected = 100.0 * float((predicted == labels).float().mean())
+    result = json.loads(json_path.read_text())
+    assert result["natural_accuracy"] == pytest.approx(expected)
+    assert result["robust_accuracy"] is None and result["n_samples"] == 8
+    log = (root / "run" / "a_nat_base.txt").read_text().splitlines()
+    assert log == ["epsilon\ttestacc", f"0.00000000\t{expected:.3f}", f"0.00000000\t{expected:.3f}"]
+    assert "natural acc." in capsys.readouterr().out
+
+
+def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
+    from gdws_torch import PGD, evaluate
+    from gdws_torch.datasets import load_dataset
+
+    root, network = run_folder
+    json_path = root / "rob.json"
+    args = ["--attack-iters", "2", "--pgd-alpha", "2", "--epsilon", "8", "--no-progress"]
+    assert (
+        gdws("eval", *common_args(root), *args, "--logfilename", "rob.txt", "--json", json_path)
+        == 0
+    )
+    result = json.loads(json_path.read_text())
+    model = Normalized(network, CIFAR10_MEAN.flatten().tolist(), CIFAR10_STD.flatten().tolist())
+    loader = torch.utils.data.DataLoader(load_dataset("cifar10", root / "data", "test"), 128)
+    attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, seed=0)
+    expected = evaluate(model, loader, {"a": attack}, progress=False)["attacks"]["a"]
+    assert result["robust_accuracy"] == pytest.approx(expected)
+    assert result["attack"] == {
+        "norm": "l_inf",
+        "epsilon": 8 / 255,
+        "step": 2 / 255,
+        "iterations": 2,
+        "restarts": 1,
+    }
+    line = (root / "run" / "rob.txt").read_text().splitlines()[1]
+    assert line == f"0.03137255\t{expected:.3f}"
+
+
+def test_eval_apply_gdws_beta_zero_keeps_the_accuracy(run_folder):
+    root, _ = run_folder
+    dense, exact = root / "dense.json", root / "exact.json"
+    base = [*common_args(root), "--attack", "none", "--no-progress"]
+    assert gdws("eval", *base, "--json", dense) == 0
+    flags = ["--apply-gdws", "--beta", "0", "--replace-all"]
+    assert gdws("eval", *base, *flags, "--json", exact) == 0
+    dense, exact = json.loads(dense.read_text()), json.loads(exact.read_text())
+    assert exact["natural_accuracy"] == dense["natural_accuracy"]
+    assert exact["gdws"]["n_replaced"] == 16  # every 3x3 conv but the first
+    assert exact["conv_macs"] > dense["conv_macs"]  # exact GDWS costs more than dense
+
+
+def test_alphas_in_the_original_format_drive_a_mac_target(run_folder):
+    root, network = run_folder
+    args = [*common_args(root), "--attack", "none", "--no-progress", "--sample-size", "6"]
+    assert gdws("alphas", *args, "--chunk-size", "4") == 0
+    saved = torch.load(root / "run" / "alphas.pth", weights_only=True)
+    assert saved["sample_size"] == 6 and saved["attack"] == "none"
+    gains = load_alphas(root / "run" / "alphas.pth")
+    assert all(k.startswith("module.") for k in gains)  # as the original's DataParallel files
+    from gdws_torch.datasets import load_dataset
+
+    model = Normalized(network, CIFAR10_MEAN.flatten().tolist(), CIFAR10_STD.flatten().tolist())
+    loader = torch.utils.data.DataLoader(load_dataset("cifar10", root / "data", "train"), 128)
+    expected = noise_gains(model, loader, 6, progress=False)
+    for name, value in expected.items():
+        torch.testing.assert_close(gains[name], value, rtol=1e-5, atol=0)
+
+    out = root / "target.json"
+    flags = ["--apply-gdws", "--alphas-filename", "alphas.pth", "--target-mac-reduction", "2"]
+    assert gdws("eval", *common_args(root), "--attack", "none", *flags, "--json", out) == 0
+    result = json.loads(out.read_text())
+    assert result["gdws"]["mac_reduction"] >= 2.0
+    assert result["gdws"]["macs"] == result["conv_macs"]
+
+
+def test_convert_then_eval_converted_equals_apply_gdws(run_folder):
+    root, _ = run_folder
+    flags = ["--target-mac-reduction", "1.5"]
+    assert gdws("convert", *common_args(root), *flags, "--out", "gdws.pth") == 0
+    report = json.loads((root / "run" / "gdws.json").read_text())
+    _converted, info = load_converted(root / "run" / "gdws.pth", PreActResNet18())
+    assert info["report"]["macs"] == report["macs"]
+    a, b = root / "a.json", root / "b.json"
+    base = [*common_args(root), "--attack", "none", "--no-progress"]
+    assert gdws("eval", *base, "--converted", "gdws.pth", "--json", a) == 0
+    assert gdws("eval", *base, "--apply-gdws", *flags, "--json", b) == 0
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    assert a["natural_accuracy"] == b["natural_accuracy"] and a["conv_macs"] == b["conv_macs"]
+
+
+def test_train_then_eval_on_digits(tmp_path):
+    out = tmp_path / "digits.pth"
+    flags = ["--model", "digits_cnn", "--dataset", "digits", "--no-progress", "--seed", "1"]
+    assert (
+        gdws(
+            "train", *flags, "--epochs", "3", "--batch-size", "64", "--attack", "none", "--out", out
+        )
+        == 0
+    )
+    history = json.loads(out.with_suffix(".json").read_text())["history"]
+    assert len(history) == 3 and history[-1]["test_accuracy"] > 90
+    result = tmp_path / "eval.json"
+    args = ["--checkpoint", out, "--attack", "none", "--json", result]
+    assert gdws("eval", *flags, *args) == 0
+    assert json.loads(result.read_text())["natural_accuracy"] == pytest.approx(
+        history[-1]["test_accuracy"]
+    )
+    assert gdws("train", *flags, "--epochs", "1", "--out", out) == 2  # exists: not replaced
+
+
+def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
+    # The original's eval set model.sub_block1 = None: its WRN checkpoints may lack it.
+    network = WRN28_4()
+    network.sub_block1 = None
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": network.state_dict()}, run / "model_best.pth")
+    write_cifar10(tmp_path / "data", n_per_batch=2)
+    args = ["--model", "wideresnet_28_4", "--fname", run, "--data-dir", tmp_path / "data"]
+    assert gdws("eval", *args, "--attack", "none", "--json", tmp_path / "r.json") == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--model", "preactresnet18", "--fname", "nowhere"], "no checkpoint at"),
+        (["eval", "--model", "lenet", "--fname", "run"], "--model must be one of"),
+        (["eval", "--model", "preactresnet18", "--fname", "run"], "root"),
+        (["eval", "--model", "digits_cnn", "--fname", "run"], "does not fit --dataset"),
+        (["eval", "--model", "preactresnet18", "--fname", "run", "--bogus"], "unrecognized"),
+        (["eval", "--model", "preactresnet18", "--fname", "run", "--restarts", "0"], "positive"),
+        (["eval", "--model", "preactresnet18", "--checkpoint", "run/pickled.pth"], "unpickl"),
+        (
+            ["eval", "--model", "preactresnet18", "--fname", "run", "--json", "run/model_best.pth"],
+            "not overwriting",
+        ),
+        (
+            [
+                "eval",
+                "--model",
+                "preactresnet18",
+                "--fname",
+                "run",
+                "--apply-gdws",
+                "--alphas",
+                "x.pth",
+            ],
+            "no file at",
+        ),
+        (["demo", "--targets", "0.5"], "must be > 1"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    Path("run").mkdir()
+    torch.save({"state_dict": PreActResNet18().state_dict()}, "run/model_best.pth")
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, "run/pickled.pth")
+    before = Path("run/model_best.pth").read_bytes()
+    args = args + (["--data-dir", "no_such_dir"] if "eval" in args and "root" == message else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert "\n" not in err and "Traceback" not in err
+    assert Path("run/model_best.pth").read_bytes() == before
+
+
+def test_the_console_script_reports_one_line(tmp_path):
+    script = Path(sys.executable).with_name("gdws")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gdws_torch.cli"]
+    done = subprocess.run(
+        [*command, "eval", "--model", "preactresnet18", "--fname", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no checkpoint at" in done.stderr
+
+
+def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
+    assert gdws("demo", "--quick", "--no-progress", "--out-dir", tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "GDWS 1.25x, unit" in printed
+    results = json.loads((tmp_path / "demo.json").read_text())
+    dense, default = results["dense"], results["default"]
+    assert dense["mac_reduction"] == 1.0 and dense["robust"] <= dense["natural"]
+    assert default["target"] == 1.25 and default["conv_macs"] * 1.25 <= dense["conv_macs"]
+    assert {r["weighting"] for r in results["sweep"]} == {"unit", "noise gains"}
+    for row in results["sweep"]:
+        assert dense["conv_macs"] / row["conv_macs"] >= row["target"]
+        assert row["fps"] > 0 and 0 <= row["robust"] <= row["natural"] <= 100
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(tmp_path / "demo_sweep.png")
+    assert picture.shape[0] > 300 and picture.shape[1] > 600
+    assert np.ptp(picture) > 0
