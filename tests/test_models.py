@@ -42,7 +42,7 @@ ORIGINAL_NAMES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", sorted(ORIGINAL_NAMES))
 def test_architectures_have_the_original_parameter_names(name):
     model = ARCHITECTURES[name]()
     keys = model.state_dict().keys()
@@ -50,6 +50,17 @@ def test_architectures_have_the_original_parameter_names(name):
     with torch.no_grad():
         assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert ARCHITECTURES[name](num_classes=100).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_the_digits_network_shape_and_macs():
+    model = ARCHITECTURES["digits_cnn"]().eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    layers = [(16, 1, 32), (16, 32, 64), (8, 64, 64), (8, 64, 128), (4, 128, 128)]
+    expected = [side * side * c_in * c_out * 9 for side, c_in, c_out in layers]
+    macs = count_macs(model, (1, 16, 16))
+    assert [la.macs for la in macs.layers if la.kind == "conv"] == expected
+    assert macs.conv_macs == 14_229_504
 
 
 def test_vgg16_has_13_convs_and_wrn_28_4_its_widths():
