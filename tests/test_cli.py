@@ -64,7 +64,8 @@ def test_eval_natural_matches_a_direct_evaluation_and_logs_like_the_original(run
     expected = 100.0 * float((predicted == labels).float().mean())
     result = json.loads(json_path.read_text())
     assert result["natural_accuracy"] == pytest.approx(expected)
-    assert result["robust_accuracy"] is None and result["n_samples"] == 8
+    assert result["robust_accuracy"] is None and result["attacks"] == []
+    assert result["n_samples"] == 8
     log = (root / "run" / "a_nat_base.txt").read_text().splitlines()
     assert log == ["epsilon\ttestacc", f"0.00000000\t{expected:.3f}", f"0.00000000\t{expected:.3f}"]
     assert "natural acc." in capsys.readouterr().out
@@ -87,15 +88,49 @@ def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
     attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, seed=0)
     expected = evaluate(model, loader, {"a": attack}, progress=False)["attacks"]["a"]
     assert result["robust_accuracy"] == pytest.approx(expected)
-    assert result["attack"] == {
-        "norm": "l_inf",
-        "epsilon": 8 / 255,
-        "step": 2 / 255,
-        "iterations": 2,
-        "restarts": 1,
-    }
+    assert result["attacks"] == [
+        {
+            "norm": "l_inf",
+            "epsilon": 8 / 255,
+            "step": 2 / 255,
+            "iterations": 2,
+            "restarts": 1,
+            "accuracy": expected,
+        }
+    ]
     line = (root / "run" / "rob.txt").read_text().splitlines()[1]
     assert line == f"0.03137255\t{expected:.3f}"
+
+
+def test_eval_union_of_three_norms_equals_the_library(run_folder):
+    from gdws_torch import PGD, PGDL1, PGDL2, evaluate
+    from gdws_torch.datasets import load_dataset
+
+    root, network = run_folder
+    json_path = root / "union.json"
+    norms = ["--norm", "l_inf", "l_2", "l_1", "--epsilon", "8", "64", "2550"]
+    steps = ["--pgd-alpha", "2", "16", "255", "--attack-iters", "2", "--logfilename", "u.txt"]
+    assert gdws("eval", *common_args(root), *norms, *steps, "--json", json_path) == 0
+    result = json.loads(json_path.read_text())
+    model = Normalized(network, CIFAR10_MEAN.flatten().tolist(), CIFAR10_STD.flatten().tolist())
+    loader = torch.utils.data.DataLoader(load_dataset("cifar10", root / "data", "test"), 128)
+    attacks = {
+        "l_inf": PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, seed=0),
+        "l_2": PGDL2(model, eps=64 / 255, alpha=16 / 255, steps=2, seed=0),
+        "l_1": PGDL1(model, eps=10.0, alpha=1.0, steps=2, seed=0, sparsity=0.99),
+    }
+    expected = evaluate(model, loader, attacks, progress=False)
+    assert [a["accuracy"] for a in result["attacks"]] == pytest.approx(
+        list(expected["attacks"].values())
+    )
+    assert result["robust_accuracy"] == result["union_accuracy"] == pytest.approx(expected["union"])
+    log = (root / "run" / "u.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in log] == [
+        "epsilon",
+        "0.03137255",
+        "0.25098039",
+        "10.00000000",
+    ]
 
 
 def test_eval_apply_gdws_beta_zero_keeps_the_accuracy(run_folder):
@@ -210,6 +245,23 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
             "no file at",
         ),
         (["demo", "--targets", "0.5"], "must be > 1"),
+        (
+            [
+                "eval",
+                "--model",
+                "preactresnet18",
+                "--fname",
+                "run",
+                "--norm",
+                "l_inf",
+                "l_2",
+                "--epsilon",
+                "8",
+                "64",
+                "1",
+            ],
+            "one value or one per --norm",
+        ),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, args, message):

@@ -71,12 +71,34 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_attack_arguments(parser: argparse.ArgumentParser, default_attack: str = "pgd") -> None:
+def add_attack_arguments(
+    parser: argparse.ArgumentParser, default_attack: str = "pgd", union: bool = False
+) -> None:
     group = parser.add_argument_group("attack (the original's flags; sizes in 1/255 units)")
+    several = {"nargs": "+"} if union else {}
     group.add_argument("--attack", default=default_attack, choices=("pgd", "none"))
-    group.add_argument("--norm", default="l_inf", choices=("l_inf", "l_2", "l_1"))
-    group.add_argument("--epsilon", type=float, default=8.0, help="radius, in 1/255 (default 8)")
-    group.add_argument("--pgd-alpha", type=float, default=2.0, help="step, in 1/255 (default 2)")
+    group.add_argument(
+        "--norm",
+        default=["l_inf"] if union else "l_inf",
+        choices=("l_inf", "l_2", "l_1"),
+        help="several: robust accuracy under each and under their union" if union else None,
+        **several,
+    )
+    each = " (one value, or one per --norm)" if union else ""
+    group.add_argument(
+        "--epsilon",
+        type=float,
+        default=[8.0] if union else 8.0,
+        help=f"radius, in 1/255 (default 8){each}",
+        **several,
+    )
+    group.add_argument(
+        "--pgd-alpha",
+        type=float,
+        default=[2.0] if union else 2.0,
+        help=f"step, in 1/255 (default 2){each}",
+        **several,
+    )
     group.add_argument("--attack-iters", type=int, default=10)
     group.add_argument("--restarts", type=int, default=1)
     group.add_argument(
@@ -122,9 +144,13 @@ def check_common(args: argparse.Namespace) -> None:
         if value is not None and value < (0 if name == "attack_iters" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
     for name in ("epsilon", "pgd_alpha"):
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number; got {value}.")
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not (math.isfinite(value) and value > 0):
+                flag = f"--{name.replace('_', '-')}"
+                raise UsageError(f"{flag} must be a positive number; got {value}.")
+    if getattr(args, "attack", "none") != "none":
+        attack_specs(args)  # norms and sizes agree, before any long work
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
 
@@ -218,26 +244,51 @@ def load_alpha_file(args: argparse.Namespace) -> tuple[dict | None, Path | None]
     return load_alphas(path), path
 
 
-def make_attack(args: argparse.Namespace, model: nn.Module) -> Attack | None:
-    """The attack of ``--attack/--norm/--epsilon/...`` (sizes converted from 1/255)."""
+def attack_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``[{"norm", "epsilon", "step"}]`` in pixel units, one per ``--norm``."""
+    norms = args.norm if isinstance(args.norm, list) else [args.norm]
+    if len(set(norms)) != len(norms):
+        raise UsageError(f"--norm lists a norm twice: {norms}.")
+    specs = []
+    for flag, name in (("--epsilon", "epsilon"), ("--pgd-alpha", "pgd_alpha")):
+        values = getattr(args, name)
+        values = values if isinstance(values, list) else [values]
+        if len(values) not in (1, len(norms)):
+            raise UsageError(
+                f"{flag} needs one value or one per --norm ({len(norms)}); got {len(values)}."
+            )
+        specs.append(values * len(norms) if len(values) == 1 else values)
+    return [
+        {"norm": norm, "epsilon": eps / 255, "step": step / 255, "epsilon_255": eps}
+        for norm, eps, step in zip(norms, *specs, strict=True)
+    ]
+
+
+def make_attacks(args: argparse.Namespace, model: nn.Module) -> dict[str, Attack]:
+    """``{label: attack}`` for ``--attack/--norm/--epsilon/...``; empty for ``none``."""
     if args.attack == "none":
-        return None
-    kwargs = dict(
-        eps=args.epsilon / 255,
-        alpha=args.pgd_alpha / 255,
-        steps=args.attack_iters,
-        restarts=args.restarts,
-        seed=args.seed,
-    )
-    if args.norm == "l_inf":
-        return PGD(model, **kwargs)
-    if args.norm == "l_2":
-        return PGDL2(model, **kwargs)
-    return PGDL1(model, sparsity=args.l1_sparsity, **kwargs)
+        return {}
+    classes = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}
+    attacks = {}
+    for spec in attack_specs(args):
+        extra = {"sparsity": args.l1_sparsity} if spec["norm"] == "l_1" else {}
+        label = f"{spec['norm']} PGD-{args.attack_iters} (eps {spec['epsilon_255']:g}/255)"
+        attacks[label] = classes[spec["norm"]](
+            model,
+            eps=spec["epsilon"],
+            alpha=spec["step"],
+            steps=args.attack_iters,
+            restarts=args.restarts,
+            seed=args.seed,
+            **extra,
+        )
+    return attacks
 
 
-def attack_label(args: argparse.Namespace) -> str:
-    return f"{args.norm} PGD-{args.attack_iters} (eps {args.epsilon:g}/255)"
+def make_attack(args: argparse.Namespace, model: nn.Module) -> Attack | None:
+    """The one attack of a command that takes a single ``--norm``."""
+    attacks = make_attacks(args, model)
+    return next(iter(attacks.values()), None)
 
 
 def count_parameters(model: nn.Module) -> int:

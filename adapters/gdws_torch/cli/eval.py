@@ -17,7 +17,7 @@ HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
     common.add_model_arguments(parser)
-    common.add_attack_arguments(parser)
+    common.add_attack_arguments(parser, union=True)
     gdws = parser.add_argument_group("GDWS")
     gdws.add_argument("--apply-gdws", action="store_true", help="approximate before evaluating")
     gdws.add_argument("--converted", help="evaluate a model saved by `gdws convert` instead")
@@ -62,38 +62,40 @@ def run(args: argparse.Namespace) -> int:
     parameters = common.count_parameters(network)
     model = common.with_normalization(args, set_fused(network, True))  # same outputs, faster
     data = common.dataset(args, "test")
-    attack = common.make_attack(args, model)
-    attacks = {} if attack is None else {common.attack_label(args): attack}
+    attacks = common.make_attacks(args, model)
     result = evaluate(
         model,
         common.loader(data, args, args.n_samples),
         attacks,
         progress=not args.no_progress,
     )
-    robust = result["natural"] if attack is None else result["attacks"][common.attack_label(args)]
-    epsilon = 0.0 if attack is None else args.epsilon / 255
+    specs = common.attack_specs(args) if attacks else []
+    for spec, (label, accuracy) in zip(specs, result["attacks"].items(), strict=True):
+        spec.update(label=label, accuracy=accuracy)
+    if not attacks:
+        robust = None
+    elif len(attacks) == 1:
+        robust = specs[0]["accuracy"]
+    else:
+        robust = result["union"]
     row = {
         "model": f"{architecture}{' (GDWS)' if report or args.converted else ''}",
         "natural": result["natural"],
-        "robust": None if attack is None else robust,
+        **{spec["label"]: spec["accuracy"] for spec in specs},
+        "union": result["union"] if len(attacks) > 1 else None,
         "conv_macs": macs.conv_macs,
         "params": parameters,
     }
+    columns = [("model", "model"), ("natural", "natural acc. %")]
+    columns += [(spec["label"], f"{spec['label']} acc. %") for spec in specs]
+    if len(attacks) > 1:
+        columns.append(("union", "union acc. %"))
+    columns += [("conv_macs", "conv MACs"), ("params", "parameters")]
     print()
-    print(
-        common.format_table(
-            [row],
-            [
-                ("model", "model"),
-                ("natural", "natural acc. %"),
-                ("robust", f"{common.attack_label(args)} acc. %" if attack else "robust acc. %"),
-                ("conv_macs", "conv MACs"),
-                ("params", "parameters"),
-            ],
-        )
-    )
-    if log is not None:
-        common.append_log(log, epsilon, robust)
+    print(common.format_table([row], columns))
+    if log is not None:  # the original's lines: one per attack, or the natural accuracy
+        for spec in specs or [{"epsilon": 0.0, "accuracy": result["natural"]}]:
+            common.append_log(log, spec["epsilon"], spec["accuracy"])
     common.write_json(
         json_path,
         {
@@ -101,18 +103,21 @@ def run(args: argparse.Namespace) -> int:
             "model": architecture,
             "dataset": args.dataset,
             "checkpoint": checkpoint or converted_path,
-            "attack": None
-            if attack is None
-            else {
-                "norm": args.norm,
-                "epsilon": args.epsilon / 255,
-                "step": args.pgd_alpha / 255,
-                "iterations": args.attack_iters,
-                "restarts": args.restarts,
-            },
+            "attacks": [
+                {
+                    "norm": spec["norm"],
+                    "epsilon": spec["epsilon"],
+                    "step": spec["step"],
+                    "iterations": args.attack_iters,
+                    "restarts": args.restarts,
+                    "accuracy": spec["accuracy"],
+                }
+                for spec in specs
+            ],
             "n_samples": result["n_samples"],
             "natural_accuracy": result["natural"],
-            "robust_accuracy": None if attack is None else robust,
+            "robust_accuracy": robust,
+            "union_accuracy": result["union"] if attacks else None,
             "conv_macs": macs.conv_macs,
             "parameters": parameters,
             "gdws": None if report is None else report.to_dict(),
