@@ -245,6 +245,13 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
             "no file at",
         ),
         (["demo", "--targets", "0.5"], "must be > 1"),
+        (["eval", "--model", "preactresnet18", "--fname", "run", "--beta", "0.1"], "--apply-gdws"),
+        (["eval", "--model", "preactresnet18", "--fname", "run", "--device", "tpu"], "--device"),
+        (
+            ["alphas", "--model", "preactresnet18", "--fname", "run", "--out", "model_best.pth"],
+            "not overwriting",
+        ),
+        (["alphas", "--model", "preactresnet18", "--fname", "run", "--out", "old.pth"], "exists"),
         (
             [
                 "eval",
@@ -269,6 +276,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, arg
     Path("run").mkdir()
     torch.save({"state_dict": PreActResNet18().state_dict()}, "run/model_best.pth")
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, "run/pickled.pth")
+    Path("run/old.pth").write_bytes(b"earlier alphas")
     before = Path("run/model_best.pth").read_bytes()
     args = args + (["--data-dir", "no_such_dir"] if "eval" in args and "root" == message else [])
     assert main(args) == 2
@@ -276,6 +284,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, arg
     assert message in err, err
     assert "\n" not in err and "Traceback" not in err
     assert Path("run/model_best.pth").read_bytes() == before
+    assert Path("run/old.pth").read_bytes() == b"earlier alphas"
 
 
 def test_the_console_script_reports_one_line(tmp_path):

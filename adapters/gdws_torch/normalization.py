@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +42,10 @@ class Normalized(nn.Module):
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean and std must have one value per channel; got {mean}, {std}.")
-        if any(float(s) <= 0 for s in std):
-            raise ValueError(f"std must be positive; got {tuple(std)}.")
+        if not all(math.isfinite(float(s)) and float(s) > 0 for s in std):
+            raise ValueError(f"std must be positive and finite; got {tuple(std)}.")
+        if not all(math.isfinite(float(m)) for m in mean):
+            raise ValueError(f"mean must be finite; got {tuple(mean)}.")
         self.module = module
         shape = (1, len(mean), 1, 1)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape), False)

@@ -1,17 +1,33 @@
-"""Frames per second of several models, timed interleaved so machine noise hits all alike."""
+"""Frames per second of models on a backend, timed interleaved so machine noise hits all alike.
+
+Backends:
+
+- ``"eager"``: the model as it is, under ``torch.inference_mode``;
+- ``"channels_last"``: a copy in ``torch.channels_last`` memory format, inputs too;
+- ``"onnxruntime"``: the model exported to ONNX (in memory) and run by ONNX Runtime with
+  as many intra-op threads as torch uses (CUDA execution provider when ``device`` is CUDA
+  and it is available, else CPU).
+
+On CUDA, torch backends synchronise the device around every timed block.
+"""
 
 from __future__ import annotations
 
+import copy
+import io
 import numbers
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["measure_fps"]
+__all__ = ["BACKENDS", "available_backends", "make_runner", "measure_fps", "measure_throughput"]
+
+BACKENDS = ("eager", "channels_last", "onnxruntime")
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -20,79 +36,230 @@ def _check_count(value: Any, name: str) -> int:
     return int(value)
 
 
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a sequence of sizes; got {input_shape!r}.") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be positive sizes; got {tuple(input_shape)!r}.")
+    return shape
+
+
+def available_backends(device: Any = "cpu") -> tuple[str, ...]:
+    """The backends of :data:`BACKENDS` that can run here (ONNX Runtime if installed)."""
+    out = ["eager", "channels_last"]
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        out.append("onnxruntime")
+    return tuple(out)
+
+
+def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.device):
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    example = torch.rand((1, *input_shape), device=device)
+    # The legacy TorchScript exporter (the dynamo one needs onnxscript); its deprecation
+    # notice is not the user's concern here.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Idle ONNX Runtime threads spin by default; beside torch's threads in one process
+    # (timed interleaved) that steals the cores torch is timed on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(buffer.getvalue(), options, providers=providers)
+
+
+def make_runner(
+    model: nn.Module, backend: str, input_shape: Sequence[int], device: Any = "cpu"
+) -> Callable[[int], Callable[[], Any]]:
+    """``runner(batch_size) -> run()``: a no-argument call running one batch on ``backend``.
+
+    ``model`` is not modified (backends that change it work on a copy, in eval mode).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    shape = _check_shape(input_shape)
+    device = torch.device(device)
+    if backend == "onnxruntime":
+        session = _onnx_session(copy.deepcopy(model).eval(), shape, device)
+
+        def onnx_runner(batch_size: int) -> Callable[[], Any]:
+            x = torch.rand((batch_size, *shape)).numpy()
+            return lambda: session.run(None, {"input": x})
+
+        return onnx_runner
+    target = copy.deepcopy(model).eval().to(device)
+    layout = torch.channels_last if backend == "channels_last" else torch.contiguous_format
+    if backend == "channels_last":
+        target = target.to(memory_format=torch.channels_last)
+
+    def torch_runner(batch_size: int) -> Callable[[], Any]:
+        x = torch.rand((batch_size, *shape), device=device).contiguous(memory_format=layout)
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return target(x)
+
+        return run
+
+    return torch_runner
+
+
+def measure_throughput(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    *,
+    backends: Sequence[str] = ("eager",),
+    batch_sizes: Sequence[int] = (1,),
+    rounds: int = 15,
+    min_round_seconds: float = 0.02,
+    warmup: int = 5,
+    device: Any = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Median frames per second of every model on every backend and batch size.
+
+    For each batch size, every (model, backend) pair runs ``rounds`` timed blocks, the
+    pairs taking turns in an order that rotates between rounds, so that load from other
+    processes affects all alike. A block repeats the call until it lasts at least
+    ``min_round_seconds``; the figure is the median over blocks.
+
+    Parameters
+    ----------
+    models : mapping of str to torch.nn.Module
+        Not modified.
+    input_shape : sequence of int
+        One sample's shape, e.g. ``(3, 32, 32)``.
+    backends : sequence of str
+        From :data:`BACKENDS`.
+    batch_sizes : sequence of int
+        1 measures latency-bound FPS, larger values throughput.
+    rounds, min_round_seconds, warmup
+        Timed blocks per pair, the least length of a block, untimed calls first.
+    device : default="cpu"
+    progress : bool, default=False
+
+    Returns
+    -------
+    list of dict
+        One row per (model, backend, batch size): ``fps`` (median over blocks),
+        ``fps_q1``, ``fps_q3`` (quartiles), ``latency_ms`` (``batch_size / fps``),
+        ``threads``, ``device``.
+    """
+    if not models:
+        raise ValueError("models must name at least one model.")
+    shape = _check_shape(input_shape)
+    rounds = _check_count(rounds, "rounds")
+    sizes = [_check_count(b, f"batch_sizes[{i}]") for i, b in enumerate(batch_sizes)]
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer; got {warmup!r}.")
+    if not sizes:
+        raise ValueError("batch_sizes must hold at least one batch size.")
+    backends = list(backends)
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"backends must be from {BACKENDS}; got {backend!r}.")
+    device = torch.device(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    runners = {
+        (name, backend): make_runner(model, backend, shape, device)
+        for name, model in models.items()
+        for backend in backends
+    }
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(sizes) * rounds, desc="timing", unit="round", disable=not progress)
+    rows = []
+    try:
+        for batch_size in sizes:
+            calls = {key: runner(batch_size) for key, runner in runners.items()}
+            repeats = {}
+            for key, call in calls.items():  # warm up, and size the timed blocks
+                for _ in range(warmup):
+                    call()
+                synchronize()
+                start = time.perf_counter()
+                call()
+                synchronize()
+                once = max(time.perf_counter() - start, 1e-6)
+                repeats[key] = max(1, int(min_round_seconds / once))
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+            keys = list(calls)
+            for r in range(rounds):
+                for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                    call, n = calls[key], repeats[key]
+                    synchronize()
+                    start = time.perf_counter()
+                    for _ in range(n):
+                        call()
+                    synchronize()
+                    times[key].append((time.perf_counter() - start) / n)
+                bar.update()
+            for (name, backend), seconds in times.items():
+                fps = sorted(batch_size / t for t in seconds)
+                # "inclusive" quartiles stay within the data, even for two rounds.
+                q1 = q3 = fps[0]
+                if len(fps) > 1:
+                    q1, _, q3 = statistics.quantiles(fps, n=4, method="inclusive")
+                median = statistics.median(fps)
+                rows.append(
+                    {
+                        "model": name,
+                        "backend": backend,
+                        "batch_size": batch_size,
+                        "fps": median,
+                        "fps_q1": q1,
+                        "fps_q3": q3,
+                        "latency_ms": 1000 * batch_size / median,
+                        "threads": torch.get_num_threads(),
+                        "device": str(device),
+                    }
+                )
+    finally:
+        bar.close()
+    return rows
+
+
 def measure_fps(
     models: Mapping[str, nn.Module],
     input_shape: Sequence[int],
     *,
     batch_size: int = 1,
     rounds: int = 15,
-    calls_per_round: int = 10,
     warmup: int = 5,
     device: Any = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Median frames per second of each model on random inputs, in eval mode, no autograd.
+    """Eager-mode FPS of each model: ``{name: {"fps", "fps_q1", "fps_q3", "latency_ms"}}``.
 
-    Each round times ``calls_per_round`` forward passes of every model in turn (the order
-    rotating between rounds), so that load from other processes affects every model
-    alike; the figure is the median over rounds.
-
-    Parameters
-    ----------
-    models : mapping of str to torch.nn.Module
-        Their train/eval modes are restored afterwards.
-    input_shape : sequence of int
-        One sample's shape, e.g. ``(3, 32, 32)``.
-    batch_size : int, default=1
-        1 measures latency-bound FPS, larger values throughput.
-    rounds, calls_per_round, warmup : int
-    device : default="cpu"
-        On CUDA the device is synchronised around every timed block.
-
-    Returns
-    -------
-    dict
-        ``{name: {"fps": median, "fps_q1": ..., "fps_q3": ..., "latency_ms": median per
-        batch}}``.
+    A shortcut for :func:`measure_throughput` with one backend and one batch size.
     """
-    if not models:
-        raise ValueError("models must name at least one model.")
-    shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be positive sizes; got {tuple(input_shape)!r}.")
     batch_size = _check_count(batch_size, "batch_size")
-    rounds = _check_count(rounds, "rounds")
-    calls_per_round = _check_count(calls_per_round, "calls_per_round")
-    device = torch.device(device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x = torch.rand((batch_size, *shape), device=device)
-    names = list(models)
-    modes = {name: models[name].training for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    try:
-        with torch.inference_mode():
-            for name in names:
-                models[name].eval()
-                for _ in range(warmup):
-                    models[name](x)
-            for r in range(rounds):
-                for name in names[r % len(names) :] + names[: r % len(names)]:
-                    synchronize()
-                    start = time.perf_counter()
-                    for _ in range(calls_per_round):
-                        models[name](x)
-                    synchronize()
-                    times[name].append((time.perf_counter() - start) / calls_per_round)
-    finally:
-        for name in names:
-            models[name].train(modes[name])
-    out = {}
-    for name in names:
-        fps = sorted(batch_size / t for t in times[name])
-        q1, _, q3 = statistics.quantiles(fps, n=4) if len(fps) > 1 else (fps[0],) * 3
-        out[name] = {
-            "fps": statistics.median(fps),
-            "fps_q1": q1,
-            "fps_q3": q3,
-            "latency_ms": 1000 * statistics.median(times[name]),
-        }
-    return out
+    rows = measure_throughput(
+        models,
+        input_shape,
+        batch_sizes=(batch_size,),
+        rounds=rounds,
+        warmup=warmup,
+        device=device,
+    )
+    keys = ("fps", "fps_q1", "fps_q3", "latency_ms")
+    return {row["model"]: {k: row[k] for k in keys} for row in rows}

@@ -18,7 +18,7 @@ def accuracy(model: nn.Module, loader: Iterable, device: Any = None) -> float:
     """Natural accuracy in percent (eval mode, restored afterwards)."""
     if device is None:
         device = next(iter(model.parameters())).device
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     correct = total = 0
     try:
@@ -28,7 +28,8 @@ def accuracy(model: nn.Module, loader: Iterable, device: Any = None) -> float:
                 correct += int((model(images).argmax(1) == labels).sum())
                 total += len(labels)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if total == 0:
         raise ValueError("the loader yielded no samples.")
     return 100.0 * correct / total
@@ -40,18 +41,25 @@ def random_crop_flip(
     flip: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The usual CIFAR augmentation on a batch: random crop after zero padding, and flip."""
+    """The usual CIFAR augmentation on a batch: random crop after zero padding, and flip.
+
+    ``generator`` is a CPU generator (the random offsets are drawn on the CPU).
+    """
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
+        raise ValueError(f"padding must be a non-negative integer; got {padding!r}.")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError("images must be a 4-D tensor (N, C, H, W).")
     n, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = padded[
-        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
+    device = images.device
+    rows = (dy[:, None] + torch.arange(h)).to(device)[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)).to(device)[:, None, None, :]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    out = padded[batch, torch.arange(c, device=device)[None, :, None, None], rows, cols]
     if flip:
-        mirrored = torch.rand(n, generator=generator) < 0.5
+        mirrored = (torch.rand(n, generator=generator) < 0.5).to(device)
         out = torch.where(mirrored[:, None, None, None], out.flip(3), out)
     return out
 
@@ -80,8 +88,8 @@ def train(
     ----------
     model : torch.nn.Module
         Takes pixels in ``[0, 1]``. Trained in place and left in eval mode.
-    loader : iterable of (images, labels)
-        Training batches (shuffle them); iterated once per epoch.
+    loader : sized iterable of (images, labels)
+        Training batches (shuffle them), e.g. a ``DataLoader``; iterated once per epoch.
     epochs : int
     lr : float, default=0.05
         Peak learning rate.
@@ -106,11 +114,19 @@ def train(
     for name, value in (("epochs", epochs),):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    if not (isinstance(lr, numbers.Real) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and lr > 0):
         raise ValueError(f"lr must be a positive number; got {lr!r}.")
+    try:
+        steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "loader must have a length (e.g. a torch DataLoader): the learning-rate schedule "
+            f"needs the number of batches per epoch; got a {type(loader).__name__}."
+        ) from None
+    if steps_per_epoch == 0:
+        raise ValueError("loader yields no batches.")
     if device is None:
         device = next(iter(model.parameters())).device
-    steps_per_epoch = len(loader)  # type: ignore[arg-type]
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
     )

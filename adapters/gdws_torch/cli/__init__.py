@@ -22,8 +22,8 @@ def build_parser() -> common.OneLineParser:
 
     parser = common.OneLineParser(
         prog="gdws",
-        description="GDWS approximation of robust CNNs: evaluate, compute noise gains, "
-        "convert, train, and the embedded demo.",
+        description="GDWS approximation of robust CNNs: the embedded demo, robustness "
+        "evaluation, noise gains, conversion, training, FPS, ONNX rewriting.",
     )
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=common.OneLineParser

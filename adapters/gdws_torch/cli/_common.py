@@ -44,7 +44,9 @@ class OneLineParser(argparse.ArgumentParser):
 # -- arguments ----------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, checkpoint: bool = True, device: bool = True
+) -> None:
     group = parser.add_argument_group("model and data")
     names = ", ".join(sorted(ARCHITECTURES))
     group.add_argument("--model", required=True, help=f"architecture: {names}")
@@ -68,6 +70,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     group.add_argument("--batch-size", type=int, default=128)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    if device:
+        group.add_argument(
+            "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+        )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -153,6 +159,38 @@ def check_common(args: argparse.Namespace) -> None:
         attack_specs(args)  # norms and sizes agree, before any long work
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+
+
+def device(args: argparse.Namespace) -> torch.device:
+    """``--device``, with ``auto`` meaning CUDA when there is one."""
+    name = getattr(args, "device", "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}.") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here.")
+    if chosen.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}.")
+    return chosen
+
+
+def check_gdws_flags(args: argparse.Namespace) -> None:
+    """GDWS options given to ``eval`` without ``--apply-gdws`` would be silently ignored."""
+    given = [
+        flag
+        for flag, value in (
+            ("--beta", args.beta),
+            ("--target-mac-reduction", args.target_mac_reduction),
+            ("--n-kernels", args.n_kernels),
+            ("--alphas-filename", args.alphas),
+        )
+        if value is not None
+    ]
+    if given and not args.apply_gdws:
+        raise UsageError(f"{', '.join(given)} only apply with --apply-gdws.")
 
 
 def in_run_folder(args: argparse.Namespace, name: str | None) -> Path | None:

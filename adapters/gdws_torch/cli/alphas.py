@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
         default="alphas.pth",
         help="output file (relative to FNAME; default alphas.pth)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(run=run)
 
 
@@ -38,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(f"--chunk-size must be positive; got {args.chunk_size}.")
     checkpoint = common.checkpoint_path(args)
     out = common.check_output(common.in_run_folder(args, args.out), [checkpoint], "--out")
+    if out.exists() and not args.overwrite:
+        raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
     network = common.build_network(args, checkpoint)
-    model = common.with_normalization(args, network)
+    model = common.with_normalization(args, network).to(common.device(args))
     data = common.dataset(args, "train")
     if args.sample_size > len(data):
         raise common.UsageError(

@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help=HELP, description=HELP[0].upper() + HELP[1:] + "."
     )
-    common.add_model_arguments(parser)
+    common.add_model_arguments(parser, device=False)
     common.add_gdws_arguments(parser)
     parser.add_argument(
         "--out",

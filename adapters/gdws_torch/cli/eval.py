@@ -33,9 +33,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.check_common(args)
+    common.check_gdws_flags(args)
+    device = common.device(args)
     architecture = common.architecture_name(args.model)
     shape = common.input_shape(args.dataset, architecture)
-    report = converted_path = None
+    report = converted_path = saved_report = None
     # Every file argument is checked before the (long) evaluation starts.
     alphas_path = common.in_run_folder(args, args.alphas) if args.apply_gdws else None
     if alphas_path is not None and not alphas_path.is_file():
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise common.UsageError(f"--converted: no file at {str(converted_path)!r}.")
         checkpoint = None
         network, info = load_converted(converted_path, common.build_network(args, None))
+        saved_report = info.get("report")
         print(f"loaded the converted {info['architecture']} from {converted_path}")
     else:
         checkpoint = common.checkpoint_path(args)
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     json_path = common.check_output(Path(args.json), inputs, "--json")
     macs = count_macs(network, shape)
     parameters = common.count_parameters(network)
-    model = common.with_normalization(args, set_fused(network, True))  # same outputs, faster
+    # Fused GDWS layers: the same outputs, faster in eager PyTorch.
+    model = common.with_normalization(args, set_fused(network, True)).to(device)
     data = common.dataset(args, "test")
     attacks = common.make_attacks(args, model)
     result = evaluate(
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             "union_accuracy": result["union"] if attacks else None,
             "conv_macs": macs.conv_macs,
             "parameters": parameters,
-            "gdws": None if report is None else report.to_dict(),
+            "gdws": saved_report if report is None else report.to_dict(),
             "alphas": alphas_path,
         },
     )

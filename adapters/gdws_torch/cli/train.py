@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
     architecture = common.architecture_name(args.model)
-    network = common.build_network(args, None).train()
-    model = common.with_normalization(args, network)
+    network = common.build_network(args, None).train().to(common.device(args))
+    model = common.with_normalization(args, network).to(common.device(args))
     train_data, test_data = common.dataset(args, "train"), common.dataset(args, "test")
     augment = None
     if not args.no_augment and args.dataset != "digits":
