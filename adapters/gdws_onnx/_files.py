@@ -1,0 +1,86 @@
+"""Reading and writing ONNX files: clear errors in, atomic writes out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+__all__ = ["load_model", "same_file", "save_model"]
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The ONNX model in ``path`` (external data loaded), checked by ``onnx.checker``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a valid ONNX model (the message says what is wrong).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}.")
+    try:
+        model = onnx.load_model(path)
+    except OSError:
+        raise
+    except Exception as exc:  # DecodeError, a text-format parse error, ...
+        raise ValueError(
+            f"{str(path)!r} is not an ONNX model (it does not parse as an onnx.ModelProto: "
+            f"{_first_line(exc)})."
+        ) from None
+    check_model(model, what=repr(str(path)))
+    return model
+
+
+def check_model(model: onnx.ModelProto, what: str = "the model") -> None:
+    """``onnx.checker.check_model``, its failure as a one-line ``ValueError``."""
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be an onnx.ModelProto; got {type(model).__name__}.")
+    if not model.graph.node:
+        raise ValueError(f"{what} is not an ONNX model with a graph: it has no node.")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ValueError(f"{what} is not a valid ONNX model: {_first_line(exc)}") from None
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The format follows the extension, as ``onnx.save_model`` (binary protobuf for
+    ``.onnx`` and unknown extensions). A reader never sees a half-written file; on an
+    error nothing is left behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file (same path, a link, a hard link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

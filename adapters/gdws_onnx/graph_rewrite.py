@@ -1,0 +1,271 @@
+"""Rewrite the eligible ``Conv`` nodes of any ONNX model as GDWS subgraphs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import gdws_approx
+from gdws_approx import LayerPlan, LayerSpec, NetworkPlan, plan_network
+from gdws_onnx._files import check_model, load_model, same_file, save_model
+from gdws_onnx.graph import ConvNode, all_names, conv_nodes, used_names
+
+__all__ = ["METADATA_KEY", "rewrite", "rewrite_file"]
+
+# metadata_props key of the rewritten model: a JSON summary of the plan.
+METADATA_KEY = "gdws_approx"
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    *,
+    beta: float | None = None,
+    n_kernels: int | Mapping[str, int] | None = None,
+    target_mac_reduction: float | None = None,
+    alphas: Mapping[str, Any] | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    skip_first: bool = True,
+    only_if_cheaper: bool = True,
+    exclude: Iterable[str] = (),
+    svd_solver: str = "auto",
+) -> tuple[onnx.ModelProto, NetworkPlan]:
+    """Replace the eligible convolutions of an ONNX model by optimal GDWS subgraphs.
+
+    Each replaced ``Conv`` (weight ``(M, C, Kh, Kw)``) becomes three nodes::
+
+        Gather(axis=1, indices=kernel_channels)         # (N, C, H, W) -> (N, G, H, W)
+        Conv(group=G, W=(G, 1, Kh, Kw))                  # depthwise: the original strides,
+                                                         # pads, dilations, auto_pad
+        Conv(W=(M, G, 1, 1), B=the original bias)        # pointwise; the original output name
+
+    planned by the core (:func:`gdws_approx.plan_network`) on the float64 weights, written
+    back in the weight's type (float32, float16 or float64).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        From any exporter; not modified (the rewrite works on a copy).
+    beta : float, optional
+        LEGO: the same weighted squared error budget in every layer.
+    n_kernels : int or mapping of str to int, optional
+        MEGO: depthwise kernels per layer (one for all, or one per conv name).
+    target_mac_reduction : float, optional
+        LEGO with the smallest common ``beta`` for which the model's ``Conv`` MACs
+        (every Conv, rewritten or not) are that many times fewer, ``> 1``.
+        With no budget: ``beta=0``, an exact rewrite.
+    alphas : mapping of str to array of shape (C,), optional
+        Per-layer error weights (noise gains), keyed by conv name (see below), node name
+        or weight initializer name; every planned layer needs one. Unit weights if ``None``.
+    input_shape : sequence of int or mapping of str to sequence of int, optional
+        One sample's shape without the batch dimension (``(3, 32, 32)``), or one per graph
+        input by name. Needed when the model's spatial dimensions are dynamic: MACs are
+        counted per sample at this shape, from ONNX shape inference (batch size 1).
+    skip_first : bool, default=True
+        Leave the network's first convolution as it is (the first ``Conv`` in topological
+        order whose data input depends on a graph input), as the original work did.
+    only_if_cheaper : bool, default=True
+        Keep a conv as it is where its GDWS form would not need fewer MACs.
+    exclude : iterable of str, default=()
+        Convs to leave alone.
+    svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+
+    Returns
+    -------
+    rewritten : onnx.ModelProto
+        Same opset, inputs and outputs; checked by ``onnx.checker``. Its
+        ``metadata_props`` hold a JSON summary under ``"gdws_approx"``.
+    report : gdws_approx.NetworkPlan
+        Per planned conv: name, shape, ``G``, multiplier histogram, error, MACs before and
+        after; totals over every ``Conv`` of the graph.
+
+    Notes
+    -----
+    Conv names: the node's name, or ``"Conv:<weight initializer name>"`` for an unnamed
+    node; :func:`gdws_onnx.conv_nodes` lists them with the reason a conv is left alone.
+
+    Raises
+    ------
+    ValueError
+        Not a valid model; no eligible conv; an unknown ``exclude`` name; a missing alpha;
+        shapes that inference cannot determine (give ``input_shape``); a budget that keeps
+        no kernel in a layer; an unreachable ``target_mac_reduction``.
+    """
+    check_model(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    convs = conv_nodes(work, input_shape=input_shape, skip_first=skip_first, exclude=exclude)
+    chosen = [c for c in convs if c.eligible]
+    if not chosen:
+        left = "; ".join(f"{c.name}: {c.reason}" for c in convs[:6]) or "the graph has no Conv"
+        raise ValueError(
+            "the model has no eligible convolution (a 2-D Conv with group=1, a kernel larger "
+            f"than 1x1 and constant initializer weights, other than the first conv): {left}."
+        )
+    unknown = [c.name for c in convs if c.macs is None]
+    if unknown:
+        raise ValueError(
+            f"neither ONNX shape inference nor a run in onnxruntime tells the output size of "
+            f"Conv {unknown[:4]}, so its MACs are unknown: give input_shape (one sample's "
+            "shape without the batch dimension, for example (3, 32, 32)) when the input's "
+            "dimensions are dynamic."
+        )
+    other = sum(c.macs or 0 for c in convs if not c.eligible)
+    initializers = {t.name: t for t in work.graph.initializer}
+    specs = [
+        LayerSpec(
+            c.name,
+            numpy_helper.to_array(initializers[c.weight]).astype(np.float64),
+            c.output_pixels,
+            _lookup_alpha(alphas, c),
+        )
+        for c in chosen
+    ]
+    plan = plan_network(
+        specs,
+        beta=beta,
+        n_kernels=n_kernels,
+        target_mac_reduction=target_mac_reduction,
+        other_macs=other,
+        only_if_cheaper=only_if_cheaper,
+        svd_solver=svd_solver,
+    )
+    _apply(work, plan, {c.name: c for c in chosen})
+    onnx.checker.check_model(work)  # a failure here is a bug of the rewrite
+    return work, plan
+
+
+def rewrite_file(
+    in_path: str | os.PathLike, out_path: str | os.PathLike, **kwargs: Any
+) -> NetworkPlan:
+    """Rewrite the model in ``in_path`` and write the result to ``out_path`` atomically.
+
+    ``kwargs`` are those of :func:`rewrite`. ``out_path`` must not be ``in_path`` (nor a
+    link to it); nothing is written when the rewrite fails. Returns the report.
+    """
+    if same_file(in_path, out_path):
+        raise ValueError(
+            f"out_path {str(out_path)!r} is the input file; not overwriting it. Give another path."
+        )
+    model = load_model(in_path)
+    rewritten, plan = rewrite(model, **kwargs)
+    save_model(rewritten, out_path)
+    return plan
+
+
+def _lookup_alpha(alphas: Mapping[str, Any] | None, conv: ConvNode) -> np.ndarray | None:
+    if alphas is None:
+        return None
+    if not isinstance(alphas, Mapping):
+        raise TypeError(
+            f"alphas must be a mapping {{conv name: array(C)}}; got {type(alphas).__name__}."
+        )
+    keys = [k for k in (conv.name, conv.node_name, conv.weight) if k]
+    for key in keys:
+        if key in alphas:
+            value = alphas[key]
+            if hasattr(value, "detach"):  # a torch tensor, without importing torch
+                value = value.detach().cpu().numpy()
+            return np.asarray(value, dtype=np.float64)
+    raise ValueError(
+        f"alphas has no entry for conv {conv.name!r} (looked for {keys}); it has "
+        f"{len(alphas)} entries, for example {sorted(alphas)[:3]}."
+    )
+
+
+def _apply(model: onnx.ModelProto, plan: NetworkPlan, convs: dict[str, ConvNode]) -> None:
+    """Replace the planned convs of ``model`` (in place) by their GDWS subgraphs."""
+    graph = model.graph
+    taken = all_names(graph)
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    initializers = {t.name: t for t in graph.initializer}
+    replaced = {convs[layer.name].index: layer for layer in plan.layers if layer.replaced}
+    nodes: list[onnx.NodeProto] = []
+    new_initializers: list[onnx.TensorProto] = []
+    for index, node in enumerate(graph.node):
+        layer = replaced.get(index)
+        if layer is None:
+            nodes.append(node)
+            continue
+        conv = convs[layer.name]
+        dtype = helper.tensor_dtype_to_np_dtype(initializers[conv.weight].data_type)
+        subgraph, tensors = _gdws_nodes(node, conv, layer, dtype, fresh)
+        nodes.extend(subgraph)
+        new_initializers.extend(tensors)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_initializers)
+
+    # The replaced weights go when nothing else reads them (biases feed the pointwise convs).
+    still_used = used_names(graph)
+    dropped = {convs[layer.name].weight for layer in plan.layers if layer.replaced} - still_used
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+    summary = {
+        "version": gdws_approx.__version__,
+        "solver": plan.solver,
+        "beta": plan.beta,
+        "replaced": [layer.name for layer in plan.layers if layer.replaced],
+        "dense_macs": plan.dense_macs,
+        "macs": plan.macs,
+    }
+    props = {p.key: p.value for p in model.metadata_props}
+    props[METADATA_KEY] = json.dumps(summary)
+    helper.set_model_props(model, props)
+
+
+def _gdws_nodes(
+    node: onnx.NodeProto, conv: ConvNode, layer: LayerPlan, dtype: np.dtype, fresh
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``Gather -> depthwise Conv -> pointwise Conv`` for one planned conv."""
+    estimator = layer.estimator
+    m, _, kh, kw = layer.shape
+    g = estimator.n_kernels_
+    base = node.name or conv.weight
+    channels = numpy_helper.from_array(
+        np.asarray(estimator.kernel_channels_, dtype=np.int64),
+        fresh(f"{base}.gdws.kernel_channels"),
+    )
+    depthwise_weight = numpy_helper.from_array(
+        np.asarray(estimator.depthwise_kernels_).reshape(g, 1, kh, kw).astype(dtype),
+        fresh(f"{base}.gdws.depthwise.weight"),
+    )
+    pointwise_weight = numpy_helper.from_array(
+        np.asarray(estimator.pointwise_weights_).reshape(m, g, 1, 1).astype(dtype),
+        fresh(f"{base}.gdws.pointwise.weight"),
+    )
+    gathered = fresh(f"{base}/gdws/gather_output_0")
+    filtered = fresh(f"{base}/gdws/depthwise_output_0")
+    gather = helper.make_node(
+        "Gather",
+        [node.input[0], channels.name],
+        [gathered],
+        name=fresh(f"{base}/gdws/Gather"),
+        axis=1,
+    )
+    depthwise = helper.make_node(
+        "Conv", [gathered, depthwise_weight.name], [filtered], name=fresh(f"{base}/gdws/depthwise")
+    )
+    # Every option of the original (strides, pads, dilations, auto_pad, kernel_shape).
+    depthwise.attribute.extend(a for a in node.attribute if a.name != "group")
+    depthwise.attribute.append(helper.make_attribute("group", g))
+    inputs = [filtered, pointwise_weight.name] + ([conv.bias] if conv.bias else [])
+    pointwise = helper.make_node(
+        "Conv", inputs, [node.output[0]], name=fresh(f"{base}/gdws/pointwise"), kernel_shape=[1, 1]
+    )
+    return [gather, depthwise, pointwise], [channels, depthwise_weight, pointwise_weight]
