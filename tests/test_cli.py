@@ -316,3 +316,23 @@ def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
     picture = matplotlib.image.imread(tmp_path / "demo_sweep.png")
     assert picture.shape[0] > 300 and picture.shape[1] > 600
     assert np.ptp(picture) > 0
+
+
+def test_fps_of_the_demo_model_on_every_backend(tmp_path, capsys):
+    out = tmp_path / "fps.json"
+    args = ["--rounds", "2", "--batch-sizes", "1", "3", "--no-progress", "--json", out]
+    assert gdws("fps", *args) == 0
+    assert "FPS x vs dense" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    backends = {"eager", "channels_last", "onnxruntime"}
+    assert {(r["model"], r["backend"], r["batch_size"]) for r in rows} == {
+        (m, b, n) for m in ("dense", "GDWS") for b in backends for n in (1, 3)
+    }
+    for row in rows:
+        assert row["fps_q1"] <= row["fps"] <= row["fps_q3"] and row["fps"] > 0
+        if row["model"] == "dense":
+            assert row["speedup"] == 1.0 and row["mac_reduction"] == 1.0
+        else:
+            assert row["mac_reduction"] == result["dense_conv_macs"] / result["gdws_conv_macs"]
+    assert result["dense_conv_macs"] >= 1.25 * result["gdws_conv_macs"]

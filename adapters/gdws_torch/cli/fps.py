@@ -1,0 +1,133 @@
+"""``gdws fps``: frames per second of a dense model and its GDWS version on each backend."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gdws_torch.cli import _common as common
+from gdws_torch.datasets import DATASETS
+from gdws_torch.macs import count_macs
+from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
+
+HELP = "measure FPS of a dense model and its GDWS version (default: the demo model)"
+
+COLUMNS = [
+    ("model", "model"),
+    ("backend", "backend"),
+    ("batch_size", "batch"),
+    ("fps", "FPS (median)"),
+    ("spread", "FPS q1-q3"),
+    ("speedup", "FPS x vs dense"),
+    ("mac_reduction", "MACs x fewer"),
+]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("fps", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    group = parser.add_argument_group("model (default: the embedded demo model)")
+    group.add_argument("--model", help="architecture; with --fname/--checkpoint")
+    group.add_argument(
+        "--dataset", default="cifar10", choices=DATASETS, help="sets input shape and classes"
+    )
+    group.add_argument("--fname", help="run folder holding model_best.pth")
+    group.add_argument("--checkpoint", help="checkpoint file (default: FNAME/model_best.pth)")
+    group.add_argument(
+        "--random-weights", action="store_true", help="time --model with random weights"
+    )
+    group.add_argument("--converted", help="a model saved by `gdws convert` as the GDWS side")
+    group.add_argument("--no-norm", action="store_true")
+    common.add_gdws_arguments(parser)
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: all available")
+    timing.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    timing.add_argument("--rounds", type=int, default=15)
+    timing.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    timing.add_argument("--threads", type=int)
+    timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--no-progress", action="store_true")
+    timing.add_argument("--json", default="gdws-results/fps.json")
+    parser.set_defaults(run=run)
+
+
+def _models(args: argparse.Namespace):
+    """(dense, gdws, input shape, description)."""
+    if args.model is None:
+        from gdws_torch import demo
+        from gdws_torch.convert import convert
+
+        network = demo.demo_network()
+        budget = {"target_mac_reduction": demo.DEFAULT_TARGET}
+        if args.beta is not None or args.target_mac_reduction or args.n_kernels:
+            converted, _, _ = common.approximate(args, network, demo.INPUT_SHAPE)
+        else:
+            converted, report = convert(network, input_size=demo.INPUT_SHAPE, **budget)
+            print(report.format_table())
+        return network, converted, demo.INPUT_SHAPE, "the embedded digits CNN"
+    architecture = common.architecture_name(args.model)
+    shape = common.input_shape(args.dataset, architecture)
+    checkpoint = None if args.random_weights else common.checkpoint_path(args)
+    network = common.build_network(args, checkpoint)
+    if args.converted:
+        from gdws_torch.checkpoints import load_converted
+
+        converted, _ = load_converted(common.in_run_folder(args, args.converted), network)
+    else:
+        converted, _, _ = common.approximate(args, network, shape)
+    return network, converted, shape, architecture
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    if args.rounds < 1 or any(b < 1 for b in args.batch_sizes):
+        raise common.UsageError("--rounds and --batch-sizes must be positive.")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise common.UsageError(f"--device {args.device}: CUDA is not available here.")
+    backends = args.backends or list(available_backends(device))
+    missing = sorted(set(backends) - set(available_backends(device)))
+    if missing:
+        raise common.UsageError(
+            f"--backends {missing} cannot run here (is onnxruntime installed?)."
+        )
+    json_path = Path(args.json)
+    dense, converted, shape, description = _models(args)
+    dense_macs = count_macs(dense, shape).conv_macs
+    gdws_macs = count_macs(converted, shape).conv_macs
+    models = {"dense": common.with_normalization(args, dense) if args.model else dense}
+    models["GDWS"] = common.with_normalization(args, converted) if args.model else converted
+    rows = measure_throughput(
+        models,
+        shape,
+        backends=backends,
+        batch_sizes=args.batch_sizes,
+        rounds=args.rounds,
+        device=device,
+        progress=not args.no_progress,
+    )
+    dense_fps = {(r["backend"], r["batch_size"]): r["fps"] for r in rows if r["model"] == "dense"}
+    for row in rows:
+        row["speedup"] = row["fps"] / dense_fps[(row["backend"], row["batch_size"])]
+        row["mac_reduction"] = dense_macs / (gdws_macs if row["model"] == "GDWS" else dense_macs)
+        row["spread"] = f"{row['fps_q1']:,.0f}-{row['fps_q3']:,.0f}"
+    rows.sort(key=lambda r: (r["batch_size"], r["backend"], r["model"] != "dense"))
+    print()
+    print(
+        f"{description}, input {tuple(shape)}, {device}, {torch.get_num_threads()} torch "
+        f"threads; conv MACs {dense_macs:,} dense, {gdws_macs:,} GDWS"
+    )
+    print(common.format_table(rows, COLUMNS))
+    common.write_json(
+        json_path,
+        {
+            "command": "fps",
+            "model": description,
+            "input_shape": list(shape),
+            "dense_conv_macs": dense_macs,
+            "gdws_conv_macs": gdws_macs,
+            "rows": [{k: v for k, v in r.items() if k != "spread"} for r in rows],
+        },
+    )
+    return 0
