@@ -231,7 +231,7 @@ def test_rewritten_weights_are_the_estimators_factors():
     model = option_model(dtype=np.float64)
     weights = initializers(model)
     beta = 0.5
-    rewritten, plan = gdws_onnx.rewrite(model, beta=beta, only_if_cheaper=False)
+    rewritten, plan = gdws_onnx.rewrite(model, beta=beta, only_if_cheaper=False, kernel_multiple=1)
     assert [layer.name for layer in plan.layers] == OPTION_ELIGIBLE
     for layer, base, weight_name in zip(
         plan.layers, ["pads", "dilated", "same.w"], ["pads.w", "dil.w", "same.w"], strict=True
@@ -253,7 +253,7 @@ def test_rewritten_weights_are_the_estimators_factors():
 def test_mac_target_is_met_and_the_report_counts_the_graph():
     model = option_model()
     assert measured_conv_macs(model, X_SHAPE) == sum(OPTION_MACS.values())
-    rewritten, plan = gdws_onnx.rewrite(model, target_mac_reduction=1.4)
+    rewritten, plan = gdws_onnx.rewrite(model, target_mac_reduction=1.4, kernel_multiple=1)
     assert plan.dense_macs == sum(OPTION_MACS.values())
     assert plan.other_macs == sum(v for k, v in OPTION_MACS.items() if k not in OPTION_ELIGIBLE)
     assert {layer.name: layer.dense_macs for layer in plan.layers} == {
@@ -266,9 +266,38 @@ def test_mac_target_is_met_and_the_report_counts_the_graph():
             (m, _, kh, kw) = layer.shape
             assert layer.macs == layer.n_kernels * (kh * kw + m) * layer.output_pixels
     # A rewrite with the found beta is the same plan.
-    again, plan_again = gdws_onnx.rewrite(model, beta=plan.beta)
+    again, plan_again = gdws_onnx.rewrite(model, beta=plan.beta, kernel_multiple=1)
     assert plan_again.macs == plan.macs
     assert again.SerializeToString() == rewritten.SerializeToString()
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_padded_kernels_keep_outputs_and_add_only_the_padding_macs(multiple):
+    model = option_model()
+    plain, plan = gdws_onnx.rewrite(model, beta=0.5, only_if_cheaper=False, kernel_multiple=1)
+    padded, plan_padded = gdws_onnx.rewrite(
+        model, beta=0.5, only_if_cheaper=False, kernel_multiple=multiple
+    )
+    assert plan_padded.macs == plan.macs  # the plan is the same; only the graph differs
+    extra = 0
+    for layer in plan.layers:
+        (m, _, kh, kw) = layer.shape
+        extra += (-layer.n_kernels % multiple) * (kh * kw + m) * layer.output_pixels
+    assert measured_conv_macs(padded, X_SHAPE) == measured_conv_macs(plain, X_SHAPE) + extra
+    groups = [
+        a.i
+        for n in padded.graph.node
+        if "/gdws/depthwise" in n.name
+        for a in n.attribute
+        if a.name == "group"
+    ]
+    assert len(groups) == len(plan.layers) and all(g % multiple == 0 for g in groups)
+    x = {"x": np.random.default_rng(0).standard_normal((2, *X_SHAPE)).astype(np.float32)}
+    (a,) = gdws_onnx.runtime.run(plain, x).values()
+    (b,) = gdws_onnx.runtime.run(padded, x).values()
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    with pytest.raises(ValueError, match="kernel_multiple"):
+        gdws_onnx.rewrite(model, kernel_multiple=0)
 
 
 def test_float16_weights_stay_float16():
