@@ -4,7 +4,8 @@ Everything it needs ships with the package: scikit-learn's digits (upsampled to 
 and an adversarially trained :class:`~gdws_torch.models.DigitsCNN` checkpoint, built by::
 
     gdws train --model digits_cnn --dataset digits --attack pgd --epsilon 24 \\
-        --pgd-alpha 6 --attack-iters 7 --epochs 30 --lr 0.05 --batch-size 64 --threads 1
+        --pgd-alpha 6 --attack-iters 7 --epochs 30 --lr 0.05 --weight-decay 1e-2 \\
+        --batch-size 64 --threads 1 --device cpu
 
 Pipeline: noise gains (on PGD-perturbed training digits) -> LEGO with the smallest common
 ``beta`` reaching each target MAC reduction, with unit and with noise-gain alphas ->
