@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import gdws_onnx  # noqa: E402
 from gdws_approx import GDWSApproximator  # noqa: E402
-from gdws_torch import convert  # noqa: E402
+from gdws_torch import GDWSConv2d, convert  # noqa: E402
 from gdws_torch.cli import main  # noqa: E402
 
 X_SHAPE = (4, 12, 12)  # one sample of the option model's input
@@ -497,6 +497,16 @@ def test_export_of_a_converted_model_agrees_with_torch(tmp_path, monkeypatch):
     assert result["max_rel_diff"] <= 1e-4 and result["inputs"] == {"input": [2, *INPUT_SIZE]}
     model = onnx.load_model(path)
     assert [n.op_type for n in model.graph.node].count("Gather") == 4
+    groups = [
+        a.i
+        for n in model.graph.node
+        if "depthwise" in n.name
+        for a in n.attribute
+        if a.name == "group"
+    ]
+    assert len(groups) == 4 and all(g % 4 == 0 for g in groups)  # padded for onnxruntime
+    kernels = [m.n_kernels for m in converted.modules() if isinstance(m, GDWSConv2d)]
+    assert any(g % 4 for g in kernels)  # ... while the torch model is left as it was
     x = np.random.default_rng(2).standard_normal((5, *INPUT_SIZE)).astype(np.float32)
     (out,) = gdws_onnx.runtime.run(model, {"input": x}).values()  # dynamic batch
     converted.eval()

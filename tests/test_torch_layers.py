@@ -188,3 +188,42 @@ def test_bad_input():
     keeps_nothing = GDWSApproximator(beta=1e9).fit(conv.weight.detach())
     with pytest.raises(ValueError, match="at least one depthwise kernel"):
         GDWSConv2d.from_estimator(keeps_nothing, conv)
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS[:4], ids=lambda o: str(o))
+@pytest.mark.parametrize("multiple", [1, 4, 16])
+def test_padded_layer_gives_the_same_output_with_g_a_multiple(options, multiple):
+    layer = gdws_of(make_conv(options)).train(False)
+    assert layer.n_kernels % 4 != 0 or layer.n_kernels % 16 != 0
+    padded = layer.padded(multiple)
+    assert padded.n_kernels % multiple == 0
+    assert padded.n_kernels - layer.n_kernels < multiple
+    assert (padded is layer) == (layer.n_kernels % multiple == 0)
+    assert torch.equal(
+        padded.multipliers[: layer.in_channels].sum(), torch.tensor(padded.n_kernels)
+    )
+    x = torch.randn(2, layer.in_channels, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), layer(x), rtol=0, atol=1e-12)
+        padded.fused = layer.fused = True
+        torch.testing.assert_close(padded(x), layer(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(padded.dense_weight(), layer.dense_weight(), rtol=0, atol=0)
+    assert not padded.training
+    sorted_channels = padded.kernel_channels
+    assert bool((sorted_channels[1:] >= sorted_channels[:-1]).all())
+
+
+def test_pad_kernels_pads_every_gdws_layer_in_place():
+    from gdws_torch import pad_kernels
+
+    first = make_conv(CONV_OPTIONS[0])
+    second = nn.Conv2d(10, 10, 3, padding=1, dtype=torch.float64)
+    model = nn.Sequential(gdws_of(first), nn.ReLU(), gdws_of(second, 0.5))
+    x = torch.randn(2, model[0].in_channels, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        assert pad_kernels(model, 8) is model
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+    assert all(m.n_kernels % 8 == 0 for m in model if isinstance(m, GDWSConv2d))
+    with pytest.raises(ValueError, match="multiple"):
+        model[0].padded(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -35,6 +36,7 @@ def export(
     n_inputs: int = 2,
     seed: int = 0,
     opset_version: int | None = None,
+    kernel_multiple: int = 4,
 ) -> dict[str, Any] | None:
     """Export ``torch_model`` (a converted one too) to ONNX with a dynamic batch axis.
 
@@ -60,6 +62,10 @@ def export(
     seed : int, default=0
     opset_version : int, optional
         The exporter's default when ``None``.
+    kernel_multiple : int, default=4
+        GDWS layers are exported with ``G`` padded to a multiple of this (zero kernels,
+        the same outputs; :func:`gdws_torch.pad_kernels`): ONNX Runtime runs them faster.
+        ``torch_model`` itself is not changed. ``1``: as they are.
 
     Returns
     -------
@@ -82,7 +88,17 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
     os.close(fd)
-    was_training = torch_model.training
+    if (
+        isinstance(kernel_multiple, bool)
+        or not isinstance(kernel_multiple, int)
+        or kernel_multiple < 1
+    ):
+        raise ValueError(f"kernel_multiple must be a positive integer; got {kernel_multiple!r}.")
+    modes = [(module, module.training) for module in torch_model.modules()]
+    if kernel_multiple > 1:
+        from gdws_torch.convert import pad_kernels
+
+        torch_model = pad_kernels(copy.deepcopy(torch_model), kernel_multiple)
     torch_model.eval()
     try:
         with torch.no_grad():
@@ -113,7 +129,8 @@ def export(
         os.replace(tmp, path)
         return result
     finally:
-        torch_model.train(was_training)
+        for module, training in modes:
+            module.training = training
         if os.path.exists(tmp):
             os.unlink(tmp)
 

@@ -13,7 +13,7 @@ from gdws_torch.checkpoints import (
     save_checkpoint,
     save_converted,
 )
-from gdws_torch.convert import convert, replace_module, set_fused
+from gdws_torch.convert import convert, pad_kernels, replace_module, set_fused
 from gdws_torch.eligibility import eligible_convs, is_approximable
 from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
@@ -38,6 +38,7 @@ __all__ = [
     "load_converted",
     "load_state_dict_file",
     "noise_gains",
+    "pad_kernels",
     "plan_noise_gain_forms",
     "reference_noise_gains",
     "replace_module",

@@ -14,7 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
 
-__all__ = ["convert", "replace_module", "set_fused"]
+__all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
 
 
 def convert(
@@ -174,6 +174,19 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def pad_kernels(model: nn.Module, multiple: int = 4) -> nn.Module:
+    """Pad every :class:`GDWSConv2d` of ``model`` (in place) to ``G`` a multiple of ``multiple``.
+
+    Outputs do not change (zero kernels, see :meth:`GDWSConv2d.padded`); returns ``model``.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GDWSConv2d):
+            padded = module.padded(multiple)
+            if padded is not module:
+                replace_module(model, name, padded)
+    return model
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
