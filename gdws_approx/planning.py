@@ -97,6 +97,9 @@ class LayerPlan:
         MACs of the dense layer per input sample (``M*C*K2 * output_pixels``).
     macs : int
         MACs of the layer as planned (GDWS when replaced, dense otherwise).
+    timings_ms : dict of str to float or None
+        Measured times of the layer, ``{"dense": ms, "gdws": ms}``, when an adapter timed
+        it (latency-aware conversion); ``None`` otherwise.
     """
 
     name: str
@@ -110,6 +113,7 @@ class LayerPlan:
     error: float
     dense_macs: int
     macs: int
+    timings_ms: dict[str, float] | None = None
 
     @property
     def mac_reduction(self) -> float:
@@ -130,6 +134,7 @@ class LayerPlan:
             "dense_macs": self.dense_macs,
             "macs": self.macs,
             "mac_reduction": _finite_or_none(self.mac_reduction),
+            "timings_ms": self.timings_ms,
         }
 
 
@@ -207,36 +212,47 @@ class NetworkPlan:
             "MACs after",
             "fewer",
         )
+        timed = any(layer.timings_ms for layer in self.layers)
+        if timed:
+            header = (*header, "ms dense / GDWS")
         rows = []
         for layer in self.layers:
             histogram = " ".join(f"{g}:{n}" for g, n in sorted(layer.multiplier_histogram.items()))
-            rows.append(
-                (
-                    layer.name,
-                    "x".join(map(str, layer.shape)),
-                    str(layer.n_kernels) if layer.replaced else "dense",
-                    histogram if layer.replaced else layer.reason,
-                    f"{layer.error:.4g}",
-                    f"{layer.dense_macs:,}",
-                    f"{layer.macs:,}",
-                    f"{layer.mac_reduction:.2f}",
-                )
+            row = (
+                layer.name,
+                "x".join(map(str, layer.shape)),
+                str(layer.n_kernels) if layer.replaced else "dense",
+                histogram if layer.replaced else layer.reason,
+                f"{layer.error:.4g}",
+                f"{layer.dense_macs:,}",
+                f"{layer.macs:,}",
+                f"{layer.mac_reduction:.2f}",
             )
-        rows.append(
-            ("(other layers)", "", "", "", "", f"{self.other_macs:,}", f"{self.other_macs:,}", "")
+            if timed:
+                t = layer.timings_ms
+                row = (*row, f"{t['dense']:.4g} / {t['gdws']:.4g}" if t else "")
+            rows.append(row)
+        other = (
+            "(other layers)",
+            "",
+            "",
+            "",
+            "",
+            f"{self.other_macs:,}",
+            f"{self.other_macs:,}",
+            "",
         )
-        rows.append(
-            (
-                "total",
-                "",
-                "",
-                f"{sum(lp.replaced for lp in self.layers)}/{len(self.layers)} replaced",
-                f"{self.error:.4g}",
-                f"{self.dense_macs:,}",
-                f"{self.macs:,}",
-                f"{self.mac_reduction:.2f}",
-            )
+        total = (
+            "total",
+            "",
+            "",
+            f"{sum(lp.replaced for lp in self.layers)}/{len(self.layers)} replaced",
+            f"{self.error:.4g}",
+            f"{self.dense_macs:,}",
+            f"{self.macs:,}",
+            f"{self.mac_reduction:.2f}",
         )
+        rows += [other + ("",) * timed, total + ("",) * timed]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))

@@ -219,6 +219,8 @@ def test_training_mode_is_kept(model):
         ({"layers": ["grouped"]}, ValueError, "groups=4"),
         ({"n_kernels": {"dilated": 3}}, ValueError, "no budget for layer"),
         ({"input_size": (3, 7)}, ValueError, "input_size"),
+        ({"beta": 0.5, "latency_aware": True, "backend": "tvm"}, ValueError, "backend"),
+        ({"beta": 0.5, "latency_aware": True, "latency_batch_size": 0}, ValueError, "batch"),
     ],
 )
 def test_bad_input_leaves_the_model_untouched(model, kwargs, error, match):
@@ -252,3 +254,75 @@ def test_converted_model_exports_to_onnx_and_torch_export():
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_latency_aware_keeps_dense_the_layers_measured_slower(model, images, monkeypatch):
+    """The timing is faked (deterministic): GDWS measured slower on one layer only."""
+    import gdws_torch.latency as latency
+
+    slow = "block.conv2"
+    seen = {}
+
+    def fake_measure(models, input_shape, **kwargs):
+        gdws = models["gdws"]
+        name = next(n for n, m in built.items() if m.n_kernels == gdws.n_kernels)
+        seen[name] = (tuple(input_shape), kwargs["backends"], kwargs["batch_sizes"])
+        ms = {"dense": 2.0, "gdws": 3.0 if name == slow else 1.0}
+        return [{"model": k, "latency_ms": v} for k, v in ms.items()]
+
+    budget = {"beta": 0.5, "only_if_cheaper": False}
+    plain, _ = convert(model, input_size=INPUT_SIZE, **budget)
+    built = {n: m for n, m in plain.named_modules() if isinstance(m, GDWSConv2d)}
+    assert slow in built and len(built) == 4
+    monkeypatch.setattr(latency, "measure_throughput", fake_measure)
+    converted, report = convert(
+        model, input_size=INPUT_SIZE, latency_aware=True, latency_batch_size=4, **budget
+    )
+    assert set(seen) == set(built)
+    assert all(v[1:] == (("eager",), (4,)) for v in seen.values())
+    shapes = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: shapes.__setitem__(n, tuple(i[0].shape[1:]))
+        )
+        for n in built
+    ]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    assert {n: v[0] for n, v in seen.items()} == shapes
+    layer = report[slow]
+    assert not layer.replaced and layer.error == 0 and layer.macs == layer.dense_macs
+    assert "measured 3 ms >= dense 2 ms" in layer.reason
+    assert layer.timings_ms == {"dense": 2.0, "gdws": 3.0}
+    assert type(converted.get_submodule(slow)) is nn.Conv2d
+    for name in set(built) - {slow}:
+        assert report[name].replaced and report[name].timings_ms == {"dense": 2.0, "gdws": 1.0}
+        assert isinstance(converted.get_submodule(name), GDWSConv2d)
+    assert report.macs == count_macs(converted, INPUT_SIZE).conv_macs
+    assert "ms dense / GDWS" in report.format_table()
+    with torch.no_grad():  # the dense layer put back is the original one
+        torch.testing.assert_close(
+            converted.get_submodule(slow).weight, model.get_submodule(slow).weight
+        )
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_latency_aware_on_a_real_backend_is_consistent(model, backend):
+    converted, report = convert(
+        model.float(),
+        input_size=INPUT_SIZE,
+        beta=0.5,
+        only_if_cheaper=False,
+        latency_aware=True,
+        backend=backend,
+    )
+    assert all(layer.timings_ms for layer in report.layers)
+    for layer in report.layers:
+        module = converted.get_submodule(layer.name)
+        assert isinstance(module, GDWSConv2d) == layer.replaced
+        if layer.timings_ms is not None:
+            faster = layer.timings_ms["gdws"] < layer.timings_ms["dense"]
+            assert faster == layer.replaced
+    assert report.macs == count_macs(converted, INPUT_SIZE).conv_macs

@@ -11,6 +11,7 @@ from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_network
 from gdws_torch.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
 
@@ -32,6 +33,10 @@ def convert(
     fused: bool = False,
     inplace: bool = False,
     svd_solver: str = "auto",
+    latency_aware: bool = False,
+    backend: str = "eager",
+    latency_batch_size: int = 1,
+    device: Any = "cpu",
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
 
@@ -72,6 +77,16 @@ def convert(
     inplace : bool, default=False
         Modify ``model`` itself instead of a deep copy.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+    latency_aware : bool, default=False
+        Hardware-aware conversion: time every planned layer dense vs GDWS on ``backend``
+        (``"eager"``, ``"channels_last"`` or ``"onnxruntime"``) and ``device``, on its own
+        input shape at ``input_size`` with ``latency_batch_size`` samples, and keep the
+        dense conv wherever GDWS is not faster. The report gives the measured times
+        (``timings_ms``). Layers kept so lower the MAC reduction: a
+        ``target_mac_reduction`` is then no longer guaranteed (the report says what was
+        reached).
+    backend, latency_batch_size, device
+        Where and how ``latency_aware`` times the layers.
 
     Returns
     -------
@@ -99,6 +114,19 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if latency_aware:
+        from gdws_torch.throughput import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+        if (
+            isinstance(latency_batch_size, bool)
+            or not isinstance(latency_batch_size, int)
+            or latency_batch_size < 1
+        ):
+            raise ValueError(
+                f"latency_batch_size must be a positive integer; got {latency_batch_size!r}."
+            )
     # Plan on the original (read only); copy only once everything is known to work.
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     macs = count_macs(model, input_size)
@@ -133,12 +161,31 @@ def convert(
         only_if_cheaper=only_if_cheaper,
         svd_solver=svd_solver,
     )
+    if latency_aware:
+        names = [layer.name for layer in plan.layers if layer.replaced]
+        input_shapes = layer_input_shapes(model, names, input_size)
     converted = model if inplace else copy.deepcopy(model)
     modules = dict(converted.named_modules())
+    originals, built = {}, {}
     for layer in plan.layers:
         if layer.replaced:
-            gdws = GDWSConv2d.from_estimator(layer.estimator, modules[layer.name], fused=fused)
-            replace_module(converted, layer.name, gdws)
+            originals[layer.name] = modules[layer.name]
+            built[layer.name] = GDWSConv2d.from_estimator(
+                layer.estimator, modules[layer.name], fused=fused
+            )
+            replace_module(converted, layer.name, built[layer.name])
+    if latency_aware:
+        plan, slower = time_layers(
+            plan,
+            originals,
+            built,
+            input_shapes,
+            backend=backend,
+            batch_size=latency_batch_size,
+            device=device,
+        )
+        for name in slower:
+            replace_module(converted, name, originals[name])
     return converted, plan
 
 

@@ -65,9 +65,9 @@ def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.
     buffer = io.BytesIO()
     example = torch.rand((1, *input_shape), device=device)
     # The legacy TorchScript exporter (the dynamo one needs onnxscript); its deprecation
-    # notice is not the user's concern here.
+    # notice and constant-folding remarks are not the user's concern here.
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (example,),

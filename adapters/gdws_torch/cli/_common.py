@@ -138,6 +138,20 @@ def add_gdws_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also approximate the network's first convolution",
     )
+    group.add_argument(
+        "--latency-aware",
+        action="store_true",
+        help="time each layer dense vs GDWS on --backend; keep dense where GDWS is not faster",
+    )
+    group.add_argument(
+        "--backend",
+        default="eager",
+        choices=("eager", "channels_last", "onnxruntime"),
+        help="where --latency-aware times the layers (default eager)",
+    )
+    group.add_argument(
+        "--latency-batch-size", type=int, default=1, help="batch size of --latency-aware"
+    )
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -401,12 +415,18 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         budget["n_kernels"] = args.n_kernels
     else:
         budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
+    if args.latency_batch_size < 1:
+        raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
     converted, report = convert(
         network,
         alphas=alphas,
         input_size=shape,
         only_if_cheaper=not args.replace_all,
         skip_first=not args.include_first,
+        latency_aware=args.latency_aware,
+        backend=args.backend,
+        latency_batch_size=args.latency_batch_size,
+        device=device(args) if hasattr(args, "device") else "cpu",
         **budget,
     )
     print(report.format_table())

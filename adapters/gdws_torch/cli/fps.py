@@ -56,15 +56,11 @@ def _models(args: argparse.Namespace):
     """(dense, gdws, input shape, description)."""
     if args.model is None:
         from gdws_torch import demo
-        from gdws_torch.convert import convert
 
         network = demo.demo_network()
-        budget = {"target_mac_reduction": demo.DEFAULT_TARGET}
-        if args.beta is not None or args.target_mac_reduction or args.n_kernels:
-            converted, _, _ = common.approximate(args, network, demo.INPUT_SHAPE)
-        else:
-            converted, report = convert(network, input_size=demo.INPUT_SHAPE, **budget)
-            print(report.format_table())
+        if args.beta is None and args.target_mac_reduction is None and args.n_kernels is None:
+            args.target_mac_reduction = demo.DEFAULT_TARGET  # the demo's GDWS model
+        converted, _, _ = common.approximate(args, network, demo.INPUT_SHAPE)
         return network, converted, demo.INPUT_SHAPE, "the embedded digits CNN"
     architecture = common.architecture_name(args.model)
     shape = common.input_shape(args.dataset, architecture)
