@@ -108,3 +108,22 @@ def test_alpha_bench_quick_run_agrees_and_prints_its_result(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert max(result["max_relative_difference"].values()) < 1e-4
     assert set(result["forms"].values()) == {"gram", "materialize"}
+
+
+def test_fps_bench_quick_run_prints_its_result(tmp_path, capsys):
+    bench = _load_bench("fps")
+    out = tmp_path / "fps.json"
+    assert bench.main(["--quick", "--backends", "eager", "onnxruntime", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RESULT fps: ") and "PreActResNet-18, batch 1" in lines[-1]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["backend"], r["batch_size"]) for r in rows} == {
+        (m, b, n)
+        for m in ("PreActResNet-18", "digits CNN (demo)")
+        for b in ("eager", "onnxruntime")
+        for n in (1, 2)
+    }
+    resnet = [r for r in rows if r["model"] == "PreActResNet-18"]
+    assert all(r["mac_reduction"] >= 3.0 for r in resnet)  # the "at least 3x"
+    for r in rows:
+        assert r["fps_ratio"] == pytest.approx(r["gdws_fps"] / r["dense_fps"])

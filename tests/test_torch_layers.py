@@ -227,3 +227,15 @@ def test_pad_kernels_pads_every_gdws_layer_in_place():
     assert all(m.n_kernels % 8 == 0 for m in model if isinstance(m, GDWSConv2d))
     with pytest.raises(ValueError, match="multiple"):
         model[0].padded(0)
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: str(o))
+def test_channels_last_input_takes_the_nhwc_path_with_the_same_output(options):
+    layer = gdws_of(make_conv(options)).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, 13, 11, dtype=torch.float64)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+        got = layer(nhwc)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # no copy back to NCHW

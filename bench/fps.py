@@ -1,0 +1,157 @@
+"""FPS: dense vs GDWS on every backend, batch 1 and 32, PreActResNet-18 and the demo model.
+
+PreActResNet-18 at 32x32 (random weights with a fixed seed; timing does not depend on
+them) converted with per-layer MEGO budgets that cut every eligible layer's MACs
+``--layer-reduction`` times (default 3.5: the network's conv MACs 3.4x fewer, the first
+conv staying dense), and the embedded digits CNN with its demo conversion (LEGO, 1.25x).
+Every (model, backend) pair is timed interleaved with the others in one process
+(:func:`gdws_torch.throughput.measure_throughput`), medians over ``--rounds`` rounds.
+
+Printed per model, backend and batch size: dense and GDWS FPS, their ratio, and that ratio
+over the MAC reduction (the share of the MAC saving that becomes speed). The issue's
+targets on a CPU: with the best backend, at least 0.7x the MAC ratio at batch 1 and above
+1.0 at batch 32; on torch eager at least 0.5x at batch 1. The last line compares the
+fastest GDWS run with the fastest dense run (any backend) at batch 1 on PreActResNet-18.
+Run: ``python bench/fps.py [--rounds N] [--batch-sizes 1 32] [--backends ...] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gdws_approx._io import write_json_atomic
+from gdws_torch import convert, count_macs, eligible_convs
+from gdws_torch.models import PreActResNet18
+from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
+
+
+def preact_resnet18(layer_reduction: float) -> tuple[nn.Module, nn.Module]:
+    """PreActResNet-18 and its GDWS version with every eligible layer's MACs cut so."""
+    torch.manual_seed(0)
+    dense = PreActResNet18().eval()
+    with torch.no_grad():
+        for module in dense.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+    budgets = {}
+    for name, conv in eligible_convs(dense):
+        m, c, kh, kw = conv.weight.shape
+        k2 = kh * kw
+        budgets[name] = max(1, int(m * c * k2 / (layer_reduction * (k2 + m))))
+    gdws, _ = convert(dense, n_kernels=budgets)
+    return dense, gdws
+
+
+def demo_models() -> tuple[nn.Module, nn.Module]:
+    from gdws_torch import demo
+
+    dense = demo.demo_network()
+    gdws, _ = convert(dense, target_mac_reduction=demo.DEFAULT_TARGET, input_size=demo.INPUT_SHAPE)
+    return dense, gdws
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS)
+    parser.add_argument("--layer-reduction", type=float, default=3.5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run (the tests use it)")
+    parser.add_argument("--out", type=Path, default=Path("gdws-results/fps.json"))
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.batch_sizes) < 1 or not args.layer_reduction > 1:
+        print("error: --rounds, --batch-sizes must be >= 1, --layer-reduction > 1", file=sys.stderr)
+        return 2
+    backends = args.backends or list(available_backends())
+    if args.quick:
+        args.rounds, args.batch_sizes = 3, [1, 2]
+
+    models = {
+        "PreActResNet-18": (*preact_resnet18(args.layer_reduction), (3, 32, 32)),
+        "digits CNN (demo)": (*demo_models(), (1, 16, 16)),
+    }
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores "
+        f"({platform.machine()}); backends {', '.join(backends)}; medians of {args.rounds} "
+        "interleaved rounds"
+    )
+    header = (
+        f"{'model':18s} {'backend':14s} {'batch':>5s} {'dense FPS':>10s} {'GDWS FPS':>10s} "
+        f"{'FPS x':>6s} {'MACs x':>6s} {'share':>6s}"
+    )
+    results = []
+    for label, (dense, gdws, shape) in models.items():
+        mac_ratio = count_macs(dense, shape).conv_macs / count_macs(gdws, shape).conv_macs
+        rows = measure_throughput(
+            {"dense": dense, "gdws": gdws},
+            shape,
+            backends=backends,
+            batch_sizes=args.batch_sizes,
+            rounds=args.rounds,
+        )
+        fps = {(r["model"], r["backend"], r["batch_size"]): r for r in rows}
+        print()
+        print(header)
+        print("-" * len(header))
+        for batch in args.batch_sizes:
+            for backend in backends:
+                d = fps[("dense", backend, batch)]["fps"]
+                g = fps[("gdws", backend, batch)]["fps"]
+                print(
+                    f"{label:18s} {backend:14s} {batch:5d} {d:10.1f} {g:10.1f} {g / d:6.2f} "
+                    f"{mac_ratio:6.2f} {g / d / mac_ratio:6.2f}"
+                )
+                results.append(
+                    {
+                        "model": label,
+                        "backend": backend,
+                        "batch_size": batch,
+                        "dense_fps": d,
+                        "gdws_fps": g,
+                        "fps_ratio": g / d,
+                        "mac_reduction": mac_ratio,
+                        "share_of_mac_reduction": g / d / mac_ratio,
+                        "dense_fps_quartiles": [
+                            fps[("dense", backend, batch)][k] for k in ("fps_q1", "fps_q3")
+                        ],
+                        "gdws_fps_quartiles": [
+                            fps[("gdws", backend, batch)][k] for k in ("fps_q1", "fps_q3")
+                        ],
+                    }
+                )
+    main_rows = [
+        r
+        for r in results
+        if r["model"] == "PreActResNet-18" and r["batch_size"] == min(args.batch_sizes)
+    ]
+    best_gdws = max(main_rows, key=lambda r: r["gdws_fps"])
+    best_dense = max(main_rows, key=lambda r: r["dense_fps"])
+    ratio = best_gdws["gdws_fps"] / best_dense["dense_fps"]
+    write_json_atomic(
+        args.out,
+        {
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "rows": results,
+            "best_gdws": best_gdws,
+            "best_dense": best_dense,
+        },
+    )
+    print(f"\nJSON: {args.out}")
+    print(
+        f"RESULT fps: {ratio:.2f}x (GDWS on {best_gdws['backend']} vs dense on "
+        f"{best_dense['backend']}, PreActResNet-18, batch {best_gdws['batch_size']}, "
+        f"{best_gdws['mac_reduction']:.2f}x fewer conv MACs)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
