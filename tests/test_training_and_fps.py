@@ -395,3 +395,15 @@ def test_fps_bad_arguments(calls, models, shape, kwargs, name):
     with pytest.raises(ValueError, match=name):
         measure_fps({"m": Sleeper()} if models is None else models, shape, **kwargs)
     assert calls == []  # checked before any call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_measure_throughput_on_cuda_synchronises_and_reports_the_device():
+    from gdws_torch.throughput import measure_throughput
+
+    model = small_cnn()
+    rows = measure_throughput(
+        {"m": model}, (3, 8, 8), backends=("eager", "channels_last"), rounds=3, device="cuda"
+    )
+    assert {r["device"] for r in rows} == {"cuda"} and all(r["fps"] > 0 for r in rows)
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model is not moved
