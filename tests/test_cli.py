@@ -302,12 +302,13 @@ def test_the_console_script_reports_one_line(tmp_path):
 def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
     assert gdws("demo", "--quick", "--no-progress", "--out-dir", tmp_path) == 0
     printed = capsys.readouterr().out
-    assert "dense" in printed and "GDWS 1.25x, unit" in printed
+    assert "dense" in printed and "GDWS 1.5x, unit + BN" in printed
     results = json.loads((tmp_path / "demo.json").read_text())
     dense, default = results["dense"], results["default"]
     assert dense["mac_reduction"] == 1.0 and dense["robust"] <= dense["natural"]
-    assert default["target"] == 1.25 and default["conv_macs"] * 1.25 <= dense["conv_macs"]
-    assert {r["weighting"] for r in results["sweep"]} == {"unit", "noise gains"}
+    assert default["target"] == 1.5 and default["conv_macs"] * 1.5 <= dense["conv_macs"]
+    assert default["weighting"] == "unit + BN"
+    assert {r["weighting"] for r in results["sweep"]} == {"unit", "noise gains", "unit + BN"}
     for row in results["sweep"]:
         assert dense["conv_macs"] / row["conv_macs"] >= row["target"]
         assert row["fps"] > 0 and 0 <= row["robust"] <= row["natural"] <= 100
@@ -336,3 +337,26 @@ def test_fps_of_the_demo_model_on_every_backend(tmp_path, capsys):
         else:
             assert row["mac_reduction"] == result["dense_conv_macs"] / result["gdws_conv_macs"]
     assert result["dense_conv_macs"] >= 1.25 * result["gdws_conv_macs"]
+
+
+def test_recalibrated_batchnorm_in_eval_and_convert_on_digits(tmp_path, capsys):
+    from gdws_torch import demo
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    flags = ["--apply-gdws", "--target-mac-reduction", "2", "--attack", "none", "--no-progress"]
+    plain, recalibrated = tmp_path / "plain.json", tmp_path / "recal.json"
+    assert gdws("eval", *base, *flags, "--json", plain) == 0
+    assert gdws("eval", *base, *flags, "--recalibrate-bn", "600", "--json", recalibrated) == 0
+    assert "re-estimated on 600 natural training inputs" in capsys.readouterr().out
+    plain, recalibrated = json.loads(plain.read_text()), json.loads(recalibrated.read_text())
+    assert plain["conv_macs"] == recalibrated["conv_macs"]
+    assert recalibrated["natural_accuracy"] > plain["natural_accuracy"]  # 97.96 -> 99.4 here
+
+    out = tmp_path / "gdws.pth"
+    args = ["--target-mac-reduction", "2", "--recalibrate-bn", "100", "--recalibrate-attack"]
+    assert gdws("convert", *base, *args, "--attack-iters", "2", "--out", out) == 0
+    assert "natural and PGD training inputs" in capsys.readouterr().out
+    assert gdws("eval", *base, "--recalibrate-bn", "10", "--attack", "none") == 2
+    assert "--apply-gdws" in capsys.readouterr().err

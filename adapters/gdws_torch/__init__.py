@@ -19,6 +19,7 @@ from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
+from gdws_torch.recovery import recalibrate_batchnorm
 
 __all__ = [
     "PGD",
@@ -40,6 +41,7 @@ __all__ = [
     "noise_gains",
     "pad_kernels",
     "plan_noise_gain_forms",
+    "recalibrate_batchnorm",
     "reference_noise_gains",
     "replace_module",
     "save_alphas",

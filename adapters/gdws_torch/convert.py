@@ -14,6 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
+from gdws_torch.recovery import recalibrate_batchnorm
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
 
@@ -37,6 +38,8 @@ def convert(
     backend: str = "eager",
     latency_batch_size: int = 1,
     device: Any = "cpu",
+    recalibrate: Iterable | None = None,
+    recalibrate_samples: int = 1000,
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
 
@@ -87,6 +90,12 @@ def convert(
         reached).
     backend, latency_batch_size, device
         Where and how ``latency_aware`` times the layers.
+    recalibrate : iterable, optional
+        A loader of (training) inputs: after the conversion, the converted model's
+        BatchNorm statistics are re-estimated on ``recalibrate_samples`` of them
+        (:func:`gdws_torch.recalibrate_batchnorm`, natural inputs; training-free
+        recovery of accuracy).
+    recalibrate_samples : int, default=1000
 
     Returns
     -------
@@ -186,6 +195,10 @@ def convert(
         )
         for name in slower:
             replace_module(converted, name, originals[name])
+    if recalibrate is not None:
+        recalibrate_batchnorm(
+            converted, recalibrate, recalibrate_samples, inplace=True, progress=False
+        )
     return converted, plan
 
 

@@ -8,9 +8,10 @@ and an adversarially trained :class:`~gdws_torch.models.DigitsCNN` checkpoint, b
         --batch-size 64 --threads 1 --device cpu
 
 Pipeline: noise gains (on PGD-perturbed training digits) -> LEGO with the smallest common
-``beta`` reaching each target MAC reduction, with unit and with noise-gain alphas ->
-natural and l_inf PGD accuracy (the same attack on every model), conv MACs, parameters
-and batch-1 CPU frames per second.
+``beta`` reaching each target MAC reduction, with unit alphas, with noise-gain alphas, and
+with unit alphas followed by re-estimated BatchNorm statistics (1000 natural training
+digits, no labels, no training) -> natural and l_inf PGD accuracy (the same attack on
+every model), conv MACs, parameters and batch-1 CPU frames per second.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ INPUT_SHAPE = (1, 16, 16)
 # l_inf PGD-20 with step 2.5 * eps / steps (Madry et al.'s rule), one random start.
 DEMO_ATTACK = {"eps": 24 / 255, "alpha": 3 / 255, "steps": 20}
 ALPHA_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
-DEFAULT_TARGET = 1.25
+DEFAULT_TARGET = 1.5
 SWEEP_TARGETS = (1.25, 1.5, 1.75, 2.0, 2.5)
-WEIGHTINGS = ("unit", "noise gains")
+# How each GDWS model is built: LEGO with unit or noise-gain alphas, and unit alphas
+# followed by the training-free BatchNorm recalibration (the default).
+WEIGHTINGS = ("unit", "noise gains", "unit + BN")
+DEFAULT_WEIGHTING = "unit + BN"
+RECALIBRATION_SAMPLES = 1000
 
 
 def demo_network() -> DigitsCNN:
@@ -77,8 +82,8 @@ def run_demo(
         Overall conv MAC reductions of the sweep; each is met by LEGO with the smallest
         common ``beta`` (reported), once with unit and once with noise-gain alphas.
     default_target : float
-        The GDWS model the headline table compares with the dense one (unit alphas);
-        added to ``targets`` when missing.
+        The GDWS model the headline table compares with the dense one (unit alphas and
+        BatchNorm recalibration); added to ``targets`` when missing.
     n_test : int, optional
         Evaluate on the first ``n_test`` of the 540 test digits (all by default).
     alpha_samples : int
@@ -94,6 +99,9 @@ def run_demo(
     test = load_dataset("digits", split="test", size=INPUT_SHAPE[-1])
     train = load_dataset("digits", split="train", size=INPUT_SHAPE[-1])
     test_loader = DataLoader(test, batch_size=270)
+    recalibration_loader = DataLoader(
+        train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     attack_settings = {**DEMO_ATTACK, "steps": attack_steps}
 
     def assess(model: nn.Module) -> dict[str, float]:
@@ -139,6 +147,8 @@ def run_demo(
                 target_mac_reduction=target,
                 alphas=alphas if weighting == "noise gains" else None,
                 input_size=INPUT_SHAPE,
+                recalibrate=recalibration_loader if weighting == "unit + BN" else None,
+                recalibrate_samples=RECALIBRATION_SAMPLES,
             )
         except ValueError as exc:  # e.g. a target this network cannot reach
             log(f"{name}: skipped ({exc})")
@@ -163,7 +173,11 @@ def run_demo(
         row["fps"] = fps[row["model"]]["fps"]
         row["speedup"] = row["fps"] / fps["dense"]["fps"]
     default = next(
-        (r for r in rows if r["weighting"] == "unit" and r["target"] == float(default_target)),
+        (
+            r
+            for r in rows
+            if r["weighting"] == DEFAULT_WEIGHTING and r["target"] == float(default_target)
+        ),
         None,
     )
     return {
@@ -172,6 +186,8 @@ def run_demo(
         "attack": {"norm": "l_inf", **attack_settings, "random_start": True, "seed": 0},
         "alphas": {"n_samples": alpha_samples, "attack": {"norm": "l_inf", **ALPHA_ATTACK}},
         "default_target": float(default_target),
+        "default_weighting": DEFAULT_WEIGHTING,
+        "recalibration_samples": RECALIBRATION_SAMPLES,
         "dense": rows[0],
         "default": default,
         "sweep": rows[1:],
@@ -190,12 +206,17 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     dense = results["dense"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    markers = {"unit": "o", "noise gains": "s"}
+    markers = {"unit": "o", "noise gains": "s", "unit + BN": "^"}
+    labels = {
+        "unit": "GDWS, unit alphas",
+        "noise gains": "GDWS, noise-gain alphas",
+        "unit + BN": "GDWS, unit alphas + BN recalibration",
+    }
     for weighting in WEIGHTINGS:
         rows = [r for r in results["sweep"] if r["weighting"] == weighting]
         if not rows:
             continue
-        label = f"GDWS, {weighting.replace('noise gains', 'noise-gain')} alphas"
+        label = labels[weighting]
         left.plot(
             [r["mac_reduction"] for r in rows],
             [r["robust"] for r in rows],

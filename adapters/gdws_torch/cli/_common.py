@@ -112,7 +112,7 @@ def add_attack_arguments(
     )
 
 
-def add_gdws_arguments(parser: argparse.ArgumentParser) -> None:
+def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = True) -> None:
     group = parser.add_argument_group("GDWS approximation")
     budget = group.add_mutually_exclusive_group()
     budget.add_argument("--beta", type=float, help="LEGO error budget of every layer")
@@ -151,6 +151,21 @@ def add_gdws_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--latency-batch-size", type=int, default=1, help="batch size of --latency-aware"
+    )
+    if not recalibration:
+        parser.set_defaults(recalibrate_bn=0, recalibrate_attack=False)
+        return
+    group.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BatchNorm statistics on N training inputs after converting (0: off)",
+    )
+    group.add_argument(
+        "--recalibrate-attack",
+        action="store_true",
+        help="also recalibrate on PGD inputs (the attack flags) of the converted model",
     )
 
 
@@ -205,6 +220,8 @@ def check_gdws_flags(args: argparse.Namespace) -> None:
     ]
     if given and not args.apply_gdws:
         raise UsageError(f"{', '.join(given)} only apply with --apply-gdws.")
+    if (args.recalibrate_bn or args.recalibrate_attack) and not (args.apply_gdws or args.converted):
+        raise UsageError("--recalibrate-bn applies to a GDWS model: add --apply-gdws.")
 
 
 def in_run_folder(args: argparse.Namespace, name: str | None) -> Path | None:
@@ -415,6 +432,8 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         budget["n_kernels"] = args.n_kernels
     else:
         budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
+    if args.recalibrate_bn < 0:
+        raise UsageError(f"--recalibrate-bn must be >= 0; got {args.recalibrate_bn}.")
     if args.latency_batch_size < 1:
         raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
     converted, report = convert(
@@ -430,4 +449,36 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         **budget,
     )
     print(report.format_table())
+    if args.recalibrate_bn:
+        recalibrate(args, converted)
     return converted, report, alphas_path
+
+
+def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:
+    """``--recalibrate-bn N``: BatchNorm statistics of ``network`` from N training inputs."""
+    from gdws_torch.recovery import batchnorm_layers, recalibrate_batchnorm
+
+    if not batchnorm_layers(network):
+        print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
+        return
+    data = dataset(args, "train")
+    if args.recalibrate_bn > len(data):
+        raise UsageError(
+            f"--recalibrate-bn {args.recalibrate_bn} exceeds the {len(data)} training inputs."
+        )
+    attack = None
+    if args.recalibrate_attack:
+        if getattr(args, "attack", "none") == "none":
+            raise UsageError("--recalibrate-attack needs --attack pgd (and its flags).")
+        attack = lambda model: make_attack(args, model)  # noqa: E731
+    model = with_normalization(args, network)
+    recalibrate_batchnorm(
+        model,
+        loader(data, args, shuffle=True),
+        args.recalibrate_bn,
+        attack=attack,
+        inplace=True,
+        progress=not getattr(args, "no_progress", False),
+    )
+    kind = "natural and PGD" if attack else "natural"
+    print(f"BatchNorm statistics re-estimated on {args.recalibrate_bn} {kind} training inputs")

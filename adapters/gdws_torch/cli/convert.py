@@ -17,6 +17,7 @@ def add_parser(subparsers) -> None:
     )
     common.add_model_arguments(parser, device=False)
     common.add_gdws_arguments(parser)
+    common.add_attack_arguments(parser)  # for --recalibrate-attack
     parser.add_argument(
         "--out",
         default="gdws_model.pth",

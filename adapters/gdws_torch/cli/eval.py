@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = None
         network, info = load_converted(converted_path, common.build_network(args, None))
         saved_report = info.get("report")
+        if args.recalibrate_bn:
+            common.recalibrate(args, network)
         print(f"loaded the converted {info['architecture']} from {converted_path}")
     else:
         checkpoint = common.checkpoint_path(args)

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     )
     group.add_argument("--converted", help="a model saved by `gdws convert` as the GDWS side")
     group.add_argument("--no-norm", action="store_true")
-    common.add_gdws_arguments(parser)
+    common.add_gdws_arguments(parser, recalibration=False)
     timing = parser.add_argument_group("timing")
     timing.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: all available")
     timing.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
