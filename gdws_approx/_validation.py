@@ -191,3 +191,68 @@ def check_alpha(alpha: Any, n_channels: int, like: Any, dtype: Any) -> Any:
     if bool(xp.any(alpha < 0)):
         raise ValueError(f"alpha must be non-negative; got minimum {float(xp.min(alpha))!r}.")
     return alpha
+
+
+def check_output_weights(weights: Any, n_out: int, like: Any, dtype: Any) -> Any:
+    """Per-output-channel weights (the diagonal of ``A``): length ``M``, finite, > 0."""
+    if weights is None:
+        return None
+    xp = get_namespace(like)
+    device = array_api_compat.device(like)
+    if not array_api_compat.is_array_api_obj(weights):
+        weights = xp.asarray(weights, device=device)
+    else:
+        get_namespace(weights, like)
+    if weights.ndim != 1 or weights.shape[0] != n_out:
+        raise ValueError(
+            f"output_weights must be a 1-D array of length M={n_out} (one weight per output "
+            f"channel); got shape {tuple(weights.shape)}."
+        )
+    if not xp.isdtype(weights.dtype, ("real floating", "integral")):
+        raise TypeError(f"output_weights must hold real numbers; got dtype {weights.dtype}.")
+    weights = xp.astype(weights, dtype)
+    check_finite(xp, weights, "output_weights")
+    if bool(xp.any(weights <= 0)):
+        raise ValueError(
+            f"output_weights must be positive; got minimum {float(xp.min(weights))!r}."
+        )
+    return weights
+
+
+def check_input_transforms(transforms: Any, n_in: int, k2: int, like: Any, dtype: Any) -> Any:
+    """Per-input-channel ``B_c``: ``(C, K2, K2)`` or one ``(K2, K2)`` for all, invertible.
+
+    Returns ``(B, B^-1)`` as ``(C, K2, K2)`` arrays, or ``(None, None)``.
+    """
+    if transforms is None:
+        return None, None
+    xp = get_namespace(like)
+    device = array_api_compat.device(like)
+    if not array_api_compat.is_array_api_obj(transforms):
+        transforms = xp.asarray(transforms, device=device)
+    else:
+        get_namespace(transforms, like)
+    shape = tuple(transforms.shape)
+    if shape not in ((k2, k2), (n_in, k2, k2)):
+        raise ValueError(
+            f"input_transforms must have shape (K2, K2) = ({k2}, {k2}) or (C, K2, K2) = "
+            f"({n_in}, {k2}, {k2}); got {shape}."
+        )
+    if not xp.isdtype(transforms.dtype, ("real floating", "integral")):
+        raise TypeError(f"input_transforms must hold real numbers; got dtype {transforms.dtype}.")
+    transforms = xp.astype(transforms, dtype)
+    check_finite(xp, transforms, "input_transforms")
+    if transforms.ndim == 2:
+        transforms = xp.broadcast_to(transforms[None, ...], (n_in, k2, k2))
+    # Invertible, and not so badly conditioned that the factors lose their meaning.
+    singular = xp.linalg.svdvals(transforms)
+    smallest, largest = xp.min(singular, axis=-1), xp.max(singular, axis=-1)
+    eps = xp.finfo(dtype).eps
+    if bool(xp.any(smallest <= largest * (k2 * eps * 1e3))):
+        ratio = smallest / xp.where(largest > 0, largest, xp.ones_like(largest))
+        worst = int(xp.argmin(ratio))
+        raise ValueError(
+            f"input_transforms must be invertible; the matrix of channel {worst} is singular "
+            "or nearly so."
+        )
+    return transforms, xp.linalg.inv(transforms)

@@ -13,7 +13,9 @@ from gdws_approx._namespace import compute_dtype, work_dtype
 from gdws_approx._validation import (
     check_alpha,
     check_finite,
+    check_input_transforms,
     check_kernel_size,
+    check_output_weights,
     check_solver,
     check_solver_budget,
     check_svd_solver,
@@ -21,7 +23,7 @@ from gdws_approx._validation import (
 )
 from gdws_approx.factors import kernel_layout, pad_kernels, project, reconstruct
 from gdws_approx.selection import channel_errors, lego_multipliers, mego_multipliers
-from gdws_approx.spectra import channel_spectra
+from gdws_approx.spectra import channel_spectra, resolve_svd_method
 
 __all__ = ["GDWSApproximator"]
 
@@ -136,7 +138,14 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         self.kernel_size = kernel_size
         self.svd_solver = svd_solver
 
-    def fit(self, W: Any, y: Any = None, alpha: Any = None) -> GDWSApproximator:
+    def fit(
+        self,
+        W: Any,
+        y: Any = None,
+        alpha: Any = None,
+        output_weights: Any = None,
+        input_transforms: Any = None,
+    ) -> GDWSApproximator:
         """Choose the multipliers and learn the depthwise and pointwise factors of ``W``.
 
         Parameters
@@ -148,6 +157,19 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         alpha : array-like of shape (C,), default=None
             Non-negative per-input-channel error weights (for example noise gains); all
             ones when ``None``.
+        output_weights : array-like of shape (M,), default=None
+            Positive per-output-channel weights ``a``: the error of output channel ``m``
+            counts ``a_m**2`` times (``A = diag(a)``; e.g. the scale a following BatchNorm
+            applies). ``None``: all ones.
+        input_transforms : array-like of shape (C, K2, K2) or (K2, K2), default=None
+            Invertible ``B_c`` (one for all channels, or one per channel) weighting the
+            error inside each kernel (e.g. the square root of channel ``c``'s input patch
+            covariance). ``None``: identity.
+
+        With all three the error is ``sum_c alpha_c ||A (W_c - What_c) B_c||_F**2``
+        (``W_c`` the ``(M, K2)`` slice of input channel ``c``); MEGO and LEGO stay exact
+        under it: each channel's best rank-``g`` approximation is the truncated SVD of
+        ``A W_c B_c`` mapped back, so the solvers rank its singular values.
 
         Returns
         -------
@@ -165,7 +187,18 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         kh, kw = weight.kernel_size
 
         alpha = check_alpha(alpha, weight.n_in, W3, wide)
-        spectra = channel_spectra(W3, method=svd_solver)
+        output_weights = check_output_weights(output_weights, weight.n_out, W3, wide)
+        transforms, inverses = check_input_transforms(
+            input_transforms, weight.n_in, kh * kw, W3, wide
+        )
+        weighted = xp.astype(W3, wide, copy=False)
+        if output_weights is not None:
+            weighted = output_weights[:, None, None] * weighted
+        if transforms is not None:
+            weighted = _times_transforms(xp, weighted, transforms)
+        # "auto" decides on the input's precision (the weighted copy is already wide).
+        method = resolve_svd_method(svd_solver, xp, W3.dtype, device)
+        spectra = channel_spectra(weighted, method=method)
         values = alpha[:, None] * spectra.squared_singular_values
         if solver == "lego":
             multipliers = lego_multipliers(values, beta)
@@ -173,10 +206,20 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
             multipliers = mego_multipliers(values, n_kernels)
 
         layout = kernel_layout(multipliers)
-        padded = xp.astype(
-            spectra.right_singular_vectors[:, : layout.n_slots, :], matmul_dtype, copy=False
+        directions = spectra.right_singular_vectors[:, : layout.n_slots, :]  # V_c^T rows
+        source = W3
+        if transforms is not None:
+            # Kernels V_c^T B_c^-1; pointwise weights W_c B_c V_c (A cancels out of them).
+            source = _times_transforms(xp, xp.astype(W3, wide, copy=False), transforms)
+            directions_out = xp.matmul(directions, inverses)
+        else:
+            directions_out = directions
+        pointwise = project(
+            xp.astype(source, matmul_dtype, copy=False),
+            xp.astype(directions, matmul_dtype, copy=False),
+            layout,
         )
-        pointwise = project(xp.astype(W3, matmul_dtype, copy=False), padded, layout)
+        padded = xp.astype(directions_out, matmul_dtype, copy=False)
         kernels = xp.take(
             xp.reshape(padded, (weight.n_in * layout.n_slots, kh * kw)), layout.kernel_slots, axis=0
         )
@@ -195,6 +238,10 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         self.singular_values_ = xp.astype(xp.sqrt(spectra.squared_singular_values), out_dtype)
         self.weighted_spectrum_ = xp.astype(values, out_dtype)
         self.alpha_ = xp.astype(alpha, out_dtype)
+        self.output_weights_ = (
+            None if output_weights is None else xp.astype(output_weights, out_dtype)
+        )
+        self.input_transforms_ = None if transforms is None else xp.astype(transforms, out_dtype)
         self.channel_errors_ = xp.astype(errors, out_dtype)
         self.error_ = float(xp.sum(errors))
         self.dense_macs_ = cost.dense_macs(weight.n_out, weight.n_in, kh * kw)
@@ -203,12 +250,22 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         self._fitted_ndim = weight.ndim
         return self
 
-    def fit_transform(self, W: Any, y: Any = None, alpha: Any = None) -> Any:
+    def fit_transform(
+        self,
+        W: Any,
+        y: Any = None,
+        alpha: Any = None,
+        output_weights: Any = None,
+        input_transforms: Any = None,
+    ) -> Any:
         """Fit and return the pointwise weights of ``W``, shape ``(M, G)``.
 
-        Same as ``fit(W, alpha=alpha).transform(W)``, without projecting twice.
+        Same as ``fit(W, ...).transform(W)``, without projecting twice.
         """
-        return self.fit(W, y, alpha=alpha).pointwise_weights_
+        self.fit(
+            W, y, alpha=alpha, output_weights=output_weights, input_transforms=input_transforms
+        )
+        return self.pointwise_weights_
 
     def _check_same_namespace(self, x: Any, method: str) -> Any:
         """The namespace of ``x``, which must be the fit's (library and device)."""
@@ -241,7 +298,8 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         """Pointwise weights of ``W`` on the fitted depthwise kernels.
 
         ``P[m, j] = <W[m, c_j], D_j>``, the least-squares pointwise weight for the fitted
-        kernels (they are orthonormal within a channel). For the fitted ``W`` this is
+        kernels (they are orthonormal within a channel); with ``input_transforms`` the
+        least-squares weight under that weighting. For the fitted ``W`` this is
         ``pointwise_weights_``.
 
         Parameters
@@ -261,6 +319,11 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         dtype = compute_dtype(xp, weight.W3.dtype, device)
         padded, layout = self._padded_kernels(xp, dtype)
         W3 = xp.astype(weight.W3, dtype, copy=False)
+        if self.input_transforms_ is not None:
+            # Least squares under the fitted weighting: P_c = W_c B_c V_c, V_c^T = D_c B_c.
+            transforms = xp.astype(self.input_transforms_, dtype)
+            W3 = _times_transforms(xp, W3, transforms)
+            padded = xp.matmul(padded, transforms)
         pointwise = project(W3, padded, layout)
         return xp.astype(pointwise, weight.W3.dtype, copy=False)
 
@@ -301,3 +364,9 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.array_api_support = True
         return tags
+
+
+def _times_transforms(xp: Any, W3: Any, transforms: Any) -> Any:
+    """``W3[:, c, :] @ transforms[c]`` for every channel, shape ``(M, C, K2)``."""
+    by_channel = xp.matmul(xp.permute_dims(W3, (1, 0, 2)), transforms)
+    return xp.permute_dims(by_channel, (1, 0, 2))
