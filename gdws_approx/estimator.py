@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from gdws_approx import cost
-from gdws_approx._namespace import compute_dtype, work_dtype
+from gdws_approx._namespace import compute_dtype, get_namespace, work_dtype
 from gdws_approx._validation import (
     check_alpha,
     check_finite,
@@ -23,7 +23,7 @@ from gdws_approx._validation import (
 )
 from gdws_approx.factors import kernel_layout, pad_kernels, project, reconstruct
 from gdws_approx.selection import channel_errors, lego_multipliers, mego_multipliers
-from gdws_approx.spectra import channel_spectra, resolve_svd_method
+from gdws_approx.spectra import ChannelSpectra, channel_spectra, resolve_svd_method
 
 __all__ = ["GDWSApproximator"]
 
@@ -191,14 +191,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         transforms, inverses = check_input_transforms(
             input_transforms, weight.n_in, kh * kw, W3, wide
         )
-        weighted = xp.astype(W3, wide, copy=False)
-        if output_weights is not None:
-            weighted = output_weights[:, None, None] * weighted
-        if transforms is not None:
-            weighted = _times_transforms(xp, weighted, transforms)
-        # "auto" decides on the input's precision (the weighted copy is already wide).
-        method = resolve_svd_method(svd_solver, xp, W3.dtype, device)
-        spectra = channel_spectra(weighted, method=method)
+        spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
         values = alpha[:, None] * spectra.squared_singular_values
         if solver == "lego":
             multipliers = lego_multipliers(values, beta)
@@ -364,6 +357,24 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         tags.input_tags.allow_nan = False
         tags.array_api_support = True
         return tags
+
+
+def weighted_channel_spectra(
+    W3: Any, output_weights: Any, transforms: Any, svd_solver: str
+) -> ChannelSpectra:
+    """Spectra of ``diag(output_weights) W_c B_c`` for every channel (validated inputs).
+
+    ``svd_solver="auto"`` decides on ``W3``'s own precision, as an unweighted fit would.
+    """
+    xp = get_namespace(W3)
+    device = array_api_compat.device(W3)
+    method = resolve_svd_method(svd_solver, xp, W3.dtype, device)
+    weighted = xp.astype(W3, work_dtype(xp, device), copy=False)
+    if output_weights is not None:
+        weighted = output_weights[:, None, None] * weighted
+    if transforms is not None:
+        weighted = _times_transforms(xp, weighted, transforms)
+    return channel_spectra(weighted, method=method)
 
 
 def _times_transforms(xp: Any, W3: Any, transforms: Any) -> Any:

@@ -34,13 +34,14 @@ from gdws_approx._namespace import work_dtype
 from gdws_approx._validation import (
     check_alpha,
     check_beta,
+    check_input_transforms,
     check_n_kernels,
+    check_output_weights,
     check_svd_solver,
     check_weight,
 )
-from gdws_approx.estimator import GDWSApproximator
+from gdws_approx.estimator import GDWSApproximator, weighted_channel_spectra
 from gdws_approx.selection import lego_breakpoints
-from gdws_approx.spectra import channel_spectra
 
 __all__ = ["LayerPlan", "LayerSpec", "NetworkPlan", "plan_network"]
 
@@ -61,6 +62,11 @@ class LayerSpec:
         Per-input-channel error weights (noise gains); all ones when ``None``.
     n_kernels : int or None, default=None
         This layer's MEGO budget (overrides the network-wide one).
+    output_weights : array of shape (M,) or None, default=None
+        Per-output-channel error weights (see :meth:`GDWSApproximator.fit`).
+    input_transforms : array of shape (C, K2, K2) or (K2, K2) or None, default=None
+        Per-input-channel kernel-space weightings ``B_c`` (see
+        :meth:`GDWSApproximator.fit`).
     """
 
     name: str
@@ -68,6 +74,8 @@ class LayerSpec:
     output_pixels: int
     alpha: Any = None
     n_kernels: int | None = None
+    output_weights: Any = None
+    input_transforms: Any = None
 
 
 @dataclass
@@ -423,9 +431,13 @@ def _layer_values(spec: LayerSpec, svd_solver: str) -> tuple[np.ndarray, Any]:
     wide = work_dtype(xp, array_api_compat.device(W3))
     try:
         alpha = check_alpha(spec.alpha, weight.n_in, W3, wide)
+        output_weights = check_output_weights(spec.output_weights, weight.n_out, W3, wide)
+        transforms, _ = check_input_transforms(
+            spec.input_transforms, weight.n_in, W3.shape[2], W3, wide
+        )
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"layer {spec.name!r}: {exc}") from None
-    spectra = channel_spectra(W3, method=svd_solver)
+    spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
     return alpha[:, None] * spectra.squared_singular_values, weight
 
 
@@ -488,7 +500,12 @@ def _plan_layer(
     else:
         estimator = GDWSApproximator(solver="mego", n_kernels=budget, svd_solver=svd_solver)
     try:
-        estimator.fit(spec.weight, alpha=spec.alpha)
+        estimator.fit(
+            spec.weight,
+            alpha=spec.alpha,
+            output_weights=spec.output_weights,
+            input_transforms=spec.input_transforms,
+        )
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"layer {spec.name!r}: {exc}") from None
     m, c = estimator.n_output_channels_, estimator.n_input_channels_

@@ -59,6 +59,40 @@ def test_target_search_returns_the_smallest_sufficient_beta(seed, target, cheape
         assert below.error <= plan.error
 
 
+def weighted_network(seed: int) -> list[LayerSpec]:
+    rng = np.random.default_rng(seed)
+    specs = []
+    for spec in network(seed):
+        m, c = spec.weight.shape[:2]
+        a = rng.uniform(0.3, 3.0, size=m)
+        B = rng.standard_normal((c, 9, 9)) * 0.3 + np.eye(9)
+        specs.append(LayerSpec(spec.name, spec.weight, spec.output_pixels, spec.alpha, None, a, B))
+    return specs
+
+
+@given(seed=st.integers(0, 10_000), target=st.floats(1.05, 3.0))
+def test_weighted_layers_plan_like_the_estimator_and_meet_the_target(seed, target):
+    specs = weighted_network(seed)
+    try:
+        plan = plan_network(specs, target_mac_reduction=target, only_if_cheaper=False)
+    except ValueError as exc:
+        assert "out of reach" in str(exc)
+        return
+    assert plan.mac_reduction >= target
+    for spec, layer in zip(specs, plan.layers, strict=True):
+        reference = GDWSApproximator(beta=plan.beta).fit(
+            spec.weight,
+            alpha=spec.alpha,
+            output_weights=spec.output_weights,
+            input_transforms=spec.input_transforms,
+        )
+        assert layer.n_kernels == reference.n_kernels_
+        assert layer.error == pytest.approx(reference.error_)
+    if plan.beta > 0:
+        below = plan_network(specs, beta=float(np.nextafter(plan.beta, 0)), only_if_cheaper=False)
+        assert below.mac_reduction < target
+
+
 def test_mego_budgets_and_overrides():
     specs = network(2)
     specs[1] = LayerSpec(specs[1].name, specs[1].weight, specs[1].output_pixels, n_kernels=7)
