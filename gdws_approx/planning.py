@@ -286,6 +286,7 @@ def plan_network(
     other_macs: int = 0,
     only_if_cheaper: bool = True,
     svd_solver: str = "auto",
+    allocation: str = "common_beta",
 ) -> NetworkPlan:
     """Plan the GDWS approximation of a whole network.
 
@@ -307,6 +308,15 @@ def plan_network(
     only_if_cheaper : bool, default=True
         Keep a layer dense when its GDWS form would cost at least as many MACs.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
+    allocation : {"common_beta", "global"}, default="common_beta"
+        How ``target_mac_reduction`` is met. ``"common_beta"``: LEGO with one ``beta``
+        for every layer (the original work's rule). ``"global"``: the least total error
+        for the MACs, over all layers at once: singular values are kept in the order of
+        ``weighted sigma^2 / MACs of one kernel of their layer`` while they fit the MAC
+        budget, then each layer is fitted by MEGO with the kernels it got. Each such
+        prefix is the least-error allocation among all allocations with at most its MACs
+        (a Lagrangian argument). A layer never gets so many kernels that GDWS would cost
+        as much as the dense conv, and at least one.
 
     Returns
     -------
@@ -333,7 +343,24 @@ def plan_network(
     ]
     if len(given) > 1:
         raise ValueError(f"give one budget, not {' and '.join(given)}.")
+    if allocation not in ("common_beta", "global"):
+        raise ValueError(f"allocation must be 'common_beta' or 'global'; got {allocation!r}.")
     target = None
+    if allocation == "global":
+        if given != ["target_mac_reduction"] or any(s.n_kernels is not None for s in specs):
+            raise ValueError("allocation='global' needs target_mac_reduction as the only budget.")
+        target = _check_target(target_mac_reduction)
+        budgets = _global_budgets(specs, target, other_macs, svd_solver)
+        plans = [
+            _plan_layer(s, "mego", budgets[s.name], only_if_cheaper, svd_solver) for s in specs
+        ]
+        return NetworkPlan(
+            layers=plans,
+            solver="mego",
+            beta=None,
+            target_mac_reduction=target,
+            other_macs=other_macs,
+        )
     if n_kernels is not None or any(s.n_kernels is not None for s in specs):
         if given and given != ["n_kernels"]:
             raise ValueError(f"per-layer MEGO budgets (LayerSpec.n_kernels) exclude {given[0]}.")
@@ -439,6 +466,45 @@ def _layer_values(spec: LayerSpec, svd_solver: str) -> tuple[np.ndarray, Any]:
         raise type(exc)(f"layer {spec.name!r}: {exc}") from None
     spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
     return alpha[:, None] * spectra.squared_singular_values, weight
+
+
+def _global_budgets(
+    specs: Sequence[LayerSpec], target: float, other_macs: int, svd_solver: str
+) -> dict[str, int]:
+    """Kernels per layer: weighted singular values taken by value per MAC within budget."""
+    candidates = []  # (value per MAC, layer index, cost of one kernel)
+    dense_total, floor_macs, caps = other_macs, other_macs, []
+    for index, spec in enumerate(specs):
+        values, weight = _layer_values(spec, svd_solver)
+        values = _to_numpy(values)
+        m, c, kh, kw = weight.W3.shape[0], weight.n_in, *weight.kernel_size
+        kernel_macs = cost.gdws_macs(1, kh * kw, m) * spec.output_pixels
+        dense = cost.dense_macs(m, c, kh * kw) * spec.output_pixels
+        dense_total += dense
+        # Fewer kernels than break-even, so that GDWS stays cheaper than the dense conv.
+        caps.append(max(1, (dense - 1) // kernel_macs))
+        ordered = np.sort(values[values > 0])[::-1]
+        if ordered.size == 0:
+            raise ValueError(f"layer {spec.name!r}: its weighted weight is all zero.")
+        floor_macs += kernel_macs  # every layer keeps its largest value
+        candidates += [(v / kernel_macs, index, kernel_macs) for v in ordered[1:]]
+    budget = dense_total / target
+    if floor_macs > budget:
+        raise ValueError(
+            f"target_mac_reduction={target!r} is out of reach: with one kernel per layer the "
+            f"network reaches at most {dense_total / floor_macs:.4g}x fewer MACs."
+        )
+    counts = [1] * len(specs)
+    used = floor_macs
+    candidates.sort(key=lambda item: -item[0])
+    for _, index, kernel_macs in candidates:
+        if used + kernel_macs > budget:
+            break  # a prefix of the order: optimal for its own MACs
+        if counts[index] >= caps[index]:
+            continue
+        counts[index] += 1
+        used += kernel_macs
+    return {spec.name: count for spec, count in zip(specs, counts, strict=True)}
 
 
 def _search_beta(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -149,3 +151,67 @@ def test_bad_alpha_names_the_layer_in_the_target_search_too():
     bad_alpha = LayerSpec("x", spec.weight, 4, alpha=-np.ones(spec.weight.shape[1]))
     with pytest.raises(ValueError, match=r"layer 'x'.*non-negative"):
         plan_network([bad_alpha], target_mac_reduction=1.5)
+
+
+@st.composite
+def tiny_networks(draw):
+    """Two or three tiny layers: every allocation can be enumerated."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    specs = []
+    for i in range(draw(st.integers(2, 3))):
+        m = draw(st.integers(2, 6))
+        c = draw(st.integers(1, 2))
+        kw = draw(st.integers(2, 3))
+        W = rng.standard_normal((m, c, 1, kw)) * rng.uniform(0.2, 3.0)
+        specs.append(LayerSpec(f"l{i}", W, draw(st.integers(1, 20))))
+    return specs, draw(st.floats(1.05, 4.0))
+
+
+def allocation_cost_and_error(specs, counts_per_channel):
+    macs, error = 0, 0.0
+    for spec, counts in zip(specs, counts_per_channel, strict=True):
+        m, _, kh, kw = spec.weight.shape
+        for ch, g in enumerate(counts):
+            s = np.linalg.svd(spec.weight[:, ch].reshape(m, -1), compute_uv=False)
+            error += float(np.sum(s[g:] ** 2))
+        macs += sum(counts) * (kh * kw + m) * spec.output_pixels
+    return macs, error
+
+
+@given(tiny_networks())
+def test_global_allocation_has_the_least_error_for_its_macs(problem):
+    specs, target = problem
+    try:
+        plan = plan_network(
+            specs, target_mac_reduction=target, allocation="global", only_if_cheaper=False
+        )
+    except ValueError as exc:
+        assert "out of reach" in str(exc)
+        return
+    assert plan.mac_reduction >= target
+    planned_macs = sum(layer.macs for layer in plan.layers)
+    ranks = [min(s.weight.shape[0], s.weight.shape[3]) for s in specs]
+    channels = [s.weight.shape[1] for s in specs]
+    choices = [
+        list(itertools.product(range(r + 1), repeat=c))
+        for r, c in zip(ranks, channels, strict=True)
+    ]
+    # The planner's constraints: every layer keeps at least one kernel, and fewer than
+    # would make GDWS as costly as the dense conv.
+    caps = []
+    for spec in specs:
+        m, c, kh, kw = spec.weight.shape
+        caps.append(max(1, (m * c * kh * kw - 1) // (kh * kw + m)))
+    for allocation in itertools.product(*choices):
+        if not all(1 <= sum(g) <= cap for g, cap in zip(allocation, caps, strict=True)):
+            continue
+        macs, error = allocation_cost_and_error(specs, allocation)
+        if macs <= planned_macs:
+            assert error >= plan.error - 1e-9 * (1 + plan.error)
+
+
+def test_global_allocation_needs_a_mac_target():
+    with pytest.raises(ValueError, match="needs target_mac_reduction"):
+        plan_network(network(0), beta=0.5, allocation="global")
+    with pytest.raises(ValueError, match="allocation must be"):
+        plan_network(network(0), target_mac_reduction=2.0, allocation="greedy")
