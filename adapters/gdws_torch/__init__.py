@@ -20,6 +20,7 @@ from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
 from gdws_torch.recovery import recalibrate_batchnorm
+from gdws_torch.weightings import weighting
 
 __all__ = [
     "PGD",
@@ -48,4 +49,5 @@ __all__ = [
     "save_checkpoint",
     "save_converted",
     "set_fused",
+    "weighting",
 ]

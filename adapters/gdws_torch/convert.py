@@ -40,6 +40,9 @@ def convert(
     device: Any = "cpu",
     recalibrate: Iterable | None = None,
     recalibrate_samples: int = 1000,
+    output_weights: Mapping[str, Any] | None = None,
+    input_transforms: Mapping[str, Any] | None = None,
+    allocation: str = "common_beta",
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
 
@@ -96,6 +99,15 @@ def convert(
         (:func:`gdws_torch.recalibrate_batchnorm`, natural inputs; training-free
         recovery of accuracy).
     recalibrate_samples : int, default=1000
+    output_weights, input_transforms : mapping, optional
+        Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
+        error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
+        without an entry get identities. :func:`gdws_torch.weightings.weighting` computes
+        them for the strategies "output" (BatchNorm scales) and "data" (input patch
+        moments).
+    allocation : {"common_beta", "global"}, default="common_beta"
+        How ``target_mac_reduction`` is met (see :func:`gdws_approx.plan_network`):
+        one LEGO ``beta`` for all layers, or the least total error for the MACs.
 
     Returns
     -------
@@ -152,7 +164,16 @@ def convert(
                 "Exclude it with exclude=[...]."
             )
         alpha = None if alphas is None else lookup_alpha(alphas, name, conv)
-        specs.append(LayerSpec(name, conv.weight.detach(), calls[0].output_pixels, alpha))
+        specs.append(
+            LayerSpec(
+                name,
+                conv.weight.detach(),
+                calls[0].output_pixels,
+                alpha,
+                output_weights=_optional_entry(output_weights, name, "output_weights"),
+                input_transforms=_optional_entry(input_transforms, name, "input_transforms"),
+            )
+        )
     other = sum(
         la.macs for la in macs.layers if la.kind in ("conv", "gdws") and la.name not in names
     )
@@ -169,6 +190,7 @@ def convert(
         other_macs=other,
         only_if_cheaper=only_if_cheaper,
         svd_solver=svd_solver,
+        allocation=allocation,
     )
     if latency_aware:
         names = [layer.name for layer in plan.layers if layer.replaced]
@@ -200,6 +222,22 @@ def convert(
             converted, recalibrate, recalibrate_samples, inplace=True, progress=False
         )
     return converted, plan
+
+
+def _optional_entry(mapping: Mapping[str, Any] | None, name: str, what: str) -> Any:
+    """``mapping``'s entry for layer ``name`` (module or parameter name, with or without
+    ``module.``), as a float64 tensor; ``None`` when absent."""
+    if mapping is None:
+        return None
+    if not isinstance(mapping, Mapping):
+        raise TypeError(
+            f"{what} must be a mapping {{layer name: tensor}}; got {type(mapping).__name__}."
+        )
+    bare = name.removeprefix("module.")
+    for key in (bare, f"{bare}.weight", f"module.{bare}", f"module.{bare}.weight"):
+        if key in mapping:
+            return torch.as_tensor(mapping[key]).detach().to(torch.float64)
+    return None
 
 
 def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch.Tensor:

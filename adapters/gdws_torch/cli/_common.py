@@ -255,7 +255,7 @@ def architecture_name(name: str) -> str:
 
 def input_shape(dataset: str, architecture: str) -> tuple[int, int, int]:
     """One sample's shape: the digits network's 16x16 gray, or 32x32 colour."""
-    if (dataset == "digits") != (architecture == "digits_cnn"):
+    if (dataset == "digits") != architecture.startswith("digits_cnn"):
         raise UsageError(
             f"--model {architecture} does not fit --dataset {dataset}: digits_cnn takes the "
             "16x16 gray digits; the other architectures take 32x32 colour images."

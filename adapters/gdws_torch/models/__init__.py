@@ -1,6 +1,6 @@
 """Model definitions with the parameter names of the original checkpoints (32x32 inputs)."""
 
-from gdws_torch.models.digits import DigitsCNN
+from gdws_torch.models.digits import DigitsCNN, DigitsCNNWide
 from gdws_torch.models.preact_resnet import PreActBlock, PreActResNet, PreActResNet18
 from gdws_torch.models.resnet import ResNet, ResNet18
 from gdws_torch.models.vgg import VGG, VGG16_BN
@@ -12,6 +12,7 @@ ARCHITECTURES = {
     "vgg16_bn": VGG16_BN,
     "wrn_28_4": WRN28_4,
     "digits_cnn": DigitsCNN,
+    "digits_cnn_wide": DigitsCNNWide,
 }
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "VGG16_BN",
     "WRN28_4",
     "DigitsCNN",
+    "DigitsCNNWide",
     "PreActBlock",
     "PreActResNet",
     "PreActResNet18",

@@ -1,0 +1,184 @@
+"""Error weightings for the approximation: which parts of a weight's error matter.
+
+Each strategy gives inputs of :meth:`gdws_approx.GDWSApproximator.fit` per layer, and
+MEGO/LEGO stay exact under the weighted error
+``sum_c alpha_c ||A (W_c - What_c) B_c||_F^2``:
+
+- ``"unit"``: all ones (the paper's unweighted error);
+- ``"noise_gains"``: ``alpha`` from :func:`gdws_torch.noise_gains` (the original work's);
+- ``"output"``: ``A = diag(|gamma_m| / sqrt(var_m + eps))``, the scale the BatchNorm right
+  after the conv applies to output channel ``m``: an error in a channel that BatchNorm
+  amplifies counts more (layers not followed by a BatchNorm get ones);
+- ``"data"``: ``B_c = (Sigma_c + ridge)^(1/2)``, the square root of the second-moment
+  matrix of input channel ``c``'s ``Kh x Kw`` patches (on sample inputs): the weighted
+  error is then the expected squared error of the conv's *output* contribution of each
+  channel, ignoring correlations between channels;
+- ``"output+data"``: both.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gdws_torch.eligibility import eligible_convs
+from gdws_torch.macs import example_input
+from gdws_torch.noise_gains import _patches
+
+__all__ = [
+    "STRATEGIES",
+    "batchnorm_output_weights",
+    "input_patch_transforms",
+    "weighting",
+]
+
+STRATEGIES = ("unit", "noise_gains", "output", "data", "output+data")
+
+
+def _forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+
+
+def batchnorm_output_weights(
+    model: nn.Module, input_size: Sequence[int], layers: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """``{conv name: |gamma| / sqrt(running_var + eps)}`` for convs feeding a BatchNorm.
+
+    A conv counts as followed by a BatchNorm when the BatchNorm's input *is* the conv's
+    output tensor in a forward pass at ``input_size``; other convs get ones.
+    """
+    names = set(layers) if layers is not None else {n for n, _ in eligible_convs(model)}
+    modules = dict(model.named_modules())
+    outputs: dict[int, str] = {}
+    weights: dict[str, torch.Tensor] = {}
+
+    def conv_hook(name: str):
+        def record(module, inputs, output) -> None:
+            outputs[id(output)] = name
+
+        return record
+
+    def bn_hook(module: nn.BatchNorm2d, inputs) -> None:
+        name = outputs.get(id(inputs[0]))
+        if name is not None and module.track_running_stats and name not in weights:
+            gamma = module.weight if module.affine else torch.ones_like(module.running_var)
+            scale = gamma.detach().abs() / torch.sqrt(module.running_var + module.eps)
+            # A zero gamma would make A singular: such a channel's error is irrelevant,
+            # so give it a tiny positive weight instead.
+            weights[name] = scale.clamp_min(1e-6 * float(scale.max().clamp_min(1e-30)))
+
+    hooks = [modules[n].register_forward_hook(conv_hook(n)) for n in names]
+    hooks += [
+        m.register_forward_pre_hook(bn_hook)
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    _forward_with_hooks(model, example_input(model, input_size), hooks)
+    for name in names:
+        if name not in weights:
+            weights[name] = torch.ones(modules[name].out_channels)
+    return {name: weights[name].to(torch.float64) for name in sorted(names)}
+
+
+def _matrix_sqrt(covariance: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Symmetric square roots of ``(C, K2, K2)`` PSD matrices, regularised to be invertible."""
+    k2 = covariance.shape[-1]
+    scale = torch.diagonal(covariance, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    regular = covariance + ridge * scale[:, None, None] * torch.eye(k2, dtype=covariance.dtype)
+    values, vectors = torch.linalg.eigh(regular)
+    return (vectors * values.clamp_min(0).sqrt()[:, None, :]) @ vectors.transpose(-1, -2)
+
+
+def input_patch_transforms(
+    model: nn.Module,
+    loader: Iterable,
+    n_samples: int = 256,
+    *,
+    layers: Iterable[str] | None = None,
+    ridge: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """``{conv name: (C, K2, K2)}``: the square root of each input channel's patch moments.
+
+    ``Sigma_c = E[p p^T]`` over every ``Kh x Kw`` patch of input channel ``c`` (the conv's
+    own padding, stride and dilation) on ``n_samples`` inputs of ``loader`` (eval mode);
+    ``ridge`` times the mean diagonal is added so that ``B_c`` is invertible.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    chosen = dict(eligible_convs(model))
+    if layers is not None:
+        chosen = {name: chosen[name] for name in layers}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, conv: nn.Conv2d):
+        def record(module, inputs) -> None:
+            x = inputs[0].detach().to(torch.float64)
+            patches = _patches(conv, x)  # (N, C * K2, P)
+            n, _, p = patches.shape
+            c, k2 = conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1]
+            by_channel = patches.reshape(n, c, k2, p).permute(1, 2, 0, 3).reshape(c, k2, n * p)
+            moment = by_channel @ by_channel.transpose(1, 2)
+            sums[name] = sums.get(name, 0) + moment
+            counts[name] = counts.get(name, 0) + n * p
+
+        return record
+
+    device = next(iter(model.parameters())).device
+    seen = 0
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = images[: n_samples - seen].to(device)
+        hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
+        _forward_with_hooks(model, images, hooks)
+        seen += len(images)
+        if seen >= n_samples:
+            break
+    if seen < n_samples:
+        raise ValueError(f"the loader ran out after {seen} samples; n_samples={n_samples}.")
+    missing = sorted(set(chosen) - set(sums))
+    if missing:
+        raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
+    return {name: _matrix_sqrt(sums[name] / counts[name], ridge) for name in sorted(chosen)}
+
+
+def weighting(
+    strategy: str,
+    model: nn.Module,
+    input_size: Sequence[int],
+    *,
+    loader: Iterable | None = None,
+    n_samples: int = 256,
+    noise_gain_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``convert`` keyword arguments (``alphas``, ``output_weights``, ``input_transforms``)
+    for a strategy of :data:`STRATEGIES`; ``loader`` feeds the data-driven ones."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
+    kwargs: dict[str, Any] = {}
+    if strategy == "noise_gains":
+        from gdws_torch.noise_gains import noise_gains
+
+        if loader is None:
+            raise ValueError("strategy 'noise_gains' needs a loader.")
+        kwargs["alphas"] = noise_gains(model, loader, n_samples, **(noise_gain_kwargs or {}))
+    if strategy in ("output", "output+data"):
+        kwargs["output_weights"] = batchnorm_output_weights(model, input_size)
+    if strategy in ("data", "output+data"):
+        if loader is None:
+            raise ValueError(f"strategy {strategy!r} needs a loader.")
+        kwargs["input_transforms"] = input_patch_transforms(model, loader, n_samples)
+    return kwargs
