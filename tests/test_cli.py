@@ -360,3 +360,29 @@ def test_recalibrated_batchnorm_in_eval_and_convert_on_digits(tmp_path, capsys):
     assert "natural and PGD training inputs" in capsys.readouterr().out
     assert gdws("eval", *base, "--recalibrate-bn", "10", "--attack", "none") == 2
     assert "--apply-gdws" in capsys.readouterr().err
+
+
+def test_sweep_of_the_demo_model_writes_the_frontier(tmp_path, capsys):
+    args = [
+        "--targets", "2", "--n-test", "60", "--weighting-samples", "32",
+        "--recalibrate-bn", "100", "--strategies", "unit", "data",
+        "--fps-backend", "none", "--no-progress", "--out-dir", tmp_path,
+    ]  # fmt: skip
+    assert gdws("sweep", *args) == 0
+    assert "robust %" in capsys.readouterr().out
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    rows = results["rows"]
+    assert {(r["strategy"], r["recovery"]) for r in rows} == {
+        (s, r) for s in ("unit", "data") for r in ("none", "BN")
+    }
+    dense = results["dense"]
+    for row in rows:
+        assert row["conv_macs"] * 2 <= dense["conv_macs"] and row["mac_reduction"] >= 2
+        twin = next(
+            r for r in rows if r["strategy"] == row["strategy"] and r["recovery"] != row["recovery"]
+        )
+        assert twin["conv_macs"] == row["conv_macs"]  # recovery changes no weight
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "sweep.png").shape[1] > 600
+    assert gdws("sweep", "--targets", "0.5") == 2

@@ -17,7 +17,7 @@ _EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectory
 
 
 def build_parser() -> common.OneLineParser:
-    from gdws_torch.cli import alphas, convert, demo, fps, onnx_convert, train
+    from gdws_torch.cli import alphas, convert, demo, fps, onnx_convert, sweep, train
     from gdws_torch.cli import eval as evaluate
 
     parser = common.OneLineParser(
@@ -28,7 +28,7 @@ def build_parser() -> common.OneLineParser:
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=common.OneLineParser
     )
-    for module in (demo, evaluate, alphas, convert, train, fps, onnx_convert):
+    for module in (demo, evaluate, alphas, convert, train, fps, sweep, onnx_convert):
         module.add_parser(subparsers)
     return parser
 

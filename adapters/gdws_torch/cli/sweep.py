@@ -1,0 +1,146 @@
+"""``gdws sweep``: robust accuracy vs conv MACs (and FPS) for every weighting strategy."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from gdws_torch.attacks import PGD, PGDL1, PGDL2
+from gdws_torch.cli import _common as common
+from gdws_torch.datasets import DATASETS
+from gdws_torch.weightings import STRATEGIES
+
+HELP = "robust accuracy vs conv MACs and FPS for each error weighting, with and without recovery"
+
+COLUMNS = [
+    ("strategy", "strategy"),
+    ("allocation", "allocation"),
+    ("recovery", "recovery"),
+    ("target", "target"),
+    ("mac_reduction", "MACs x fewer"),
+    ("natural", "natural %"),
+    ("robust", "robust %"),
+    ("fps", "FPS"),
+    ("speedup", "FPS x"),
+]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
+    model = parser.add_argument_group("model and data (default: the embedded demo model)")
+    model.add_argument("--model", help="architecture; with --fname/--checkpoint")
+    model.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    model.add_argument("--data-dir", "--root", dest="data_dir")
+    model.add_argument("--fname")
+    model.add_argument("--checkpoint")
+    model.add_argument("--no-norm", action="store_true")
+    model.add_argument("--batch-size", type=int, default=128)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--threads", type=int)
+    model.add_argument("--no-progress", action="store_true")
+    attack = parser.add_argument_group("attack (1/255 units; default: the demo's, or 8/2/10)")
+    attack.add_argument("--norm", default="l_inf", choices=("l_inf", "l_2", "l_1"))
+    attack.add_argument("--epsilon", type=float)
+    attack.add_argument("--pgd-alpha", type=float)
+    attack.add_argument("--attack-iters", type=int)
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    sweep.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 2.5])
+    sweep.add_argument(
+        "--allocation", choices=("common_beta", "global", "both"), default="common_beta"
+    )
+    sweep.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="recovery rows with BatchNorm re-estimated on N training inputs (0: none)",
+    )
+    sweep.add_argument("--weighting-samples", type=int, default=256)
+    sweep.add_argument("--n-test", type=int, help="first N test inputs")
+    sweep.add_argument(
+        "--fps-backend",
+        default="eager",
+        choices=("eager", "channels_last", "onnxruntime", "none"),
+    )
+    sweep.add_argument("--out-dir", default="gdws-results/sweep")
+    parser.set_defaults(run=run, attack="pgd")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gdws_torch import demo
+    from gdws_torch.sweep import plot_frontier, run_sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if any(not t > 1 for t in args.targets):
+        raise common.UsageError(f"--targets must be > 1; got {args.targets}.")
+    for name in ("batch_size", "weighting_samples", "n_test", "attack_iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
+    if args.recalibrate_bn < 0:
+        raise common.UsageError(f"--recalibrate-bn must be >= 0; got {args.recalibrate_bn}.")
+    if args.model is None:
+        network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
+        args.dataset, args.no_norm = "digits", True
+        defaults = {k: v * 255 for k, v in demo.DEMO_ATTACK.items() if k != "steps"}
+        eps, step, steps = defaults["eps"], defaults["alpha"], demo.DEMO_ATTACK["steps"]
+    else:
+        architecture = common.architecture_name(args.model)
+        shape = common.input_shape(args.dataset, architecture)
+        network = common.build_network(args, common.checkpoint_path(args))
+        description, eps, step, steps = architecture, 8.0, 2.0, 10
+    eps = args.epsilon if args.epsilon is not None else eps
+    step = args.pgd_alpha if args.pgd_alpha is not None else step
+    steps = args.attack_iters or steps
+    attack_class = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}[args.norm]
+
+    def attack(model):
+        return attack_class(model, eps=eps / 255, alpha=step / 255, steps=steps, seed=args.seed)
+
+    test = common.dataset(args, "test")
+    train = common.dataset(args, "train")
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator)
+    allocations = ["common_beta", "global"] if args.allocation == "both" else [args.allocation]
+    results = run_sweep(
+        network,
+        shape,
+        DataLoader(test, batch_size=args.batch_size),
+        train_loader,
+        attack,
+        strategies=args.strategies,
+        targets=args.targets,
+        allocations=allocations,
+        recalibration_samples=min(args.recalibrate_bn, len(train)),
+        weighting_samples=min(args.weighting_samples, len(train)),
+        n_test=args.n_test,
+        wrap=lambda model: common.with_normalization(args, model),
+        fps_backend=None if args.fps_backend == "none" else args.fps_backend,
+        progress=not args.no_progress,
+    )
+    results.update(
+        model=description,
+        attack={"norm": args.norm, "epsilon": eps / 255, "step": step / 255, "iterations": steps},
+    )
+    dense = results["dense"]
+    print()
+    print(
+        f"{description}: dense {dense['natural']:.2f} % natural, {dense['robust']:.2f} % robust "
+        f"({args.norm} PGD-{steps}, eps {eps:g}/255)"
+    )
+    print(common.format_table(results["rows"], COLUMNS))
+    out_dir = Path(args.out_dir)
+    common.write_json(out_dir / "sweep.json", results)
+    plot = plot_frontier(
+        results,
+        out_dir / "sweep.png",
+        f"{description}: {args.norm} PGD-{steps} at eps {eps:g}/255 (dotted: dense - 1 point)",
+    )
+    print(f"wrote {plot}")
+    print(f"done in {results['seconds']:.0f} s")
+    return 0

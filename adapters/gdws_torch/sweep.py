@@ -1,0 +1,222 @@
+"""The robustness vs cost frontier: every weighting strategy, with and without recovery."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gdws_torch.convert import convert, set_fused
+from gdws_torch.evaluate import evaluate
+from gdws_torch.macs import count_macs
+from gdws_torch.recovery import batchnorm_layers
+from gdws_torch.throughput import measure_throughput
+from gdws_torch.weightings import STRATEGIES, weighting
+
+__all__ = ["plot_frontier", "run_sweep"]
+
+
+def run_sweep(
+    network: nn.Module,
+    input_shape: Sequence[int],
+    test_loader: Iterable,
+    train_loader: Iterable,
+    attack: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    *,
+    strategies: Sequence[str] = STRATEGIES,
+    targets: Sequence[float] = (1.5, 2.0, 2.5),
+    allocations: Sequence[str] = ("common_beta",),
+    recalibration_samples: int = 1000,
+    weighting_samples: int = 256,
+    n_test: int | None = None,
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
+    fps_backend: str | None = "eager",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate every (strategy, allocation, recovery, MAC target) on the same attack.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        The dense network (not modified); ``wrap(network)`` is what is evaluated
+        (e.g. with its input normalisation).
+    input_shape : sequence of int
+    test_loader, train_loader : iterables of (images, labels)
+        Evaluation data; data for the weightings and the BatchNorm recalibration (not
+        shuffled here: shuffle it yourself).
+    attack : callable
+        ``attack(model) -> attack(images, labels)``, applied to every model.
+    strategies : sequence of str
+        From :data:`gdws_torch.weightings.STRATEGIES`.
+    targets : sequence of float
+        Conv MAC reductions.
+    allocations : sequence of {"common_beta", "global"}
+    recalibration_samples : int
+        ``0``: no recovery rows; otherwise every model also gets a recalibrated twin.
+    weighting_samples : int
+        Inputs for the data-driven weightings (noise gains, patch moments).
+    n_test : int, optional
+    fps_backend : str or None
+        Batch-1 FPS of every model on this backend (``None``: not measured).
+
+    Returns
+    -------
+    dict
+        ``{"dense": row, "rows": [row, ...], "seconds": ...}``; a row has ``strategy``,
+        ``allocation``, ``recovery``, ``target``, ``beta``, ``conv_macs``,
+        ``mac_reduction``, ``natural``, ``robust``, ``fps``, ``speedup``.
+    """
+    from gdws_torch.recovery import recalibrate_batchnorm
+
+    start = time.perf_counter()
+    recover = recalibration_samples > 0 and bool(batchnorm_layers(network))
+    if recalibration_samples > 0 and not recover:
+        log("no BatchNorm layer: the sweep has no recovery rows")
+
+    def assess(model: nn.Module) -> dict[str, float]:
+        model = wrap(set_fused(copy.deepcopy(model), True))
+        result = evaluate(
+            model, test_loader, {"a": attack(model)}, n_samples=n_test, progress=False
+        )
+        return {"natural": result["natural"], "robust": result["attacks"]["a"]}
+
+    dense_macs = count_macs(network, input_shape).conv_macs
+    dense = {"strategy": "dense", "conv_macs": dense_macs, "mac_reduction": 1.0, **assess(network)}
+    weights = {}
+    for strategy in strategies:
+        log(f"weighting {strategy!r} ...")
+        weights[strategy] = weighting(
+            strategy, wrap(network), input_shape, loader=train_loader, n_samples=weighting_samples
+        )
+        # Names under a wrapper carry ``module.``; convert's lookups accept both forms.
+    models: dict[str, nn.Module] = {"dense": wrap(network)}
+    rows = []
+    jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
+    for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
+        try:
+            converted, report = convert(
+                network,
+                target_mac_reduction=target,
+                input_size=input_shape,
+                allocation=allocation,
+                **weights[strategy],
+            )
+        except ValueError as exc:
+            log(f"{strategy}, {allocation}, {target:g}x: skipped ({exc})")
+            continue
+        variants = [("none", converted)]
+        if recover:
+            recalibrated = copy.deepcopy(converted)
+            # In place through the wrapper: the wrapped network's BatchNorm layers change.
+            recalibrate_batchnorm(
+                wrap(recalibrated),
+                train_loader,
+                recalibration_samples,
+                inplace=True,
+                progress=False,
+            )
+            variants.append(("BN", recalibrated))
+        for recovery, model in variants:
+            key = f"{strategy}|{allocation}|{recovery}|{target:g}"
+            models[key] = wrap(model)
+            rows.append(
+                {
+                    "key": key,
+                    "strategy": strategy,
+                    "allocation": allocation,
+                    "recovery": recovery,
+                    "target": target,
+                    "beta": report.beta,
+                    "conv_macs": count_macs(model, input_shape).conv_macs,
+                    "mac_reduction": report.mac_reduction,
+                    **assess(model),
+                }
+            )
+    if fps_backend is not None:
+        log(f"timing {len(models)} models at batch 1 on {fps_backend} ...")
+        timed = measure_throughput(
+            models, input_shape, backends=(fps_backend,), rounds=9, progress=progress
+        )
+        fps = {row["model"]: row["fps"] for row in timed}
+        dense["fps"] = fps["dense"]
+        for row in rows:
+            row["fps"] = fps[row["key"]]
+            row["speedup"] = row["fps"] / fps["dense"]
+    return {
+        "dense": dense,
+        "rows": rows,
+        "fps_backend": fps_backend,
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Robust accuracy against conv MAC reduction (and FPS): one line per strategy,
+    solid with recovery, dashed without; written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    rows, dense = results["rows"], results["dense"]
+    with_fps = results.get("fps_backend") is not None
+    figure, axes = plt.subplots(
+        1, 2 if with_fps else 1, figsize=(12 if with_fps else 6.5, 4.6), constrained_layout=True
+    )
+    axes = list(axes) if with_fps else [axes]
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    colours = dict(zip(strategies, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    groups = dict.fromkeys((r["strategy"], r["allocation"], r["recovery"]) for r in rows)
+    allocations = {r["allocation"] for r in rows}
+    for strategy, allocation, recovery in groups:
+        line = sorted(
+            (
+                r
+                for r in rows
+                if (r["strategy"], r["allocation"], r["recovery"])
+                == (strategy, allocation, recovery)
+            ),
+            key=lambda r: r["mac_reduction"],
+        )
+        label = strategy + (f", {allocation}" if len(allocations) > 1 else "")
+        label += " + BN recalibration" if recovery == "BN" else ""
+        style = {
+            "color": colours[strategy],
+            "linestyle": "-" if recovery == "BN" else "--",
+            "marker": "o" if allocation == "common_beta" else "s",
+        }
+        axes[0].plot(
+            [r["mac_reduction"] for r in line], [r["robust"] for r in line], label=label, **style
+        )
+        if with_fps:
+            axes[1].plot([r["fps"] for r in line], [r["robust"] for r in line], **style)
+    axes[0].scatter(
+        [1.0], [dense["robust"]], marker="*", s=180, color="black", label="dense", zorder=3
+    )
+    axes[0].set_xlabel("conv MAC reduction (x fewer than dense)")
+    if with_fps:
+        axes[1].scatter(
+            [dense["fps"]], [dense["robust"]], marker="*", s=180, color="black", zorder=3
+        )
+        axes[1].set_xlabel(f"frames per second, batch 1, {results['fps_backend']}")
+    for axis in axes:
+        axis.axhline(dense["robust"] - 1, color="grey", linestyle=":", linewidth=1)
+        axis.set_ylabel("robust accuracy (%)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; solid: recovered)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
