@@ -386,3 +386,19 @@ def test_sweep_of_the_demo_model_writes_the_frontier(tmp_path, capsys):
 
     assert matplotlib.image.imread(tmp_path / "sweep.png").shape[1] > 600
     assert gdws("sweep", "--targets", "0.5") == 2
+
+
+def test_eval_with_the_data_weighting_and_global_allocation(tmp_path, capsys):
+    from gdws_torch import demo
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    flags = ["--apply-gdws", "--target-mac-reduction", "2", "--attack", "none", "--no-progress"]
+    out = tmp_path / "data.json"
+    extra = ["--weighting", "data", "--allocation", "global", "--json", out]
+    assert gdws("eval", *base, *flags, *extra) == 0
+    result = json.loads(out.read_text())
+    assert result["gdws"]["solver"] == "mego" and result["gdws"]["mac_reduction"] >= 2
+    assert gdws("eval", *base, "--apply-gdws", "--beta", "1", "--allocation", "global") == 2
+    assert "needs --target-mac-reduction" in capsys.readouterr().err

@@ -152,9 +152,22 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
     group.add_argument(
         "--latency-batch-size", type=int, default=1, help="batch size of --latency-aware"
     )
+    group.add_argument(
+        "--allocation",
+        choices=("common_beta", "global"),
+        default="common_beta",
+        help="with --target-mac-reduction: one LEGO beta for all layers (the original), or "
+        "the least total error for the MACs",
+    )
     if not recalibration:
-        parser.set_defaults(recalibrate_bn=0, recalibrate_attack=False)
+        parser.set_defaults(recalibrate_bn=0, recalibrate_attack=False, weighting="unit")
         return
+    group.add_argument(
+        "--weighting",
+        choices=("unit", "output", "data", "output+data"),
+        default="unit",
+        help="error weighting (docs/weightings.md); data-driven ones use 256 training inputs",
+    )
     group.add_argument(
         "--recalibrate-bn",
         type=int,
@@ -436,6 +449,22 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         raise UsageError(f"--recalibrate-bn must be >= 0; got {args.recalibrate_bn}.")
     if args.latency_batch_size < 1:
         raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
+    if args.allocation == "global" and "target_mac_reduction" not in budget:
+        raise UsageError("--allocation global needs --target-mac-reduction.")
+    weights = {}
+    if args.weighting != "unit":
+        from gdws_torch.weightings import weighting
+
+        if alphas is not None:
+            raise UsageError("--weighting and --alphas-filename exclude each other.")
+        data = dataset(args, "train")
+        weights = weighting(
+            args.weighting,
+            with_normalization(args, network),  # the inputs the convs really see
+            shape,
+            loader=loader(data, args),
+            n_samples=min(256, len(data)),
+        )
     converted, report = convert(
         network,
         alphas=alphas,
@@ -446,6 +475,8 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         backend=args.backend,
         latency_batch_size=args.latency_batch_size,
         device=device(args) if hasattr(args, "device") else "cpu",
+        allocation=args.allocation,
+        **weights,
         **budget,
     )
     print(report.format_table())
