@@ -170,7 +170,7 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
     rows, dense = results["rows"], results["dense"]
     with_fps = results.get("fps_backend") is not None
     figure, axes = plt.subplots(
-        1, 2 if with_fps else 1, figsize=(12 if with_fps else 6.5, 4.6), constrained_layout=True
+        1, 2 if with_fps else 1, figsize=(15 if with_fps else 9, 5), constrained_layout=True
     )
     axes = list(axes) if with_fps else [axes]
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -197,8 +197,15 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         axes[0].plot(
             [r["mac_reduction"] for r in line], [r["robust"] for r in line], label=label, **style
         )
-        if with_fps:
-            axes[1].plot([r["fps"] for r in line], [r["robust"] for r in line], **style)
+        if with_fps:  # measured FPS is noisy: points, not lines
+            axes[1].plot(
+                [r["fps"] for r in line],
+                [r["robust"] for r in line],
+                color=style["color"],
+                marker=style["marker"],
+                linestyle="none",
+                fillstyle="full" if recovery == "BN" else "none",
+            )
     axes[0].scatter(
         [1.0], [dense["robust"]], marker="*", s=180, color="black", label="dense", zorder=3
     )
@@ -212,7 +219,7 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         axis.axhline(dense["robust"] - 1, color="grey", linestyle=":", linewidth=1)
         axis.set_ylabel("robust accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    figure.legend(loc="outside right center", fontsize=7)
     figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; solid: recovered)")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")
