@@ -246,6 +246,7 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
         ),
         (["demo", "--targets", "0.5"], "must be > 1"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--beta", "0.1"], "--apply-gdws"),
+        (["eval", "--model", "preactresnet18", "--fname", "run", "--weighting", "data"], "--apply"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--device", "tpu"], "--device"),
         (
             ["alphas", "--model", "preactresnet18", "--fname", "run", "--out", "model_best.pth"],

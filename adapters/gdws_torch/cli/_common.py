@@ -119,7 +119,7 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
     budget.add_argument(
         "--target-mac-reduction",
         type=float,
-        help="overall conv MAC reduction to reach (LEGO with the smallest common beta)",
+        help="overall conv MAC reduction to reach (see --allocation)",
     )
     budget.add_argument("--n-kernels", type=int, help="MEGO: kernels per layer")
     group.add_argument(
@@ -228,6 +228,9 @@ def check_gdws_flags(args: argparse.Namespace) -> None:
             ("--target-mac-reduction", args.target_mac_reduction),
             ("--n-kernels", args.n_kernels),
             ("--alphas-filename", args.alphas),
+            ("--weighting", None if args.weighting == "unit" else args.weighting),
+            ("--allocation", None if args.allocation == "common_beta" else args.allocation),
+            ("--latency-aware", args.latency_aware or None),
         )
         if value is not None
     ]
