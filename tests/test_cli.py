@@ -303,13 +303,18 @@ def test_the_console_script_reports_one_line(tmp_path):
 def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
     assert gdws("demo", "--quick", "--no-progress", "--out-dir", tmp_path) == 0
     printed = capsys.readouterr().out
-    assert "dense" in printed and "GDWS 1.5x, unit + BN" in printed
+    assert "dense" in printed and "GDWS 2x, unit + refit + BN" in printed
     results = json.loads((tmp_path / "demo.json").read_text())
     dense, default = results["dense"], results["default"]
     assert dense["mac_reduction"] == 1.0 and dense["robust"] <= dense["natural"]
-    assert default["target"] == 1.5 and default["conv_macs"] * 1.5 <= dense["conv_macs"]
-    assert default["weighting"] == "unit + BN"
-    assert {r["weighting"] for r in results["sweep"]} == {"unit", "noise gains", "unit + BN"}
+    assert default["target"] == 2.0 and default["conv_macs"] * 2 <= dense["conv_macs"]
+    assert default["weighting"] == "unit + refit + BN"
+    assert {r["weighting"] for r in results["sweep"]} == {
+        "unit",
+        "noise gains",
+        "unit + BN",
+        "unit + refit + BN",
+    }
     for row in results["sweep"]:
         assert dense["conv_macs"] / row["conv_macs"] >= row["target"]
         assert row["fps"] > 0 and 0 <= row["robust"] <= row["natural"] <= 100
@@ -403,3 +408,22 @@ def test_eval_with_the_data_weighting_and_global_allocation(tmp_path, capsys):
     assert result["gdws"]["solver"] == "mego" and result["gdws"]["mac_reduction"] >= 2
     assert gdws("eval", *base, "--apply-gdws", "--beta", "1", "--allocation", "global") == 2
     assert "needs --target-mac-reduction" in capsys.readouterr().err
+
+
+def test_eval_with_the_pointwise_refit(tmp_path, capsys):
+    from gdws_torch import demo
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    flags = ["--apply-gdws", "--target-mac-reduction", "2", "--no-progress", "--attack-iters", "2"]
+    plain, refitted = tmp_path / "plain.json", tmp_path / "refit.json"
+    assert gdws("eval", *base, *flags, "--attack", "none", "--json", plain) == 0
+    extra = ["--refit", "300", "--refit-attack", "--epsilon", "24", "--json", refitted]
+    assert gdws("eval", *base, *flags, *extra) == 0
+    assert "refitted on 300 PGD training inputs" in capsys.readouterr().out
+    plain, refitted = json.loads(plain.read_text()), json.loads(refitted.read_text())
+    assert plain["conv_macs"] == refitted["conv_macs"]
+    assert refitted["natural_accuracy"] >= plain["natural_accuracy"]
+    assert gdws("eval", *base, "--converted", "x.pth", "--refit", "10") == 2
+    assert "--refit needs the dense model" in capsys.readouterr().err

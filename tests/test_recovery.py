@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from _torch_models import INPUT_SIZE, NoEligible, small_resnet
 from torch import nn
 
-from gdws_torch import convert, recalibrate_batchnorm
+from gdws_torch import GDWSConv2d, convert, recalibrate_batchnorm, refit_pointwise
 from gdws_torch.recovery import batchnorm_layers
 
 N_SAMPLES, BATCH = 24, 8
@@ -142,3 +143,117 @@ def test_bad_input_is_refused_and_an_inplace_model_left_untouched(kwargs, batche
         recalibrate_batchnorm(model, batches or loader(), inplace=True, progress=False, **kwargs)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(m.momentum == 0.1 for _, m in batchnorm_layers(model))
+
+
+# -- pointwise refit ------------------------------------------------------------------------
+
+
+def first_layer_error(dense, converted, name, images) -> float:
+    """``||W * x - L(x)||^2`` of GDWS layer ``name`` on the inputs ``converted`` feeds it."""
+    layer, conv = converted.get_submodule(name), dense.get_submodule(name)
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0]))
+    with torch.no_grad():
+        converted(images)
+        handle.remove()
+        x = seen["x"]
+        wanted = conv._conv_forward(x, conv.weight, None)
+        got = layer(x) - (layer.bias.view(1, -1, 1, 1) if layer.bias is not None else 0)
+    return float(((wanted - got) ** 2).sum())
+
+
+def test_refit_solves_each_layers_least_squares_and_keeps_the_rest():
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    batches = loader(48, 16)
+    refitted = refit_pointwise(dense, converted, batches, 48, ridge=0.0, progress=False)
+    images = torch.cat([x for x, _ in batches])
+    names = [n for n, m in converted.named_modules() if isinstance(m, GDWSConv2d)]
+    # The first GDWS layer sees the same inputs before and after: least squares can only
+    # lower its error, and matches an independent lstsq.
+    first = names[0]
+    assert first_layer_error(dense, refitted, first, images) <= first_layer_error(
+        dense, converted, first, images
+    ) * (1 + 1e-12)
+    layer = converted.get_submodule(first)
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0]))
+    with torch.no_grad():
+        converted(images)
+    handle.remove()
+    with torch.no_grad():
+        features = layer.depthwise(seen["x"].index_select(1, layer.kernel_channels))
+        conv = dense.get_submodule(first)
+        wanted = conv._conv_forward(seen["x"], conv.weight, None)
+    F_ = features.transpose(0, 1).reshape(layer.n_kernels, -1).T.numpy()
+    Y = wanted.transpose(0, 1).reshape(layer.out_channels, -1).T.numpy()
+    expected = np.linalg.lstsq(F_, Y, rcond=None)[0].T
+    np.testing.assert_allclose(
+        refitted.get_submodule(first).pointwise.weight.detach().numpy()[:, :, 0, 0],
+        expected,
+        rtol=1e-6,
+        atol=1e-9,
+    )
+    for name in names:  # depthwise kernels, biases, structure: unchanged
+        before, after = converted.get_submodule(name), refitted.get_submodule(name)
+        assert torch.equal(before.depthwise.weight, after.depthwise.weight)
+        assert torch.equal(before.kernel_channels, after.kernel_channels)
+        if before.bias is not None:
+            assert torch.equal(before.bias, after.bias)
+    assert refitted is not converted
+
+
+def test_refit_of_an_exact_conversion_keeps_the_dense_outputs():
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, beta=0.0, only_if_cheaper=False)
+    refitted = refit_pointwise(dense, converted, loader(32, 16), 32, ridge=0.0, progress=False)
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(refitted(x), dense(x), rtol=1e-7, atol=1e-9)
+
+
+def test_refit_on_adversarial_inputs_and_in_place():
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    calls = []
+
+    def factory(model):
+        assert model is not dense
+
+        def attack(images, labels):
+            calls.append(len(images))
+            return (images + 0.05).clamp(0, 1)
+
+        return attack
+
+    same = refit_pointwise(dense, converted, loader(), N_SAMPLES, attack=factory, inplace=True)
+    assert same is converted and calls == [BATCH] * (N_SAMPLES // BATCH)
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("no_gdws", "no GDWSConv2d"),
+        ("wrong_dense", "no conv"),
+        ("zero", "n_samples"),
+        ("unlabelled", "needs \\(images, labels\\)"),
+        ("short", "ran out after 24"),
+    ],
+)
+def test_refit_bad_input(case, match):
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    kwargs = {"n_samples": N_SAMPLES, "progress": False}
+    batches = loader()
+    if case == "no_gdws":
+        converted = dense
+    elif case == "wrong_dense":
+        dense = NoEligible().double()
+    elif case == "zero":
+        kwargs["n_samples"] = 0
+    elif case == "unlabelled":
+        batches, kwargs["attack"] = loader(labels=False), lambda m: lambda x, y: x
+    else:
+        kwargs["n_samples"] = N_SAMPLES + 1
+    with pytest.raises(ValueError, match=match):
+        refit_pointwise(dense, converted, batches, **kwargs)

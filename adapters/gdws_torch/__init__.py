@@ -19,7 +19,7 @@ from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
-from gdws_torch.recovery import recalibrate_batchnorm
+from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
 from gdws_torch.weightings import weighting
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "plan_noise_gain_forms",
     "recalibrate_batchnorm",
     "reference_noise_gains",
+    "refit_pointwise",
     "replace_module",
     "save_alphas",
     "save_checkpoint",

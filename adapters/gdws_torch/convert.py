@@ -14,7 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
-from gdws_torch.recovery import recalibrate_batchnorm
+from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
 
@@ -40,6 +40,9 @@ def convert(
     device: Any = "cpu",
     recalibrate: Iterable | None = None,
     recalibrate_samples: int = 1000,
+    refit: Iterable | None = None,
+    refit_samples: int = 1000,
+    refit_attack: Any = None,
     output_weights: Mapping[str, Any] | None = None,
     input_transforms: Mapping[str, Any] | None = None,
     allocation: str = "common_beta",
@@ -99,6 +102,13 @@ def convert(
         (:func:`gdws_torch.recalibrate_batchnorm`, natural inputs; training-free
         recovery of accuracy).
     recalibrate_samples : int, default=1000
+    refit : iterable, optional
+        A loader of calibration inputs: every GDWS layer's pointwise weights are then
+        re-solved to match the dense conv's output (:func:`gdws_torch.refit_pointwise`),
+        before any ``recalibrate``.
+    refit_samples : int, default=1000
+    refit_attack : callable, optional
+        ``attack(model) -> attack``: refit on adversarial inputs crafted against ``model``.
     output_weights, input_transforms : mapping, optional
         Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
         error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
@@ -217,11 +227,29 @@ def convert(
         )
         for name in slower:
             replace_module(converted, name, originals[name])
+    if refit is not None and built:
+        refit_pointwise(
+            model if not inplace else _dense_twin(converted, originals),
+            converted,
+            refit,
+            refit_samples,
+            attack=refit_attack,
+            inplace=True,
+            progress=False,
+        )
     if recalibrate is not None:
         recalibrate_batchnorm(
             converted, recalibrate, recalibrate_samples, inplace=True, progress=False
         )
     return converted, plan
+
+
+def _dense_twin(converted: nn.Module, originals: Mapping[str, nn.Module]) -> nn.Module:
+    """A copy of ``converted`` with the original convs back (``inplace`` lost the model)."""
+    twin = copy.deepcopy(converted)
+    for name, conv in originals.items():
+        replace_module(twin, name, copy.deepcopy(conv))
+    return twin
 
 
 def _optional_entry(mapping: Mapping[str, Any] | None, name: str, what: str) -> Any:

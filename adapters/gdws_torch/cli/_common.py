@@ -160,7 +160,13 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         "the least total error for the MACs",
     )
     if not recalibration:
-        parser.set_defaults(recalibrate_bn=0, recalibrate_attack=False, weighting="unit")
+        parser.set_defaults(
+            recalibrate_bn=0,
+            recalibrate_attack=False,
+            weighting="unit",
+            refit=0,
+            refit_attack=False,
+        )
         return
     group.add_argument(
         "--weighting",
@@ -179,6 +185,19 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         "--recalibrate-attack",
         action="store_true",
         help="also recalibrate on PGD inputs (the attack flags) of the converted model",
+    )
+    group.add_argument(
+        "--refit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-solve the pointwise weights to match the dense convs on N training inputs "
+        "(0: off); before --recalibrate-bn",
+    )
+    group.add_argument(
+        "--refit-attack",
+        action="store_true",
+        help="refit on PGD inputs (the attack flags) crafted against the dense model",
     )
 
 
@@ -236,7 +255,8 @@ def check_gdws_flags(args: argparse.Namespace) -> None:
     ]
     if given and not args.apply_gdws:
         raise UsageError(f"{', '.join(given)} only apply with --apply-gdws.")
-    if (args.recalibrate_bn or args.recalibrate_attack) and not (args.apply_gdws or args.converted):
+    recovery = args.recalibrate_bn or args.recalibrate_attack or args.refit or args.refit_attack
+    if recovery and not (args.apply_gdws or args.converted):
         raise UsageError("--recalibrate-bn applies to a GDWS model: add --apply-gdws.")
 
 
@@ -448,8 +468,8 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         budget["n_kernels"] = args.n_kernels
     else:
         budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
-    if args.recalibrate_bn < 0:
-        raise UsageError(f"--recalibrate-bn must be >= 0; got {args.recalibrate_bn}.")
+    if args.recalibrate_bn < 0 or args.refit < 0:
+        raise UsageError("--recalibrate-bn and --refit must be >= 0.")
     if args.latency_batch_size < 1:
         raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
     if args.allocation == "global" and "target_mac_reduction" not in budget:
@@ -483,9 +503,40 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         **budget,
     )
     print(report.format_table())
+    if args.refit:
+        refit(args, network, converted)
     if args.recalibrate_bn:
         recalibrate(args, converted)
     return converted, report, alphas_path
+
+
+def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
+    """``--refit N``: pointwise weights re-solved on N (adversarial) training inputs."""
+    from gdws_torch.layers import GDWSConv2d
+    from gdws_torch.recovery import refit_pointwise
+
+    if not any(isinstance(m, GDWSConv2d) for m in converted.modules()):
+        print("no GDWS layer: nothing to refit (--refit ignored)")
+        return
+    data = dataset(args, "train")
+    if args.refit > len(data):
+        raise UsageError(f"--refit {args.refit} exceeds the {len(data)} training inputs.")
+    attack = None
+    if args.refit_attack:
+        if getattr(args, "attack", "none") == "none":
+            raise UsageError("--refit-attack needs --attack pgd (and its flags).")
+        attack = lambda model: make_attack(args, model)  # noqa: E731
+    refit_pointwise(
+        with_normalization(args, network),
+        with_normalization(args, converted),
+        loader(data, args, shuffle=True),
+        args.refit,
+        attack=attack,
+        inplace=True,
+        progress=not getattr(args, "no_progress", False),
+    )
+    kind = "PGD" if attack else "natural"
+    print(f"pointwise weights refitted on {args.refit} {kind} training inputs")
 
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:

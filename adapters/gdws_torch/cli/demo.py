@@ -37,10 +37,10 @@ def add_parser(subparsers) -> None:
         "--targets",
         type=float,
         nargs="+",
-        help="conv MAC reductions of the sweep (default: 1.25 1.5 1.75 2 2.5)",
+        help="conv MAC reductions of the sweep (default: 1.5 2 2.5)",
     )
     parser.add_argument(
-        "--default-target", type=float, help="MAC target of the headline GDWS model (1.5)"
+        "--default-target", type=float, help="MAC target of the headline GDWS model (2)"
     )
     parser.add_argument("--n-test", type=int, help="first N of the 540 test digits")
     parser.add_argument("--alpha-samples", type=int, default=512)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quick:
         settings.update(
-            targets=args.targets or [2.0],
+            targets=args.targets or [2.5],
             n_test=args.n_test or 100,
             alpha_samples=64,
             attack_steps=args.attack_iters or 5,

@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     alphas_path = common.in_run_folder(args, args.alphas) if args.apply_gdws else None
     if alphas_path is not None and not alphas_path.is_file():
         raise common.UsageError(f"--alphas-filename: no file at {str(alphas_path)!r}.")
+    if args.converted and args.refit:
+        raise common.UsageError("--refit needs the dense model: use --apply-gdws, not --converted.")
     if args.converted:
         converted_path = common.in_run_folder(args, args.converted)
         if not converted_path.is_file():
