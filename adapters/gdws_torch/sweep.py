@@ -34,6 +34,7 @@ def run_sweep(
     allocations: Sequence[str] = ("common_beta",),
     recalibration_samples: int = 1000,
     weighting_samples: int = 256,
+    refit_samples: int = 0,
     n_test: int | None = None,
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
     fps_backend: str | None = "eager",
@@ -62,6 +63,10 @@ def run_sweep(
         ``0``: no recovery rows; otherwise every model also gets a recalibrated twin.
     weighting_samples : int
         Inputs for the data-driven weightings (noise gains, patch moments).
+    refit_samples : int
+        ``> 0``: every model also gets a "refit+BN" twin: pointwise weights refitted on
+        that many training inputs made adversarial by ``attack`` against the dense
+        network (crafted once), then BatchNorm recalibrated.
     n_test : int, optional
     fps_backend : str or None
         Batch-1 FPS of every model on this backend (``None``: not measured).
@@ -96,6 +101,18 @@ def run_sweep(
             strategy, wrap(network), input_shape, loader=train_loader, n_samples=weighting_samples
         )
         # Names under a wrapper carry ``module.``; convert's lookups accept both forms.
+    calibration = None
+    if refit_samples > 0:
+        log(f"crafting {refit_samples} adversarial calibration inputs ...")
+        crafter = attack(wrap(copy.deepcopy(network)).eval())
+        calibration, seen = [], 0
+        for images, labels in train_loader:
+            images, labels = images[: refit_samples - seen], labels[: refit_samples - seen]
+            calibration.append((crafter(images, labels).detach(), labels))
+            seen += len(images)
+            if seen >= refit_samples:
+                break
+        refit_samples = seen
     models: dict[str, nn.Module] = {"dense": wrap(network)}
     rows = []
     jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
@@ -123,6 +140,22 @@ def run_sweep(
                 progress=False,
             )
             variants.append(("BN", recalibrated))
+        if recover and calibration is not None:
+            from gdws_torch.recovery import refit_pointwise
+
+            refitted = copy.deepcopy(converted)
+            refit_pointwise(
+                wrap(network),
+                wrap(refitted),
+                calibration,
+                refit_samples,
+                inplace=True,
+                progress=False,
+            )
+            recalibrate_batchnorm(
+                wrap(refitted), train_loader, recalibration_samples, inplace=True, progress=False
+            )
+            variants.append(("refit+BN", refitted))
         for recovery, model in variants:
             key = f"{strategy}|{allocation}|{recovery}|{target:g}"
             models[key] = wrap(model)
@@ -188,10 +221,10 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
             key=lambda r: r["mac_reduction"],
         )
         label = strategy + (f", {allocation}" if len(allocations) > 1 else "")
-        label += " + BN recalibration" if recovery == "BN" else ""
+        label += {"BN": " + BN recalibration", "refit+BN": " + refit + BN"}.get(recovery, "")
         style = {
             "color": colours[strategy],
-            "linestyle": "-" if recovery == "BN" else "--",
+            "linestyle": {"BN": "-", "refit+BN": "-."}.get(recovery, "--"),
             "marker": "o" if allocation == "common_beta" else "s",
         }
         axes[0].plot(
@@ -204,7 +237,7 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
                 color=style["color"],
                 marker=style["marker"],
                 linestyle="none",
-                fillstyle="full" if recovery == "BN" else "none",
+                fillstyle="none" if recovery == "none" else "full",
             )
     axes[0].scatter(
         [1.0], [dense["robust"]], marker="*", s=180, color="black", label="dense", zorder=3
@@ -220,7 +253,7 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         axis.set_ylabel("robust accuracy (%)")
         axis.grid(alpha=0.3)
     figure.legend(loc="outside right center", fontsize=7)
-    figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; solid: recovered)")
+    figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; dashed: no recovery)")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")
     figure.savefig(temporary, dpi=110)

@@ -60,6 +60,13 @@ def add_parser(subparsers) -> None:
         help="recovery rows with BatchNorm re-estimated on N training inputs (0: none)",
     )
     sweep.add_argument("--weighting-samples", type=int, default=256)
+    sweep.add_argument(
+        "--refit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also rows with the pointwise refit on N PGD training inputs, then BN (0: none)",
+    )
     sweep.add_argument("--n-test", type=int, help="first N test inputs")
     sweep.add_argument(
         "--fps-backend",
@@ -82,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
-    if args.recalibrate_bn < 0:
-        raise common.UsageError(f"--recalibrate-bn must be >= 0; got {args.recalibrate_bn}.")
+    if args.recalibrate_bn < 0 or args.refit < 0:
+        raise common.UsageError("--recalibrate-bn and --refit must be >= 0.")
     if args.model is None:
         network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
         args.dataset, args.no_norm = "digits", True
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         allocations=allocations,
         recalibration_samples=min(args.recalibrate_bn, len(train)),
         weighting_samples=min(args.weighting_samples, len(train)),
+        refit_samples=min(args.refit, len(train)),
         n_test=args.n_test,
         wrap=lambda model: common.with_normalization(args, model),
         fps_backend=None if args.fps_backend == "none" else args.fps_backend,
