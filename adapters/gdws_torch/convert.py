@@ -84,7 +84,9 @@ def convert(
         Build the layers in fused mode (one dense conv with the reconstructed weight:
         faster robustness evaluation in eager PyTorch; the explicit form is the deployed one).
     inplace : bool, default=False
-        Modify ``model`` itself instead of a deep copy.
+        Modify ``model`` itself instead of a deep copy. Planning errors leave it as it
+        was; an error of ``refit`` or ``recalibrate`` (which run last) leaves it
+        converted but not recovered.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
     latency_aware : bool, default=False
         Hardware-aware conversion: time every planned layer dense vs GDWS on ``backend``
