@@ -278,24 +278,14 @@ def refit_pointwise(
                     with torch.no_grad():
                         target(images)
                         x = captured["x"].to(torch.float64)
+                        # The layers' own forward (every padding mode), in float64.
                         depthwise = layer.depthwise
-                        features = torch.nn.functional.conv2d(
-                            _padded(depthwise, x.index_select(1, layer.kernel_channels)),
+                        features = depthwise._conv_forward(
+                            x.index_select(1, layer.kernel_channels),
                             depthwise.weight.to(torch.float64),
                             None,
-                            depthwise.stride,
-                            0 if depthwise.padding_mode != "zeros" else depthwise.padding,
-                            depthwise.dilation,
-                            g,
                         )
-                        wanted = torch.nn.functional.conv2d(
-                            _padded(conv, x),
-                            weight,
-                            None,
-                            conv.stride,
-                            0 if conv.padding_mode != "zeros" else conv.padding,
-                            conv.dilation,
-                        )
+                        wanted = conv._conv_forward(x, weight, None)
                         f = features.transpose(0, 1).reshape(g, -1)
                         y = wanted.transpose(0, 1).reshape(layer.out_channels, -1)
                         gram += f @ f.T
@@ -320,10 +310,3 @@ def refit_pointwise(
         converted.load_state_dict(target.state_dict())
         return converted
     return target
-
-
-def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x`` padded the way ``conv`` pads it when its padding mode is not zeros."""
-    if conv.padding_mode == "zeros":
-        return x
-    return torch.nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
