@@ -166,6 +166,26 @@ def check_weight(
     return Weight(xp, W3, n_out, n_in, (kh, kw), W.ndim)
 
 
+def _channel_vector(
+    xp: Any, values: Any, n: int, like: Any, dtype: Any, name: str, size: str, side: str
+) -> Any:
+    """``values`` as a finite 1-D real array of length ``n`` in ``like``'s namespace, ``dtype``."""
+    if not array_api_compat.is_array_api_obj(values):
+        values = xp.asarray(values, device=array_api_compat.device(like))
+    else:
+        get_namespace(values, like)  # refuses a mix of array libraries
+    if values.ndim != 1 or values.shape[0] != n:
+        raise ValueError(
+            f"{name} must be a 1-D array of length {size}={n} (one weight per {side} "
+            f"channel); got shape {tuple(values.shape)}."
+        )
+    if not xp.isdtype(values.dtype, ("real floating", "integral")):
+        raise TypeError(f"{name} must hold real numbers; got dtype {values.dtype}.")
+    values = xp.astype(values, dtype)
+    check_finite(xp, values, name)
+    return values
+
+
 def check_alpha(alpha: Any, n_channels: int, like: Any, dtype: Any) -> Any:
     """Per-channel error weights: length ``C``, finite, non-negative; ones by default.
 
@@ -175,19 +195,7 @@ def check_alpha(alpha: Any, n_channels: int, like: Any, dtype: Any) -> Any:
     device = array_api_compat.device(like)
     if alpha is None:
         return xp.ones(n_channels, dtype=dtype, device=device)
-    if not array_api_compat.is_array_api_obj(alpha):
-        alpha = xp.asarray(alpha, device=device)
-    else:
-        get_namespace(alpha, like)  # refuses a mix of array libraries
-    if alpha.ndim != 1 or alpha.shape[0] != n_channels:
-        raise ValueError(
-            f"alpha must be a 1-D array of length C={n_channels} (one weight per input "
-            f"channel); got shape {tuple(alpha.shape)}."
-        )
-    if not xp.isdtype(alpha.dtype, ("real floating", "integral")):
-        raise TypeError(f"alpha must hold real numbers; got dtype {alpha.dtype}.")
-    alpha = xp.astype(alpha, dtype)
-    check_finite(xp, alpha, "alpha")
+    alpha = _channel_vector(xp, alpha, n_channels, like, dtype, "alpha", "C", "input")
     if bool(xp.any(alpha < 0)):
         raise ValueError(f"alpha must be non-negative; got minimum {float(xp.min(alpha))!r}.")
     return alpha
@@ -198,20 +206,7 @@ def check_output_weights(weights: Any, n_out: int, like: Any, dtype: Any) -> Any
     if weights is None:
         return None
     xp = get_namespace(like)
-    device = array_api_compat.device(like)
-    if not array_api_compat.is_array_api_obj(weights):
-        weights = xp.asarray(weights, device=device)
-    else:
-        get_namespace(weights, like)
-    if weights.ndim != 1 or weights.shape[0] != n_out:
-        raise ValueError(
-            f"output_weights must be a 1-D array of length M={n_out} (one weight per output "
-            f"channel); got shape {tuple(weights.shape)}."
-        )
-    if not xp.isdtype(weights.dtype, ("real floating", "integral")):
-        raise TypeError(f"output_weights must hold real numbers; got dtype {weights.dtype}.")
-    weights = xp.astype(weights, dtype)
-    check_finite(xp, weights, "output_weights")
+    weights = _channel_vector(xp, weights, n_out, like, dtype, "output_weights", "M", "output")
     if bool(xp.any(weights <= 0)):
         raise ValueError(
             f"output_weights must be positive; got minimum {float(xp.min(weights))!r}."
