@@ -112,16 +112,21 @@ def add_attack_arguments(
     )
 
 
-def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = True) -> None:
-    group = parser.add_argument_group("GDWS approximation")
-    budget = group.add_mutually_exclusive_group()
+def add_budget_arguments(group, required: bool = False, target_help: str = "") -> None:
+    """The mutually exclusive ``--beta | --target-mac-reduction | --n-kernels``."""
+    budget = group.add_mutually_exclusive_group(required=required)
     budget.add_argument("--beta", type=float, help="LEGO error budget of every layer")
     budget.add_argument(
         "--target-mac-reduction",
         type=float,
-        help="overall conv MAC reduction to reach (see --allocation)",
+        help=target_help or "overall conv MAC reduction to reach (see --allocation)",
     )
-    budget.add_argument("--n-kernels", type=int, help="MEGO: kernels per layer")
+    budget.add_argument("--n-kernels", type=int, help="MEGO: depthwise kernels per layer")
+
+
+def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = True) -> None:
+    group = parser.add_argument_group("GDWS approximation")
+    add_budget_arguments(group)
     group.add_argument(
         "--alphas-filename",
         "--alphas",
@@ -510,6 +515,19 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
     return converted, report, alphas_path
 
 
+def _recovery_inputs(args: argparse.Namespace, n: int, flag: str, adversarial: bool):
+    """Training data holding ``n`` inputs, and the attack factory of ``--<flag>-attack``."""
+    data = dataset(args, "train")
+    if n > len(data):
+        raise UsageError(f"--{flag} {n} exceeds the {len(data)} training inputs.")
+    attack = None
+    if adversarial:
+        if getattr(args, "attack", "none") == "none":
+            raise UsageError(f"--{flag.split('-')[0]}-attack needs --attack pgd (and its flags).")
+        attack = lambda model: make_attack(args, model)  # noqa: E731
+    return data, attack
+
+
 def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
     """``--refit N``: pointwise weights re-solved on N (adversarial) training inputs."""
     from gdws_torch.layers import GDWSConv2d
@@ -518,14 +536,7 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
     if not any(isinstance(m, GDWSConv2d) for m in converted.modules()):
         print("no GDWS layer: nothing to refit (--refit ignored)")
         return
-    data = dataset(args, "train")
-    if args.refit > len(data):
-        raise UsageError(f"--refit {args.refit} exceeds the {len(data)} training inputs.")
-    attack = None
-    if args.refit_attack:
-        if getattr(args, "attack", "none") == "none":
-            raise UsageError("--refit-attack needs --attack pgd (and its flags).")
-        attack = lambda model: make_attack(args, model)  # noqa: E731
+    data, attack = _recovery_inputs(args, args.refit, "refit", args.refit_attack)
     refit_pointwise(
         with_normalization(args, network),
         with_normalization(args, converted),
@@ -546,16 +557,9 @@ def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:
     if not batchnorm_layers(network):
         print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
         return
-    data = dataset(args, "train")
-    if args.recalibrate_bn > len(data):
-        raise UsageError(
-            f"--recalibrate-bn {args.recalibrate_bn} exceeds the {len(data)} training inputs."
-        )
-    attack = None
-    if args.recalibrate_attack:
-        if getattr(args, "attack", "none") == "none":
-            raise UsageError("--recalibrate-attack needs --attack pgd (and its flags).")
-        attack = lambda model: make_attack(args, model)  # noqa: E731
+    data, attack = _recovery_inputs(
+        args, args.recalibrate_bn, "recalibrate-bn", args.recalibrate_attack
+    )
     model = with_normalization(args, network)
     recalibrate_batchnorm(
         model,

@@ -18,14 +18,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("input", metavar="IN.onnx", help="the model to rewrite (not modified)")
     parser.add_argument("output", metavar="OUT.onnx", help="the rewritten model (not IN)")
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--beta", type=float, help="LEGO error budget of every layer")
-    budget.add_argument(
-        "--target-mac-reduction",
-        type=float,
-        help="overall Conv MAC reduction to reach (LEGO with the smallest common beta)",
+    common.add_budget_arguments(
+        parser,
+        required=True,
+        target_help="overall Conv MAC reduction to reach (LEGO with the smallest common beta)",
     )
-    budget.add_argument("--n-kernels", type=int, help="MEGO: depthwise kernels per layer")
     parser.add_argument(
         "--input-shape",
         type=int,
