@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["batchnorm_layers", "recalibrate_batchnorm", "refit_pointwise"]
+__all__ = ["batchnorm_layers", "calibration_inputs", "recalibrate_batchnorm", "refit_pointwise"]
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -169,7 +169,7 @@ def recalibrate_batchnorm(
     return target
 
 
-def _calibration_inputs(
+def calibration_inputs(
     loader: Iterable, n_samples: int, dense: nn.Module, attack: Any, device: Any
 ) -> list[torch.Tensor]:
     """``n_samples`` inputs of ``loader`` in batches; adversarial against ``dense`` if asked."""
@@ -256,7 +256,7 @@ def refit_pointwise(
                 f"{layer.in_channels}); pass the model converted was made from."
             )
     device = next(iter(target.parameters())).device
-    batches = _calibration_inputs(loader, n_samples, dense, attack, device)
+    batches = calibration_inputs(loader, n_samples, dense, attack, device)
     modes = [(module, module.training) for module in target.modules()]
     bar = tqdm(total=len(layers), desc="refit pointwise", unit="layer", disable=not progress)
     try:

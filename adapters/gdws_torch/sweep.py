@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from gdws_torch.convert import convert, set_fused
 from gdws_torch.evaluate import evaluate
 from gdws_torch.macs import count_macs
-from gdws_torch.recovery import batchnorm_layers
+from gdws_torch.recovery import batchnorm_layers, calibration_inputs
 from gdws_torch.throughput import measure_throughput
 from gdws_torch.weightings import STRATEGIES, weighting
 
@@ -104,15 +104,9 @@ def run_sweep(
     calibration = None
     if refit_samples > 0:
         log(f"crafting {refit_samples} adversarial calibration inputs ...")
-        crafter = attack(wrap(copy.deepcopy(network)).eval())
-        calibration, seen = [], 0
-        for images, labels in train_loader:
-            images, labels = images[: refit_samples - seen], labels[: refit_samples - seen]
-            calibration.append((crafter(images, labels).detach(), labels))
-            seen += len(images)
-            if seen >= refit_samples:
-                break
-        refit_samples = seen
+        calibration = calibration_inputs(
+            train_loader, refit_samples, wrap(network), attack, next(network.parameters()).device
+        )
     models: dict[str, nn.Module] = {"dense": wrap(network)}
     rows = []
     jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
