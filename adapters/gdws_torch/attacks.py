@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PGD", "PGDL1", "PGDL2", "Attack"]
+__all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "sample_seed"]
 
 
 def _check_positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
@@ -51,6 +51,15 @@ class Attack:
     seed : int or None, default=None
         Seed of the random starts (a private generator: reproducible, and the global
         RNG is not consumed). ``None``: the global RNG.
+
+    Notes
+    -----
+    Called as ``attack(images, labels)``, the random starts of a batch come from one
+    generator seeded with ``seed``: they depend on how the data is batched. Called as
+    ``attack(images, labels, sample_ids=ids)`` with each sample's index in its dataset,
+    every sample's start comes from its own generator seeded by ``(seed, id, restart)``,
+    so a sample is attacked the same way whatever batch or process it lands in (the
+    distributed evaluation relies on this).
     """
 
     norm = ""
@@ -81,7 +90,7 @@ class Attack:
         return (
             f"{type(self).__name__}(eps={self.eps:g}, alpha={self.alpha:g}, steps={self.steps}, "
             f"random_start={self.random_start}, restarts={self.restarts}, "
-            f"early_stop={self.early_stop})"
+            f"early_stop={self.early_stop}, seed={self.seed})"
         )
 
     # -- the parts each norm defines -------------------------------------------------
@@ -111,6 +120,24 @@ class Attack:
                 f"[{low:.4g}, {high:.4g}]."
             )
 
+    def _check_sample_ids(self, sample_ids: Any, n: int) -> torch.Tensor | None:
+        if sample_ids is None:
+            return None
+        if self.seed is None:
+            raise ValueError(
+                "sample_ids seeds each sample's random start from the attack's seed; "
+                "construct the attack with seed=<int>."
+            )
+        ids = torch.as_tensor(sample_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (n,):
+            raise ValueError(
+                f"sample_ids must be {n} integer sample indices, one per image; got "
+                f"{ids.dtype} of shape {tuple(ids.shape)}."
+            )
+        if n and int(ids.min()) < 0:
+            raise ValueError(f"sample_ids must be non-negative; got {int(ids.min())}.")
+        return ids.cpu()
+
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
@@ -123,9 +150,22 @@ class Attack:
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         return logits.detach(), loss.detach(), grad
 
-    def _run(self, x: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
+    def _start(self, x: torch.Tensor, generator, sample_ids, restart: int) -> torch.Tensor:
+        if sample_ids is None:
+            return self._random_delta(x, generator)
+        starts = []
+        for i, sample in enumerate(sample_ids.tolist()):
+            own = torch.Generator(device=x.device).manual_seed(
+                sample_seed(self.seed, sample, restart)
+            )
+            starts.append(self._random_delta(x[i : i + 1], own))
+        return torch.cat(starts)
+
+    def _run(
+        self, x: torch.Tensor, labels: torch.Tensor, generator, sample_ids=None, restart: int = 0
+    ) -> torch.Tensor:
         if self.random_start:
-            delta = self._random_delta(x, generator)
+            delta = self._start(x, generator, sample_ids, restart)
             delta = (x + delta).clamp(0, 1) - x
         else:
             delta = torch.zeros_like(x)
@@ -146,9 +186,23 @@ class Attack:
                 delta = stepped
         return delta.detach()
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Adversarial images: ``images + delta``, in the ball and in ``[0, 1]``."""
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, sample_ids: Any = None
+    ) -> torch.Tensor:
+        """Adversarial images: ``images + delta``, in the ball and in ``[0, 1]``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            ``(N, ...)`` pixels in ``[0, 1]``.
+        labels : torch.LongTensor
+            ``(N,)`` class indices.
+        sample_ids : sequence of int, optional
+            Each sample's index in its dataset: seeds its random start on its own (see
+            the class notes). Needs ``seed``.
+        """
         self._check(images, labels)
+        sample_ids = self._check_sample_ids(sample_ids, images.shape[0])
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         x = images.detach()
@@ -157,8 +211,8 @@ class Attack:
             best_delta = torch.zeros_like(x)
             best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best_loss = torch.full((x.shape[0],), -torch.inf, dtype=x.dtype, device=x.device)
-            for _ in range(self.restarts):
-                delta = self._run(x, labels, generator)
+            for restart in range(self.restarts):
+                delta = self._run(x, labels, generator, sample_ids, restart)
                 if self.restarts == 1:  # nothing to choose from: skip the extra forward
                     best_delta = delta
                     break
@@ -175,6 +229,15 @@ class Attack:
             for module, training in modes:
                 module.training = training
         return (x + best_delta).clamp(0, 1).detach()
+
+
+def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:
+    """A 63-bit seed for one sample and restart, well mixed (SplitMix64 finaliser)."""
+    mask = (1 << 64) - 1
+    value = (seed * 0x9E3779B97F4A7C15 + sample_id * 0xBF58476D1CE4E5B9 + restart) & mask
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        value = ((value ^ (value >> shift)) * factor) & mask
+    return (value ^ (value >> 31)) >> 1
 
 
 def _per_sample_norm(t: torch.Tensor, p: float) -> torch.Tensor:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import numbers
+import os
+import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-__all__ = ["evaluate"]
+from gdws_torch.attacks import Attack
+from gdws_torch.distributed import Group, shard
+from gdws_torch.resume import ResultStore, describe_attack, model_digest
+
+__all__ = ["batch_outcomes", "evaluate", "evaluate_dataset"]
 
 
 def evaluate(
@@ -47,40 +56,21 @@ def evaluate(
         ``{"n_samples": N, "natural": %, "attacks": {name: %}, "union": % or None}``,
         accuracies in percent.
     """
-    attacks = dict(attacks or {})
-    for name, attack in attacks.items():
-        if not callable(attack):
-            raise TypeError(f"attacks[{name!r}] must be callable; got {type(attack).__name__}.")
-    if n_samples is not None and (
-        isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1
-    ):
-        raise ValueError(f"n_samples must be a positive integer or None; got {n_samples!r}.")
+    attacks = _check_arguments(attacks, n_samples)
     if device is None:
         device = next(iter(model.parameters())).device
     modes = [(module, module.training) for module in model.modules()]
     seen = 0
-    natural = torch.zeros((), dtype=torch.long)
-    per_attack = {name: torch.zeros((), dtype=torch.long) for name in attacks}
+    counts = torch.zeros(1 + len(attacks), dtype=torch.long)
     union = torch.zeros((), dtype=torch.long)
     bar = tqdm(total=n_samples, desc="evaluate", unit="sample", disable=not progress)
     try:
-        model.eval()
         for images, labels in loader:
             if n_samples is not None:
                 images, labels = images[: n_samples - seen], labels[: n_samples - seen]
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad():
-                correct = model(images).argmax(1) == labels
-            natural += correct.sum().cpu()
-            robust = correct.clone()
-            for name, attack in attacks.items():
-                adversarial = attack(images, labels)
-                model.eval()
-                with torch.no_grad():
-                    survived = model(adversarial).argmax(1) == labels
-                per_attack[name] += survived.sum().cpu()
-                robust &= survived
-            union += robust.sum().cpu()
+            outcomes = batch_outcomes(model, images.to(device), labels.to(device), attacks)
+            counts += outcomes.sum(0)
+            union += outcomes.all(1).sum()
             seen += len(labels)
             bar.update(len(labels))
             if n_samples is not None and seen >= n_samples:
@@ -92,12 +82,259 @@ def evaluate(
     if seen == 0:
         raise ValueError("the loader yielded no samples.")
 
+    return _summary(seen, counts, union, list(attacks))
+
+
+def _check_arguments(attacks: Mapping | None, n_samples: Any) -> dict[str, Callable]:
+    attacks = dict(attacks or {})
+    for name, attack in attacks.items():
+        if not callable(attack):
+            raise TypeError(f"attacks[{name!r}] must be callable; got {type(attack).__name__}.")
+    if n_samples is not None and (
+        isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1
+    ):
+        raise ValueError(f"n_samples must be a positive integer or None; got {n_samples!r}.")
+    return attacks
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    attacks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+    *,
+    n_samples: int | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: Any = None,
+    resume_dir: str | os.PathLike | None = None,
+    save_every_s: float = 60.0,
+    group: Group | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate` on the first ``n_samples`` of a dataset: sharded, resumable, seeded.
+
+    - **Sharded**: with a :class:`~gdws_torch.distributed.Group` of several processes
+      (``torchrun``), each evaluates every ``world_size``-th remaining sample; the
+      per-sample outcomes are summed over processes, and the run fails unless every
+      sample was evaluated exactly once.
+    - **Seeded per sample**: attacks that take ``sample_ids`` (the library's, with a
+      seed) start each sample from its own random point, so 1 and N processes, and any
+      batch size, give the same result (up to floating-point differences between
+      batch sizes).
+    - **Resumable**: with ``resume_dir``, each process saves its per-sample outcomes
+      there at most every ``save_every_s`` seconds and when it finishes; a later call
+      with the same model, attacks and ``n_samples`` evaluates only what is missing.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Pixels in ``[0, 1]`` to logits; evaluated in eval mode, its mode restored.
+    dataset : torch.utils.data.Dataset
+        Indexable, yielding ``(image, label)``.
+    attacks : mapping of str to callable, optional
+        As :func:`evaluate`.
+    n_samples : int, optional
+        Evaluate samples ``0 .. n_samples - 1`` (default: all).
+    batch_size, num_workers : int
+        Of each process's ``DataLoader``.
+    device : optional
+        Default: the model's parameters' device.
+    resume_dir : path-like, optional
+        Folder of saved per-sample results (see :mod:`gdws_torch.resume`).
+    save_every_s : float, default=60
+        Least time between two saves of a process's results (0: after every batch).
+    group : Group, optional
+        The processes sharing the work (default: this process alone; see
+        :func:`gdws_torch.distributed.process_group`).
+    progress : bool, default=True
+        A progress bar on rank 0.
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate`, plus ``"resumed"`` (samples taken from ``resume_dir``) and
+        ``"world_size"``. Every process returns the same dict.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments; a ``resume_dir`` holding another evaluation's results; processes
+        evaluating different models or attacks.
+    RuntimeError
+        Samples missing or counted twice after the processes' results are combined.
+    """
+    attacks = _check_arguments(attacks, n_samples)
+    for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer; got {value!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive; got {batch_size!r}.")
+    if not (isinstance(save_every_s, numbers.Real) and save_every_s >= 0):
+        raise ValueError(f"save_every_s must be a number >= 0; got {save_every_s!r}.")
+    group = group or Group()
+    total = len(dataset) if n_samples is None else min(int(n_samples), len(dataset))
+    if total == 0:
+        raise ValueError("the dataset has no samples.")
+    if device is None:
+        device = next(iter(model.parameters())).device
+    fingerprint = {
+        "format": 1,
+        "n_samples": total,
+        "columns": ["natural", *attacks],
+        "attacks": [describe_attack(attack) for attack in attacks.values()],
+        "model": model_digest(model),
+    }
+    for rank, theirs in enumerate(group.all_gather(fingerprint)):
+        if theirs != fingerprint:
+            raise ValueError(
+                f"process {rank} evaluates a different model or attacks than process "
+                f"{group.rank}; every process must build the same ones."
+            )
+    if not (group.world_size == 1 or all(map(_seeds_per_sample, attacks.values()))):
+        warnings.warn(
+            "an attack without per-sample seeds (sample_ids): results depend on how the "
+            "samples are split over processes and batches.",
+            stacklevel=2,
+        )
+    store = ResultStore(resume_dir, fingerprint) if resume_dir is not None else None
+    done_ids, done_outcomes = (None, None)
+    if group.is_main and store is not None:
+        done_ids, done_outcomes = store.load()
+    # Rank 0 decides what is left, so every process shards the same list.
+    done = group.broadcast(None if done_ids is None else done_ids.tolist()) or []
+    run = group.broadcast(uuid.uuid4().hex[:12])
+    done_set = set(done)
+    remaining = [i for i in range(total) if i not in done_set]
+    mine = shard(remaining, group.rank, group.world_size)
+    ids, outcomes = _evaluate_indices(
+        model,
+        dataset,
+        mine,
+        attacks,
+        batch_size,
+        num_workers,
+        device,
+        store,
+        run,
+        group,
+        save_every_s,
+        progress,
+    )
+    # Every sample's row once: the saved ones from rank 0, the new ones from their rank.
+    table = torch.zeros(total, 2 + len(attacks), dtype=torch.int32)
+    if done_outcomes is not None and len(done_outcomes):
+        table[done_ids, 0] += 1
+        table[done_ids, 1:] += done_outcomes.to(torch.int32)
+    if len(ids):
+        table[ids, 0] += 1
+        table[ids, 1:] += outcomes.to(torch.int32)
+    table = group.all_reduce_sum(table)
+    times = table[:, 0]
+    if not bool((times == 1).all()):
+        missing = int((times == 0).sum())
+        twice = int((times > 1).sum())
+        raise RuntimeError(
+            f"combining the processes' results: {missing} samples missing and {twice} "
+            "counted more than once; the run is incomplete and reports nothing."
+        )
+    correct = table[:, 1:].to(torch.bool)
+    result = _summary(total, correct.sum(0), correct.all(1).sum(), list(attacks))
+    return {**result, "resumed": len(done), "world_size": group.world_size}
+
+
+def _evaluate_indices(
+    model,
+    dataset,
+    indices,
+    attacks,
+    batch_size,
+    num_workers,
+    device,
+    store,
+    run,
+    group,
+    save_every_s,
+    progress,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's per-sample outcomes on ``indices``, saved to ``store`` as it goes."""
+    ids = torch.zeros(0, dtype=torch.long)
+    outcomes = torch.zeros(0, 1 + len(attacks), dtype=torch.bool)
+    if not indices:
+        if store is not None:
+            store.save(run, group.rank, ids, outcomes)
+        return ids, outcomes
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    order = torch.tensor(indices, dtype=torch.long)
+    modes = [(module, module.training) for module in model.modules()]
+    where = f" (process {group.rank} of {group.world_size})" if group.world_size > 1 else ""
+    bar = tqdm(
+        total=len(indices),
+        desc=f"evaluate{where}",
+        unit="sample",
+        disable=not (progress and group.is_main),
+    )
+    done_ids, done_outcomes = [], []
+    position = 0
+    last_save = time.monotonic()
+    try:
+        for images, labels in loader:
+            batch_ids = order[position : position + len(labels)]
+            position += len(labels)
+            batch = batch_outcomes(model, images.to(device), labels.to(device), attacks, batch_ids)
+            done_ids.append(batch_ids)
+            done_outcomes.append(batch)
+            bar.update(len(labels))
+            if store is not None and time.monotonic() - last_save >= save_every_s:
+                store.save(run, group.rank, torch.cat(done_ids), torch.cat(done_outcomes))
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+        for module, training in modes:
+            module.training = training
+    ids, outcomes = torch.cat(done_ids), torch.cat(done_outcomes)
+    if store is not None:
+        store.save(run, group.rank, ids, outcomes)
+    return ids, outcomes
+
+
+def _summary(seen: int, counts: torch.Tensor, union: torch.Tensor, names: list[str]) -> dict:
     def percent(count: torch.Tensor) -> float:
         return 100.0 * int(count) / seen
 
     return {
         "n_samples": seen,
-        "natural": percent(natural),
-        "attacks": {name: percent(count) for name, count in per_attack.items()},
-        "union": percent(union) if attacks else None,
+        "natural": percent(counts[0]),
+        "attacks": {name: percent(count) for name, count in zip(names, counts[1:], strict=True)},
+        "union": percent(union) if names else None,
     }
+
+
+def batch_outcomes(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attacks: Mapping[str, Callable],
+    sample_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per sample, whether it is classified correctly naturally and under each attack.
+
+    Returns a ``(N, 1 + len(attacks))`` bool tensor on the CPU: column 0 natural, then
+    one column per attack. ``sample_ids`` goes to the attacks that seed each sample's
+    random start on its own (:class:`~gdws_torch.attacks.Attack` with a seed).
+    """
+    model.eval()
+    with torch.no_grad():
+        columns = [model(images).argmax(1) == labels]
+    for attack in attacks.values():
+        if sample_ids is not None and _seeds_per_sample(attack):
+            adversarial = attack(images, labels, sample_ids=sample_ids)
+        else:
+            adversarial = attack(images, labels)
+        model.eval()
+        with torch.no_grad():
+            columns.append(model(adversarial).argmax(1) == labels)
+    return torch.stack(columns, 1).cpu()
+
+
+def _seeds_per_sample(attack: Callable) -> bool:
+    return isinstance(attack, Attack) and attack.seed is not None

@@ -126,25 +126,34 @@ def _check_arguments(n_samples: Any, chunk_size: Any, method: Any, attack: Any) 
         )
 
 
-def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple[Any, Any]]:
-    """Exactly ``n_samples`` samples from ``loader``, re-batched into chunks."""
-    images: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple[Any, Any, Any]]:
+    """Exactly ``n_samples`` samples from ``loader``, re-batched into chunks.
+
+    Yields ``(images, labels, sample_ids)``; ``sample_ids`` is ``None`` unless the
+    loader yields ``(images, labels, sample_ids)`` triples.
+    """
+    parts: list[list[torch.Tensor]] = [[], [], []]
     have = buffered = 0
+    indexed = None
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(
                 f"loader must yield (images, labels) batches; got a {type(batch).__name__}."
             )
+        if indexed is None:
+            indexed = len(batch) >= 3
         take = min(len(batch[0]), n_samples - have)
-        images.append(batch[0][:take])
-        labels.append(torch.as_tensor(batch[1])[:take])
+        parts[0].append(batch[0][:take])
+        parts[1].append(torch.as_tensor(batch[1])[:take])
+        if indexed:
+            parts[2].append(torch.as_tensor(batch[2])[:take])
         have += take
         buffered += take
         while buffered >= chunk_size:
-            x, y = torch.cat(images), torch.cat(labels)
-            yield x[:chunk_size], y[:chunk_size]
-            images, labels, buffered = [x[chunk_size:]], [y[chunk_size:]], buffered - chunk_size
+            joined = [torch.cat(p) if p else None for p in parts]
+            yield tuple(None if t is None else t[:chunk_size] for t in joined)
+            parts = [[] if t is None else [t[chunk_size:]] for t in joined]
+            buffered -= chunk_size
         if have == n_samples:
             break
     if have < n_samples:
@@ -153,7 +162,7 @@ def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple
             "Lower n_samples or give a longer loader."
         )
     if buffered:
-        yield torch.cat(images), torch.cat(labels)
+        yield tuple(torch.cat(p) if p else None for p in parts)
 
 
 def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -400,8 +409,10 @@ def noise_gains(
         (normalisation belongs inside the model). It runs in eval mode; its modes are
         restored afterwards, even on error; its parameters, their ``.grad`` and
         ``requires_grad`` flags are not touched.
-    loader : iterable of (images, labels)
-        For example a ``DataLoader``; the first ``n_samples`` samples are used.
+    loader : iterable of (images, labels) or (images, labels, sample_ids)
+        For example a ``DataLoader``; the first ``n_samples`` samples are used. With
+        ``sample_ids`` (e.g. from :class:`gdws_torch.distributed.WithIndices`), they are
+        passed on to the attack, which then seeds each sample's random start on its own.
     n_samples : int, default=1000
         Samples averaged over (``N`` in the formula).
     attack : callable, optional
@@ -446,11 +457,12 @@ def noise_gains(
     try:
         model.eval()
         recorder = _Recorder(chosen)
-        for images, labels in _chunks(loader, n_samples, chunk_size):
+        for images, labels, sample_ids in _chunks(loader, n_samples, chunk_size):
             images, labels = images.to(device), labels.to(device)
             if attack is not None:
                 recorder.active = False
-                images = attack(images, labels).detach()
+                seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
+                images = attack(images, labels, **seeded).detach()
                 recorder.active = True
                 model.eval()  # an attack may switch modes
             sums = _chunk_sums(model, chosen, recorder, images, method, chunk_size)
@@ -539,10 +551,11 @@ def reference_noise_gains(
     bar = tqdm(total=n_samples, desc="noise gains (loop)", unit="sample", disable=not progress)
     try:
         model.eval()
-        for images, labels in _chunks(loader, n_samples, 1):
+        for images, labels, sample_ids in _chunks(loader, n_samples, 1):
             images, labels = images.to(weights[0].device), labels.to(weights[0].device)
             if attack is not None:
-                images = attack(images, labels).detach()
+                seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
+                images = attack(images, labels, **seeded).detach()
                 model.eval()
             with torch.enable_grad():
                 z = model(images)[0]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torch.utils.data import DataLoader, Subset
+
 from gdws_torch.checkpoints import save_alphas
 from gdws_torch.cli import _common as common
+from gdws_torch.distributed import WithIndices, shard
 from gdws_torch.noise_gains import noise_gains
 
 HELP = "compute the noise gains (alphas) of a checkpoint on training samples"
@@ -30,6 +33,7 @@ def add_parser(subparsers) -> None:
         help="output file (relative to FNAME; default alphas.pth)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common.add_distributed_arguments(parser, resume=False)
     parser.set_defaults(run=run)
 
 
@@ -41,22 +45,44 @@ def run(args: argparse.Namespace) -> int:
     out = common.check_output(common.in_run_folder(args, args.out), [checkpoint], "--out")
     if out.exists() and not args.overwrite:
         raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    device = common.device(args)
+    with common.distributed(args, device) as group:
+        return _run(args, checkpoint, out, device, group)
+
+
+def _run(args: argparse.Namespace, checkpoint: Path, out: Path, device, group) -> int:
     network = common.build_network(args, checkpoint)
-    model = common.with_normalization(args, network).to(common.device(args))
+    model = common.with_normalization(args, network).to(device)
     data = common.dataset(args, "train")
     if args.sample_size > len(data):
         raise common.UsageError(
             f"--sample-size {args.sample_size} exceeds the {len(data)} training samples."
         )
+    if args.sample_size < group.world_size:
+        raise common.UsageError(
+            f"--sample-size {args.sample_size} is less than the {group.world_size} processes."
+        )
+    # Each process averages its share of the samples; the weighted sum over processes is
+    # the average over all (each sample's attack is seeded by its index, not its process).
+    mine = shard(range(args.sample_size), group.rank, group.world_size)
+    loader = DataLoader(
+        Subset(WithIndices(data), mine), batch_size=args.batch_size, num_workers=args.workers
+    )
     attack = common.make_attack(args, model)
-    gains = noise_gains(
+    share = noise_gains(
         model,
-        common.loader(data, args),
-        args.sample_size,
+        loader,
+        len(mine),
         attack=attack,
         chunk_size=args.chunk_size,
         progress=not args.no_progress,
     )
+    gains = {
+        name: group.all_reduce_sum(value * len(mine)) / args.sample_size
+        for name, value in share.items()
+    }
+    if not group.is_main:
+        return 0
     rows = [
         {
             "layer": name,

@@ -8,8 +8,9 @@ from pathlib import Path
 from gdws_torch.checkpoints import load_converted
 from gdws_torch.cli import _common as common
 from gdws_torch.convert import set_fused
-from gdws_torch.evaluate import evaluate
+from gdws_torch.evaluate import evaluate_dataset
 from gdws_torch.macs import count_macs
+from gdws_torch.resume import ResultStore
 
 HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
 
@@ -28,13 +29,21 @@ def add_parser(subparsers) -> None:
         "--logfilename", help="append 'epsilon<TAB>acc' to this file (relative to FNAME)"
     )
     out.add_argument("--json", default="gdws-results/eval.json", help="results file")
+    common.add_distributed_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     common.check_common(args)
     common.check_gdws_flags(args)
+    if args.save_every < 0:
+        raise common.UsageError(f"--save-every must be >= 0; got {args.save_every}.")
     device = common.device(args)
+    with common.distributed(args, device) as group:
+        return _run(args, device, group)
+
+
+def _run(args: argparse.Namespace, device, group) -> int:
     architecture = common.architecture_name(args.model)
     shape = common.input_shape(args.dataset, architecture)
     report = converted_path = saved_report = None
@@ -65,18 +74,34 @@ def run(args: argparse.Namespace) -> int:
         log = common.in_run_folder(args, args.logfilename)
         common.check_output(log, inputs, "--logfilename")
     json_path = common.check_output(Path(args.json), inputs, "--json")
+    resume_dir = Path(args.resume_dir) if args.resume_dir else json_path.with_suffix(".partial")
+    store_inputs = [p for p in inputs if p is not None]
+    if any(resume_dir.resolve() == p.resolve() for p in store_inputs):
+        raise common.UsageError(f"--resume-dir {str(resume_dir)!r} is an input of this command.")
+    if args.fresh and group.is_main and resume_dir.is_dir():
+        ResultStore(resume_dir, {}).clear()
     macs = count_macs(network, shape)
     parameters = common.count_parameters(network)
     # Fused GDWS layers: the same outputs, faster in eager PyTorch.
     model = common.with_normalization(args, set_fused(network, True)).to(device)
     data = common.dataset(args, "test")
     attacks = common.make_attacks(args, model)
-    result = evaluate(
+    result = evaluate_dataset(
         model,
-        common.loader(data, args, args.n_samples),
+        data,
         attacks,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        resume_dir=resume_dir,
+        save_every_s=args.save_every,
+        group=group,
         progress=not args.no_progress,
     )
+    if not group.is_main:
+        return 0
+    if result["resumed"]:
+        print(f"resumed: {result['resumed']} samples' results read from {resume_dir}")
     specs = common.attack_specs(args) if attacks else []
     for spec, (label, accuracy) in zip(specs, result["attacks"].items(), strict=True):
         spec.update(label=label, accuracy=accuracy)
@@ -123,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                 for spec in specs
             ],
             "n_samples": result["n_samples"],
+            "processes": result["world_size"],
             "natural_accuracy": result["natural"],
             "robust_accuracy": robust,
             "union_accuracy": result["union"] if attacks else None,
@@ -132,4 +158,6 @@ def run(args: argparse.Namespace) -> int:
             "alphas": alphas_path,
         },
     )
+    # The results are safely written: the per-sample results have served their purpose.
+    ResultStore(resume_dir, {}).clear()
     return 0
