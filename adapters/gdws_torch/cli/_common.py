@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from gdws_approx._io import write_json_atomic
 from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
 from gdws_torch.checkpoints import check_state_dict, load_alphas, load_state_dict_file
 from gdws_torch.datasets import DATASETS, load_dataset, num_classes
+from gdws_torch.distributed import process_group, world_from_environment
 from gdws_torch.models import ARCHITECTURES
 from gdws_torch.normalization import normalized
 
@@ -228,10 +231,15 @@ def check_common(args: argparse.Namespace) -> None:
 
 
 def device(args: argparse.Namespace) -> torch.device:
-    """``--device``, with ``auto`` meaning CUDA when there is one."""
+    """``--device``, with ``auto`` meaning CUDA when there is one.
+
+    Under ``torchrun``, ``auto`` and ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``.
+    """
     name = getattr(args, "device", "auto")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", world_from_environment().local_rank)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     try:
         chosen = torch.device(name)
     except (RuntimeError, ValueError):
@@ -283,6 +291,53 @@ def check_output(path: Path, inputs: Iterable[Path | None], flag: str) -> Path:
     return path
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    group = parser.add_argument_group(
+        "scale-out and resuming (run under torchrun for several processes; docs/distributed.md)"
+    )
+    group.add_argument(
+        "--workers", type=int, default=0, help="data-loading worker processes per process"
+    )
+    if not resume:
+        return
+    group.add_argument(
+        "--resume-dir",
+        help="where per-sample results are saved as the run goes, and resumed from "
+        "(default: next to --json, <json>.partial)",
+    )
+    group.add_argument(
+        "--save-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="least time between two saves of the per-sample results (default 60; 0: every batch)",
+    )
+    group.add_argument(
+        "--fresh", action="store_true", help="discard saved results and start from the beginning"
+    )
+
+
+@contextlib.contextmanager
+def distributed(args: argparse.Namespace, where: torch.device):
+    """Join the ``torchrun`` group (a group of one otherwise); only rank 0 prints.
+
+    The other processes run without progress bars and with their standard output
+    discarded; their errors still reach standard error.
+    """
+    if getattr(args, "workers", 0) < 0:
+        raise UsageError(f"--workers must be >= 0; got {args.workers}.")
+    with contextlib.ExitStack() as stack:
+        try:
+            group = stack.enter_context(process_group(where))
+        except ValueError as exc:  # inconsistent RANK / WORLD_SIZE
+            raise UsageError(str(exc)) from None
+        if not group.is_main:
+            args.no_progress = True
+            sink = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(sink))
+        yield group
+
+
 # -- model and data -----------------------------------------------------------------------
 
 
@@ -295,12 +350,19 @@ def architecture_name(name: str) -> str:
 
 
 def input_shape(dataset: str, architecture: str) -> tuple[int, int, int]:
-    """One sample's shape: the digits network's 16x16 gray, or 32x32 colour."""
+    """One sample's shape: the digits network's 16x16 gray, ImageNet's 224x224, or 32x32."""
     if (dataset == "digits") != architecture.startswith("digits_cnn"):
         raise UsageError(
             f"--model {architecture} does not fit --dataset {dataset}: digits_cnn takes the "
             "16x16 gray digits; the other architectures take 32x32 colour images."
         )
+    if (dataset == "imagenet") != (architecture == "resnet50"):
+        raise UsageError(
+            f"--model {architecture} does not fit --dataset {dataset}: resnet50 takes the "
+            "224x224 ImageNet images; the other architectures take 32x32 or 16x16 images."
+        )
+    if dataset == "imagenet":
+        return (3, 224, 224)
     return (1, DIGITS_SIZE, DIGITS_SIZE) if dataset == "digits" else (3, 32, 32)
 
 
