@@ -127,3 +127,17 @@ def test_fps_bench_quick_run_prints_its_result(tmp_path, capsys):
     assert all(r["mac_reduction"] >= 3.0 for r in resnet)  # the "at least 3x"
     for r in rows:
         assert r["fps_ratio"] == pytest.approx(r["gdws_fps"] / r["dense_fps"])
+
+
+def test_eval_scaling_bench_quick_run_agrees_and_prints_its_result(tmp_path, capsys):
+    bench = _load_bench("eval_scaling")
+    out = tmp_path / "scaling.json"
+    assert bench.main(["--repeats", "1", "--steps", "1", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RESULT eval_scaling: ")
+    assert lines[-1].endswith("x (2 processes vs 1 process, evaluation throughput)")
+    result = json.loads(out.read_text())
+    assert result["speedup"] == pytest.approx(
+        result["summary"]["2"]["samples_per_s"] / result["summary"]["1"]["samples_per_s"]
+    )
+    assert "identical" in "\n".join(lines)

@@ -383,8 +383,11 @@ def _saved_samples(folder: Path) -> int:
     return total
 
 
-def kill_part_way(processes: int, args: list[str], folder: Path, at_least: int) -> subprocess.Popen:
-    """Start the command, wait until ``at_least`` samples are saved, SIGKILL a process."""
+def kill_part_way(processes: int, args: list[str], folder: Path, at_least: int) -> tuple[int, str]:
+    """Start the command, wait until ``at_least`` samples are saved, SIGKILL a process.
+
+    Returns the command's exit status and standard error.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen(
         [*gdws_command(processes), *args, "--threads", "1"],
@@ -401,8 +404,8 @@ def kill_part_way(processes: int, args: list[str], folder: Path, at_least: int) 
         workers = _children(run.pid)
         assert workers, "no worker processes found"
         os.kill(workers[-1], signal.SIGKILL)  # one rank dies; the others must not finish
-    run.communicate(timeout=300)
-    return run
+    _, stderr = run.communicate(timeout=300)
+    return run.returncode, stderr
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -411,9 +414,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, processes, s
     args = ["eval", *DEMO, "--attack-iters", "10", "--batch-size", "10", "--save-every", "0",
             "--json", str(out)]  # fmt: skip
     folder = out.with_suffix(".partial")
-    killed = kill_part_way(processes, args, folder, at_least=60)
-    assert killed.returncode != 0
+    status, stderr = kill_part_way(processes, args, folder, at_least=60)
+    assert status != 0
     assert not out.exists(), "a killed run must not report a result"
+    if processes > 1:  # torchrun stops the other process and names the one that failed
+        assert "Root Cause" in stderr and "Signal 9 (SIGKILL)" in stderr, stderr
     saved = _saved_samples(folder)
     assert 60 <= saved < 540
     done = run_gdws(processes, *args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from gdws_torch.checkpoints import load_converted
@@ -86,6 +87,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
     model = common.with_normalization(args, set_fused(network, True)).to(device)
     data = common.dataset(args, "test")
     attacks = common.make_attacks(args, model)
+    start = time.perf_counter()
     result = evaluate_dataset(
         model,
         data,
@@ -98,6 +100,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
         group=group,
         progress=not args.no_progress,
     )
+    seconds = time.perf_counter() - start  # the slowest process's: the results wait for it
     if not group.is_main:
         return 0
     if result["resumed"]:
@@ -149,6 +152,8 @@ def _run(args: argparse.Namespace, device, group) -> int:
             ],
             "n_samples": result["n_samples"],
             "processes": result["world_size"],
+            "resumed_samples": result["resumed"],
+            "evaluation_seconds": seconds,
             "natural_accuracy": result["natural"],
             "robust_accuracy": robust,
             "union_accuracy": result["union"] if attacks else None,
