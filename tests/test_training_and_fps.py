@@ -119,8 +119,8 @@ def test_normalized_bad_arguments():
             Normalized(net, CIFAR10_MEAN, std)
     with pytest.raises(ValueError, match="mean and std"):
         Normalized(net, (0.5, 0.5), (0.2, 0.2, 0.2))
-    with pytest.raises(ValueError, match=r"dataset.*'imagenet'"):
-        normalized(net, "imagenet")
+    with pytest.raises(ValueError, match=r"dataset.*'tinyimagenet'"):
+        normalized(net, "tinyimagenet")
 
 
 # -- random crop and flip -----------------------------------------------------------------

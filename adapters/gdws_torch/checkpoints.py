@@ -68,8 +68,31 @@ def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
     os.replace(f.name, path)
 
 
+def _robustness_model(state: Mapping) -> Mapping:
+    """The network's entries of a MadryLab ``robustness`` checkpoint's ``'model'`` dict.
+
+    Its ``AttackerModel`` (under ``nn.DataParallel``) holds ``module.model.*`` (the
+    network), ``module.normalizer.*`` (the input normalisation) and ``module.attacker.*``
+    (a second reference to the network and normaliser). Anything else is left as it is.
+    """
+    if not state or not all(isinstance(k, str) for k in state):
+        return state
+    wrapped = all(k.startswith("module.") for k in state)
+    inner = {k.removeprefix("module.") if wrapped else k: v for k, v in state.items()}
+    tops = {k.split(".", 1)[0] for k in inner}
+    if "model" not in tops or not tops <= {"model", "normalizer", "attacker"}:
+        return state
+    return {k.removeprefix("model."): v for k, v in inner.items() if k.startswith("model.")}
+
+
 def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """The state dict stored in ``path``: ``{'state_dict': ...}`` or a bare state dict.
+    """The state dict stored in ``path``.
+
+    Accepted layouts: ``{'state_dict': {name: tensor}}``, a bare ``{name: tensor}``, and
+    ``{'model': {name: tensor}, ...}``. In the last, a MadryLab ``robustness`` checkpoint's
+    keys (``module.model.*`` for the network, ``module.normalizer.*`` and
+    ``module.attacker.*`` beside it) are reduced to the network's, without the prefix:
+    normalisation is applied by :func:`gdws_torch.normalized` instead.
 
     Parameters
     ----------
@@ -84,6 +107,8 @@ def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     data = _safe_load(path, map_location)
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
+    elif isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = _robustness_model(data["model"])
     if (
         not isinstance(data, Mapping)
         or not data
@@ -92,8 +117,8 @@ def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         kind = type(data).__name__
         keys = sorted(data)[:5] if isinstance(data, Mapping) else []
         raise ValueError(
-            f"{str(path)!r} holds no state dict: expected {{'state_dict': {{name: tensor}}}} "
-            f"or {{name: tensor}}; got a {kind} with keys {keys}."
+            f"{str(path)!r} holds no state dict: expected {{'state_dict': {{name: tensor}}}}, "
+            f"{{'model': {{name: tensor}}}} or {{name: tensor}}; got a {kind} with keys {keys}."
         )
     return dict(data)
 

@@ -6,7 +6,11 @@
 - SVHN: ``<root>/{train,test}_32x32.mat`` (``X``: uint8 ``(32, 32, 3, N)``, ``y``: 1..10,
   10 meaning the digit 0);
 - digits: scikit-learn's bundled 8x8 handwritten digits (real data that ships with the
-  package): a fixed stratified split, optionally upsampled to 32x32.
+  package): a fixed stratified split, optionally upsampled to 32x32;
+- ImageNet (ILSVRC2012): ``<root>/train/<synset>/*.JPEG`` and ``<root>/val/<synset>/*.JPEG``,
+  the 1000 class folders torchvision's ``ImageFolder`` reads (labels are the indices of the
+  sorted folder names); decoded lazily with Pillow through the resize-256, centre-crop-224
+  evaluation transform (:mod:`gdws_torch.imagefolder`), see docs/imagenet.md.
 
 The CIFAR pickles are read by an unpickler that only accepts plain containers and NumPy
 arrays: a file that asks for anything else is refused, never executed. Nothing is
@@ -23,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 __all__ = ["DATASETS", "load_dataset", "num_classes"]
 
-DATASETS = ("cifar10", "cifar100", "svhn", "digits")
-_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10}
+DATASETS = ("cifar10", "cifar100", "svhn", "digits", "imagenet")
+_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "digits": 10, "imagenet": 1000}
 _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -143,32 +147,56 @@ def _digits(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(digits.target[chosen], dtype=torch.long)
 
 
+def _imagenet(root: Path, split: str):
+    from gdws_torch.imagefolder import ImageFolder
+
+    folder = root / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"imagenet: expected the folder {str(folder)!r} (one sub-folder per class, "
+            "e.g. n01440764/, holding its JPEG files), which does not exist; see "
+            "docs/imagenet.md for the layout."
+        )
+    data = ImageFolder(folder)
+    if len(data.classes) != _CLASSES["imagenet"]:
+        raise ValueError(
+            f"imagenet: {str(folder)!r} holds {len(data.classes)} class folders (e.g. "
+            f"{data.classes[:3]}); expected the 1000 ILSVRC2012 synset folders, whose sorted "
+            "order gives the labels 0..999 of ImageNet checkpoints."
+        )
+    return data
+
+
 def load_dataset(
     name: str, root: str | os.PathLike | None = None, split: str = "test", *, size: int = 8
-) -> TensorDataset:
+) -> Dataset:
     """A dataset as a ``TensorDataset`` of float pixels in ``[0, 1]`` and long labels.
 
     Parameters
     ----------
-    name : {"cifar10", "cifar100", "svhn", "digits"}
+    name : {"cifar10", "cifar100", "svhn", "digits", "imagenet"}
     root : path-like, optional
         The folder holding the dataset's files (see the module docstring); not used for
         ``"digits"``.
     split : {"train", "test"}, default="test"
+        For ``"imagenet"``, ``"test"`` reads ``<root>/val``.
     size : int, default=8
         ``"digits"`` only: side of the (bilinearly upsampled) images, e.g. 32.
 
     Returns
     -------
     torch.utils.data.TensorDataset
-        ``(images (N, C, H, W) float32, labels (N,) int64)``.
+        ``(images (N, C, H, W) float32, labels (N,) int64)``. For ``"imagenet"``, a
+        :class:`gdws_torch.imagefolder.ImageFolder` instead, which decodes each image
+        when it is indexed (``(3, 224, 224)`` float32, int label).
 
     Raises
     ------
     FileNotFoundError
         A file is missing: the message names the file expected and where.
     ValueError
-        A file is corrupt or not in the format.
+        A file is corrupt or not in the format; for ``"imagenet"``, a split folder
+        without exactly 1000 class folders.
     """
     name, split = _check_name(name), _check_split(split)
     if name == "digits":
@@ -180,6 +208,8 @@ def load_dataset(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: the root folder {str(root)!r} does not exist.")
+    if name == "imagenet":
+        return _imagenet(root, split)
     if name == "svhn":
         images, labels = _svhn(root, split)
     else:

@@ -19,6 +19,8 @@ DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | N
     ),
     "svhn": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "digits": None,  # the demo network takes raw pixels
+    # torchvision's ImageNet statistics, used by torchvision and robustness-library models.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
