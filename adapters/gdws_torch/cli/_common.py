@@ -296,7 +296,10 @@ def add_distributed_arguments(parser: argparse.ArgumentParser, resume: bool = Tr
         "scale-out and resuming (run under torchrun for several processes; docs/distributed.md)"
     )
     group.add_argument(
-        "--workers", type=int, default=0, help="data-loading worker processes per process"
+        "--workers",
+        type=int,
+        help="data-loading worker processes per process (default: 4 for imagenet's image "
+        "files, 0 for the in-memory datasets)",
     )
     if not resume:
         return
@@ -324,7 +327,9 @@ def distributed(args: argparse.Namespace, where: torch.device):
     The other processes run without progress bars and with their standard output
     discarded; their errors still reach standard error.
     """
-    if getattr(args, "workers", 0) < 0:
+    if getattr(args, "workers", None) is None:
+        args.workers = min(4, os.cpu_count() or 1) if args.dataset == "imagenet" else 0
+    if args.workers < 0:
         raise UsageError(f"--workers must be >= 0; got {args.workers}.")
     with contextlib.ExitStack() as stack:
         try:
