@@ -211,14 +211,11 @@ def evaluate_dataset(
         dataset,
         mine,
         attacks,
-        batch_size,
-        num_workers,
-        device,
-        store,
-        run,
-        group,
-        save_every_s,
-        progress,
+        loading={"batch_size": batch_size, "num_workers": num_workers},
+        device=device,
+        saving=(store, run, save_every_s),
+        group=group,
+        progress=progress,
     )
     # Every sample's row once: the saved ones from rank 0, the new ones from their rank.
     table = torch.zeros(total, 2 + len(attacks), dtype=torch.int32)
@@ -243,27 +240,29 @@ def evaluate_dataset(
 
 
 def _evaluate_indices(
-    model,
-    dataset,
-    indices,
-    attacks,
-    batch_size,
-    num_workers,
-    device,
-    store,
-    run,
-    group,
-    save_every_s,
-    progress,
+    model: nn.Module,
+    dataset: Dataset,
+    indices: list[int],
+    attacks: dict[str, Callable],
+    *,
+    loading: dict[str, int],
+    device: Any,
+    saving: tuple[ResultStore | None, str, float],
+    group: Group,
+    progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's per-sample outcomes on ``indices``, saved to ``store`` as it goes."""
+    """This process's per-sample outcomes on ``indices``, saved as it goes.
+
+    ``saving`` is ``(store or None, run id, least seconds between saves)``.
+    """
+    store, run, save_every_s = saving
     ids = torch.zeros(0, dtype=torch.long)
     outcomes = torch.zeros(0, 1 + len(attacks), dtype=torch.bool)
     if not indices:
         if store is not None:
             store.save(run, group.rank, ids, outcomes)
         return ids, outcomes
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, indices), **loading)
     order = torch.tensor(indices, dtype=torch.long)
     modes = [(module, module.training) for module in model.modules()]
     where = f" (process {group.rank} of {group.world_size})" if group.world_size > 1 else ""
