@@ -1,7 +1,10 @@
-"""Training-free recovery: BatchNorm statistics re-estimated after the approximation."""
+"""Training-free recovery: BatchNorm statistics re-estimated after the approximation, and
+the GDWS factors refitted by (alternating) least squares."""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -11,7 +14,13 @@ from _torch_models import INPUT_SIZE, NoEligible, small_resnet
 from torch import nn
 
 from gdws_torch import GDWSConv2d, convert, recalibrate_batchnorm, refit_pointwise
-from gdws_torch.recovery import batchnorm_layers
+from gdws_torch.recovery import (
+    batchnorm_layers,
+    depthwise_step,
+    pointwise_step,
+    refit_gdws,
+    refit_layer_factors,
+)
 
 N_SAMPLES, BATCH = 24, 8
 
@@ -257,3 +266,315 @@ def test_refit_bad_input(case, match):
         kwargs["n_samples"] = N_SAMPLES + 1
     with pytest.raises(ValueError, match=match):
         refit_pointwise(dense, converted, batches, **kwargs)
+
+
+# -- joint refit: depthwise kernels too, by alternating least squares -----------------------
+
+
+def tiny_layer(seed: int = 0, n_points: int = 60, m: int = 4, k2: int = 4):
+    """Patches ``X`` (3 channels x K2 rows), a weight, and a GDWS factorisation of it
+    (G = 5 kernels on channels 0, 0, 1, 2, 2) as numpy float64."""
+    rng = np.random.default_rng(seed)
+    c = 3
+    x = rng.standard_normal((c * k2, n_points)) * rng.uniform(0.3, 2.0, (c * k2, 1))
+    weight = rng.standard_normal((m, c * k2))
+    channels = np.array([0, 0, 1, 2, 2])
+    pointwise = rng.standard_normal((m, len(channels)))
+    kernels = rng.standard_normal((len(channels), k2))
+    return x, weight, channels, pointwise, kernels
+
+
+def scatter(kernels, channels, c):
+    """``D`` (G x C*K2) from kernels and their channels, by a loop."""
+    g, k2 = kernels.shape
+    d = np.zeros((g, c * k2))
+    for row, (channel, kernel) in enumerate(zip(channels, kernels, strict=True)):
+        d[row, channel * k2 : (channel + 1) * k2] = kernel
+    return d
+
+
+def as_torch(*arrays):
+    return [torch.as_tensor(a) for a in arrays]
+
+
+@pytest.mark.parametrize("max_direct", [10**6, 0])  # direct solve, conjugate gradients
+def test_depthwise_step_is_the_least_squares_solution(max_direct):
+    x, weight, channels, pointwise, kernels = tiny_layer()
+    y = weight @ x + 0.1 * np.random.default_rng(1).standard_normal((weight.shape[0], x.shape[1]))
+    gram, cross = x @ x.T, y @ x.T
+    # Brute force: y[m, t] = sum_g P[m, g] sum_i k[g, i] X[(c(g), i), t], linear in vec(k).
+    k2 = kernels.shape[1]
+    columns = [channel * k2 + i for channel in channels for i in range(k2)]
+    owner = np.repeat(np.arange(len(channels)), k2)
+    design = np.concatenate([x[columns].T * pointwise[m, owner] for m in range(len(y))])
+    expected = np.linalg.lstsq(design, y.reshape(-1), rcond=None)[0].reshape(kernels.shape)
+    got = depthwise_step(
+        *as_torch(gram, cross, channels, pointwise, kernels), ridge=0.0, max_direct=max_direct
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_pointwise_step_is_the_least_squares_solution():
+    x, weight, channels, _pointwise, kernels = tiny_layer(2)
+    features = scatter(kernels, channels, 3) @ x
+    expected = np.linalg.lstsq(features.T, (weight @ x).T, rcond=None)[0].T
+    gram = x @ x.T
+    got = pointwise_step(*as_torch(gram, weight @ gram, channels, kernels), ridge=0.0)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-4, 1e-1])
+@pytest.mark.parametrize("max_direct", [10**6, 0])
+def test_alternating_steps_never_increase_the_error_and_report_it(ridge, max_direct):
+    x, weight, channels, pointwise, kernels = tiny_layer(3, m=6)
+    y = weight @ x
+    gram, cross, energy = x @ x.T, y @ x.T, float((y**2).sum())
+    p, k, errors = refit_layer_factors(
+        *as_torch(gram, cross, channels, pointwise, kernels),
+        energy=energy,
+        iterations=6,
+        ridge=ridge,
+        max_direct=max_direct,
+    )
+    assert len(errors) == 2 * 6 + 2
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
+    assert errors[-1] < errors[1]  # the depthwise steps do help here
+    residual = y - p.numpy() @ scatter(k.numpy(), channels, 3) @ x
+    assert errors[-1] == pytest.approx(float((residual**2).sum()), rel=1e-8)
+    first = y - pointwise @ scatter(kernels, channels, 3) @ x
+    assert errors[0] == pytest.approx(float((first**2).sum()), rel=1e-8)
+    np.testing.assert_allclose(torch.linalg.vector_norm(k, dim=1).numpy(), 1.0, rtol=1e-12)
+    zero = refit_layer_factors(*as_torch(gram, cross, channels, pointwise, kernels), iterations=0)
+    assert len(zero[2]) == 2 and torch.equal(zero[1], torch.as_tensor(kernels))
+
+
+def test_an_exact_factorisation_is_kept():
+    x, weight, channels, pointwise, kernels = tiny_layer(4)
+    weight = pointwise @ scatter(kernels, channels, 3)  # representable exactly
+    gram = x @ x.T
+    cross, energy = weight @ gram, float(((weight @ x) ** 2).sum())
+    p, k, errors = refit_layer_factors(
+        *as_torch(gram, cross, channels, pointwise, kernels), energy=energy, ridge=0.0
+    )
+    assert max(errors) <= 1e-9 * energy
+    np.testing.assert_allclose(p.numpy() @ scatter(k.numpy(), channels, 3), weight, atol=1e-9)
+
+
+def numpy_patches(conv: nn.Conv2d, x: np.ndarray) -> np.ndarray:
+    """``(C*Kh*Kw, N*L)`` patches by explicit loops (numpy padding, every option used)."""
+    (ph, pw), (kh, kw) = conv.padding, conv.kernel_size
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    mode = {"zeros": "constant", "reflect": "reflect"}[conv.padding_mode]
+    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode=mode)
+    c, h, w = x.shape[1:]
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    a, b = np.meshgrid(np.arange(out_h) * sh, np.arange(out_w) * sw, indexing="ij")
+    rows = [
+        x[:, channel, i * dh + a, j * dw + b].reshape(-1)  # samples, then positions
+        for channel in range(c)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return np.stack(rows)
+
+
+def layer_input(model: nn.Module, name: str, images: torch.Tensor) -> np.ndarray:
+    seen = {}
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return seen["x"].numpy()
+
+
+def numpy_als(x, y, channels, kernels, iterations, ridge):
+    """The alternating least squares by explicit design matrices in numpy: each step the
+    ridge-regularised minimiser, kept only if the residual does not grow."""
+    c, k2 = x.shape[0] // kernels.shape[1], kernels.shape[1]
+    columns = [channel * k2 + i for channel in channels for i in range(k2)]
+    owner = np.repeat(np.arange(len(channels)), k2)
+
+    def error(p, k):
+        return float(((y - p @ scatter(k, channels, c) @ x) ** 2).sum())
+
+    def p_step(k):
+        features = scatter(k, channels, c) @ x
+        gram = features @ features.T
+        gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
+        return np.linalg.solve(gram, features @ y.T).T
+
+    def d_step(p):
+        design = [x[columns].T * p[m, owner] for m in range(len(y))]
+        h = sum(a.T @ a for a in design)
+        b = sum(a.T @ y[m] for m, a in enumerate(design))
+        h += ridge * np.diag(h).mean() * np.eye(len(h))
+        return np.linalg.solve(h, b).reshape(kernels.shape)
+
+    pointwise = np.zeros((len(y), len(channels)))
+    best = np.inf
+    steps = [("p", None)] + [("d", None), ("p", None)] * iterations
+    for kind, _ in steps:
+        if kind == "p":
+            candidate = (p_step(kernels), kernels)
+        else:
+            new = d_step(pointwise)
+            norms = np.linalg.norm(new, axis=1)
+            norms[norms == 0] = 1.0  # a dead kernel (its channel is all zeros) stays zero
+            candidate = (pointwise * norms, new / norms[:, None])
+        value = error(*candidate)
+        if value <= best * (1 + 1e-10):
+            (pointwise, kernels), best = candidate, min(value, best)
+    return pointwise, kernels
+
+
+@pytest.mark.parametrize("target", ["layer", "dense"])
+def test_refitted_model_matches_a_float64_numpy_reference(target):
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=2.0)
+    batches = loader(12, 6)
+    images = torch.cat([x for x, _ in batches])
+    refitted, errors = refit_gdws(
+        dense, converted, batches, 12, iterations=2, target=target, ridge=1e-6,
+        progress=False, return_errors=True,
+    )  # fmt: skip
+    reference = copy.deepcopy(converted)
+    names = [n for n, m in converted.named_modules() if isinstance(m, GDWSConv2d)]
+    assert list(errors) == names
+    for name in names:  # in execution order, each on the inputs the reference feeds it
+        layer, conv = reference.get_submodule(name), dense.get_submodule(name)
+        x = numpy_patches(conv, layer_input(reference, name, images))
+        source = x if target == "layer" else numpy_patches(conv, layer_input(dense, name, images))
+        y = conv.weight.detach().numpy().reshape(conv.out_channels, -1) @ source
+        channels = layer.kernel_channels.numpy()
+        kernels = layer.depthwise.weight.detach().numpy().reshape(layer.n_kernels, -1)
+        p, k = numpy_als(x, y, channels, kernels, 2, ridge=1e-6)
+        with torch.no_grad():
+            layer.pointwise.weight.copy_(torch.as_tensor(p).view_as(layer.pointwise.weight))
+            layer.depthwise.weight.copy_(torch.as_tensor(k).view_as(layer.depthwise.weight))
+        residual = y - p @ scatter(k, channels, conv.in_channels) @ x
+        assert errors[name][-1] == pytest.approx(float((residual**2).sum()), rel=1e-6, abs=1e-9)
+    for name in names:
+        got, want = refitted.get_submodule(name), reference.get_submodule(name)
+        torch.testing.assert_close(
+            got.depthwise.weight, want.depthwise.weight, rtol=1e-6, atol=1e-9
+        )
+        assert torch.equal(got.kernel_channels, want.kernel_channels)
+    test_images = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            refitted(test_images), reference(test_images), rtol=1e-6, atol=1e-9
+        )
+
+
+def test_joint_refit_keeps_structure_and_macs_and_lowers_every_layer_error():
+    from gdws_torch import count_macs
+
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    batches = loader(24, 12)
+    pointwise, pw_errors = refit_gdws(
+        dense, converted, batches, 24, depthwise=False, progress=False, return_errors=True
+    )
+    joint, errors = refit_gdws(dense, converted, batches, 24, progress=False, return_errors=True)
+    assert count_macs(joint, INPUT_SIZE).conv_macs == count_macs(converted, INPUT_SIZE).conv_macs
+    first = next(iter(errors))  # same inputs for both: the joint refit can only do better
+    assert errors[first][-1] <= pw_errors[first][-1] * (1 + 1e-9)
+    for name, layer in joint.named_modules():
+        if isinstance(layer, GDWSConv2d):
+            before = converted.get_submodule(name)
+            assert torch.equal(before.kernel_channels, layer.kernel_channels)
+            assert not torch.equal(before.depthwise.weight, layer.depthwise.weight)
+            assert torch.equal(
+                pointwise.get_submodule(name).depthwise.weight, before.depthwise.weight
+            )
+            if before.bias is not None:
+                assert torch.equal(before.bias, layer.bias)
+            assert all(
+                b <= a * (1 + 1e-9) for a, b in zip(errors[name], errors[name][1:], strict=False)
+            )
+    # refit_pointwise is the pointwise-only refit.
+    old = refit_pointwise(dense, converted, batches, 24, progress=False)
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), pointwise(x), rtol=0, atol=0)
+
+
+def test_joint_refit_of_an_exact_conversion_keeps_the_dense_outputs():
+    dense = small_resnet()
+    converted, _ = convert(
+        dense,
+        input_size=INPUT_SIZE,
+        beta=0.0,
+        only_if_cheaper=False,
+        exclude=["reflect", "dilated"],
+    )  # G > M: singular normal equations, solved by pseudo-inverses (slow for large G)
+    for target in ("layer", "dense"):
+        refitted = refit_gdws(
+            dense, converted, loader(32, 16), 32, ridge=0.0, target=target, progress=False
+        )
+        x = loader(8, 8)[0][0]
+        with torch.no_grad():
+            torch.testing.assert_close(refitted(x), dense(x), rtol=1e-7, atol=1e-9)
+
+
+def test_convert_runs_the_joint_refit():
+    dense = small_resnet()
+    batches = loader(24, 12)
+    options = {"input_size": INPUT_SIZE, "target_mac_reduction": 1.6}
+    plain, _ = convert(dense, **options)
+    expected = refit_gdws(dense, plain, batches, 24, iterations=2, target="dense", progress=False)
+    got, _ = convert(
+        dense, refit=batches, refit_samples=24, refit_depthwise=True, refit_iterations=2,
+        refit_target="dense", **options,
+    )  # fmt: skip
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="refit_target"):
+        convert(dense, refit=batches, refit_samples=24, refit_target="both", **options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"iterations": -1}, "iterations must be a non-negative integer; got -1"),
+        ({"iterations": 1.5}, "iterations must be"),
+        ({"iterations": True}, "iterations must be"),
+        ({"target": "both"}, "target must be one of \\('layer', 'dense'\\); got 'both'"),
+        ({"ridge": -1.0}, "ridge must be a non-negative number; got -1.0"),
+        ({"max_direct": -5}, "max_direct must be"),
+    ],
+)
+def test_joint_refit_bad_options(kwargs, match):
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        refit_gdws(dense, converted, loader(), N_SAMPLES, inplace=True, progress=False, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in converted.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"gram": np.zeros((12, 11))}, "gram must be square"),
+        ({"gram": np.zeros((10, 10))}, "gram's size 10 must be C \\* K2"),
+        ({"cross": np.zeros((3, 12))}, "cross must have shape \\(M, C\\*K2\\) = \\(4, 12\\)"),
+        ({"kernels": np.zeros((4, 4))}, "must have G=5 rows"),
+        ({"kernel_channels": np.array([0, 0, 1, 2, 3])}, "kernel_channels must be integer"),
+        ({"pointwise": np.zeros(4)}, "pointwise must be a 2-D torch tensor"),
+    ],
+)
+def test_layer_factors_bad_input(change, match):
+    x, weight, channels, pointwise, kernels = tiny_layer()
+    arguments = {
+        "gram": x @ x.T,
+        "cross": weight @ x @ x.T,
+        "kernel_channels": channels,
+        "pointwise": pointwise,
+        "kernels": kernels,
+    }
+    arguments.update(change)
+    with pytest.raises(ValueError, match=match):
+        refit_layer_factors(**{k: torch.as_tensor(v) for k, v in arguments.items()})

@@ -14,7 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
-from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
+from gdws_torch.recovery import REFIT_TARGETS, recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
 
@@ -43,6 +43,9 @@ def convert(
     refit: Iterable | None = None,
     refit_samples: int = 1000,
     refit_attack: Any = None,
+    refit_depthwise: bool = False,
+    refit_iterations: int = 3,
+    refit_target: str = "layer",
     output_weights: Mapping[str, Any] | None = None,
     input_transforms: Mapping[str, Any] | None = None,
     allocation: str = "common_beta",
@@ -105,12 +108,20 @@ def convert(
         recovery of accuracy).
     recalibrate_samples : int, default=1000
     refit : iterable, optional
-        A loader of calibration inputs: every GDWS layer's pointwise weights are then
-        re-solved to match the dense conv's output (:func:`gdws_torch.refit_pointwise`),
-        before any ``recalibrate``.
+        A loader of calibration inputs: every GDWS layer's pointwise weights (and with
+        ``refit_depthwise`` its depthwise kernels) are then re-solved by least squares to
+        match the dense network (:func:`gdws_torch.recovery.refit_gdws`), before any
+        ``recalibrate``. ``G`` and the MACs do not change.
     refit_samples : int, default=1000
     refit_attack : callable, optional
         ``attack(model) -> attack``: refit on adversarial inputs crafted against ``model``.
+    refit_depthwise : bool, default=False
+        Refit the depthwise kernels too, by alternating least squares.
+    refit_iterations : int, default=3
+        Alternations of the depthwise refit.
+    refit_target : {"layer", "dense"}, default="layer"
+        Fit each layer to the dense conv on the converted network's inputs (``"layer"``),
+        or to the dense network's own activations (``"dense"``).
     output_weights, input_transforms : mapping, optional
         Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
         error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
@@ -147,6 +158,17 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if refit is not None:
+        if refit_target not in REFIT_TARGETS:
+            raise ValueError(f"refit_target must be one of {REFIT_TARGETS}; got {refit_target!r}.")
+        if (
+            isinstance(refit_iterations, bool)
+            or not isinstance(refit_iterations, int)
+            or refit_iterations < 0
+        ):
+            raise ValueError(
+                f"refit_iterations must be a non-negative integer; got {refit_iterations!r}."
+            )
     if latency_aware:
         from gdws_torch.throughput import BACKENDS
 
@@ -230,11 +252,14 @@ def convert(
         for name in slower:
             replace_module(converted, name, originals[name])
     if refit is not None and built:
-        refit_pointwise(
+        refit_gdws(
             model if not inplace else _dense_twin(converted, originals),
             converted,
             refit,
             refit_samples,
+            depthwise=refit_depthwise,
+            iterations=refit_iterations,
+            target=refit_target,
             attack=refit_attack,
             inplace=True,
             progress=False,

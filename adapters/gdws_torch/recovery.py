@@ -19,10 +19,23 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["batchnorm_layers", "calibration_inputs", "recalibrate_batchnorm", "refit_pointwise"]
+__all__ = [
+    "REFIT_TARGETS",
+    "batchnorm_layers",
+    "calibration_inputs",
+    "depthwise_step",
+    "layer_patches",
+    "pointwise_step",
+    "recalibrate_batchnorm",
+    "refit_error",
+    "refit_gdws",
+    "refit_layer_factors",
+    "refit_pointwise",
+]
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -192,6 +205,535 @@ def calibration_inputs(
     )
 
 
+# -- refit: pointwise and depthwise factors by (alternating) least squares -------------------
+
+#: ``target=`` of :func:`refit_gdws`: what each layer's output is fitted to.
+REFIT_TARGETS = ("layer", "dense")
+#: Largest ``G * Kh * Kw`` whose depthwise normal equations are solved directly (their
+#: matrix takes ``8 * (G Kh Kw)^2`` bytes); larger layers use conjugate gradients.
+MAX_DIRECT_UNKNOWNS = 6144
+_CG_TOLERANCE = 1e-10
+_CG_MAX_ITERATIONS = 2000
+_PATCH_CHUNK_BYTES = 64 * 2**20
+
+
+def layer_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input patches ``conv`` multiplies, ``(N, C * Kh * Kw, L)``.
+
+    Honours the conv's stride, padding (including ``"same"``), dilation and padding mode, so
+    that ``conv._conv_forward(x, W, None)`` equals ``W.reshape(M, -1) @ patches`` (reshaped
+    to the output's ``(N, M, H', W')``). Rows are ordered as ``W.reshape(M, -1)``'s columns:
+    channel-major, then the kernel positions row by row.
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv2d
+        Any conv with the geometry (a GDWS layer's ``depthwise`` conv, or the dense one).
+    x : torch.Tensor of shape (N, C, H, W)
+
+    Returns
+    -------
+    torch.Tensor of shape (N, C * Kh * Kw, L)
+    """
+    mode = conv.padding_mode
+    if any(conv._reversed_padding_repeated_twice):
+        pad_mode = "constant" if mode == "zeros" else mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=pad_mode)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    n, c, h, w = x.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    # One strided view per kernel position: plain copies (F.unfold's im2col is much slower
+    # on CPU in float64).
+    views = [
+        x[
+            :,
+            :,
+            i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
+            j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return torch.stack(views, dim=2).reshape(n, c * kh * kw, out_h * out_w)
+
+
+def _check_factors(gram, cross, kernel_channels, pointwise, kernels) -> tuple[int, int, int, int]:
+    """``(M, G, C, K2)`` of consistent refit arguments; ``ValueError`` naming the culprit."""
+    for name, value, ndim in (
+        ("gram", gram, 2),
+        ("cross", cross, 2),
+        ("kernel_channels", kernel_channels, 1),
+        ("pointwise", pointwise, 2),
+        ("kernels", kernels, 2),
+    ):
+        if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+            raise ValueError(
+                f"{name} must be a {ndim}-D torch tensor; got "
+                f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}."
+            )
+    n = gram.shape[0]
+    m, g = pointwise.shape
+    k2 = kernels.shape[1]
+    if gram.shape != (n, n):
+        raise ValueError(f"gram must be square; got shape {tuple(gram.shape)}.")
+    if k2 < 1 or n % k2:
+        raise ValueError(
+            f"gram's size {n} must be C * K2 for kernels of K2={k2} entries; it is not."
+        )
+    if cross.shape != (m, n):
+        raise ValueError(f"cross must have shape (M, C*K2) = ({m}, {n}); got {tuple(cross.shape)}.")
+    if kernels.shape[0] != g or kernel_channels.shape != (g,):
+        raise ValueError(
+            f"kernels ({tuple(kernels.shape)}) and kernel_channels "
+            f"({tuple(kernel_channels.shape)}) must have G={g} rows, as pointwise's columns."
+        )
+    c = n // k2
+    if kernel_channels.dtype.is_floating_point or (
+        g and (int(kernel_channels.min()) < 0 or int(kernel_channels.max()) >= c)
+    ):
+        raise ValueError(f"kernel_channels must be integer channel indices in [0, {c}).")
+    return m, g, c, k2
+
+
+def _dense_weight(pointwise, kernels, kernel_channels, c: int) -> torch.Tensor:
+    """``P D`` as ``(M, C * K2)``: column block ``c`` sums the kernels reading channel ``c``."""
+    m, k2 = pointwise.shape[0], kernels.shape[1]
+    out = pointwise.new_zeros(m, c, k2)
+    out.index_add_(1, kernel_channels, pointwise[:, :, None] * kernels[None])
+    return out.reshape(m, c * k2)
+
+
+def _scattered(kernels, kernel_channels, c: int) -> torch.Tensor:
+    """``D`` as ``(G, C * K2)``: row ``g`` holds kernel ``g`` in its channel's block."""
+    g, k2 = kernels.shape
+    out = kernels.new_zeros(g, c, k2)
+    out[torch.arange(g, device=kernels.device), kernel_channels] = kernels
+    return out.reshape(g, c * k2)
+
+
+def refit_error(gram, cross, energy, kernel_channels, pointwise, kernels) -> float:
+    """The layer error ``energy - 2 tr(P D R^T) + tr(P D S D^T P^T)``.
+
+    With ``S = sum patch patch^T``, ``R = sum y patch^T`` and ``energy = sum ||y||^2`` this is
+    ``sum ||y - P D patch||^2`` (for ``y = W patch``: ``tr((W - P D) S (W - P D)^T)``).
+    """
+    c = _check_factors(gram, cross, kernel_channels, pointwise, kernels)[2]
+    what = _dense_weight(pointwise, kernels, kernel_channels, c)
+    return float(energy - 2 * (what * cross).sum() + ((what @ gram) * what).sum())
+
+
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``matrix^-1 rhs`` for a symmetric positive semi-definite ``matrix`` (a least-squares
+    minimiser when it is singular)."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    return torch.linalg.pinv(matrix, hermitian=True) @ rhs
+
+
+def pointwise_step(gram, cross, kernel_channels, kernels, ridge: float = 1e-4) -> torch.Tensor:
+    """The best pointwise weights for fixed depthwise kernels.
+
+    ``P = R D^T (D S D^T + ridge * mean(diag(D S D^T)) I)^-1``, the minimiser of
+    ``sum ||y - P D patch||^2`` plus the ridge (see :func:`refit_error` for the symbols).
+
+    Parameters
+    ----------
+    gram : torch.Tensor of shape (C*K2, C*K2)
+        ``S``, the input patch Gram matrix.
+    cross : torch.Tensor of shape (M, C*K2)
+        ``R = sum y patch^T`` (``W S`` to match the layer's dense weight ``W``).
+    kernel_channels : torch.LongTensor of shape (G,)
+    kernels : torch.Tensor of shape (G, K2)
+        The depthwise kernels ``D``.
+    ridge : float, default=1e-4
+        Relative Tikhonov regularisation.
+
+    Returns
+    -------
+    torch.Tensor of shape (M, G)
+    """
+    pointwise = cross.new_zeros(cross.shape[0], kernels.shape[0])
+    _, g, c, _ = _check_factors(gram, cross, kernel_channels, pointwise, kernels)
+    scattered = _scattered(kernels, kernel_channels, c)
+    features = scattered @ gram @ scattered.T  # D S D^T: the depthwise outputs' Gram
+    features = (features + features.T) / 2
+    scale = torch.diagonal(features).mean().clamp_min(1e-30)
+    regular = features + ridge * scale * torch.eye(g, dtype=gram.dtype, device=gram.device)
+    return _solve_spd(regular, (cross @ scattered.T).T).T
+
+
+def depthwise_step(
+    gram,
+    cross,
+    kernel_channels,
+    pointwise,
+    kernels,
+    ridge: float = 1e-4,
+    max_direct: int = MAX_DIRECT_UNKNOWNS,
+) -> torch.Tensor:
+    """The best depthwise kernels for fixed pointwise weights.
+
+    With ``Q = P^T P``, the ``G * K2`` kernel entries solve the normal equations
+    ``H vec(k) = b``, ``H[(g, i), (h, j)] = Q[g, h] S[(c(g), i), (c(h), j)]`` and
+    ``b[(g, i)] = (P^T R)[g, (c(g), i)]``, plus ``ridge * mean(diag(H))`` on the diagonal.
+    Up to ``max_direct`` unknowns they are solved directly (Cholesky, float64 advised);
+    beyond, by conjugate gradients with a block-Jacobi preconditioner, started from
+    ``kernels`` (each iterate lowers the regularised error), so memory stays
+    ``O(M C K2 + (C K2)^2)``.
+
+    Parameters
+    ----------
+    gram, cross, kernel_channels
+        See :func:`pointwise_step`.
+    pointwise : torch.Tensor of shape (M, G)
+    kernels : torch.Tensor of shape (G, K2)
+        The current kernels (the conjugate gradients' start; their shape otherwise).
+    ridge : float, default=1e-4
+    max_direct : int, default=MAX_DIRECT_UNKNOWNS
+
+    Returns
+    -------
+    torch.Tensor of shape (G, K2)
+    """
+    m, g, c, k2 = _check_factors(gram, cross, kernel_channels, pointwise, kernels)
+    gram4 = gram.view(c, k2, c, k2)
+    q = pointwise.T @ pointwise
+    rows = torch.arange(g, device=gram.device)
+    b = (pointwise.T @ cross).view(g, c, k2)[rows, kernel_channels]  # (G, K2)
+    # The diagonal blocks Q[g, g] S_{c(g) c(g)}: the block-Jacobi part of H.
+    blocks = torch.diagonal(q)[:, None, None] * gram4[kernel_channels, :, kernel_channels, :]
+    lam = ridge * torch.diagonal(blocks, dim1=1, dim2=2).mean().clamp_min(1e-30)
+    eye = torch.eye(k2, dtype=gram.dtype, device=gram.device)
+    if g * k2 <= max_direct:
+        h = gram4[kernel_channels][:, :, kernel_channels]  # (G, K2, G, K2)
+        h.mul_(q[:, None, :, None])
+        h = h.reshape(g * k2, g * k2)
+        h = (h + h.T) / 2
+        h.diagonal().add_(lam)
+        return _solve_spd(h, b.reshape(-1, 1)).reshape(g, k2)
+
+    def apply(k: torch.Tensor) -> torch.Tensor:  # H vec(k) + lam k, matrix-free
+        what = _dense_weight(pointwise, k, kernel_channels, c)
+        z = (what @ gram).view(m, c, k2)[:, kernel_channels]  # (M, G, K2)
+        return torch.einsum("mg,mgi->gi", pointwise, z) + lam * k
+
+    factor, info = torch.linalg.cholesky_ex(blocks + lam * eye)
+    if int(info.max()) != 0:  # a singular block (lam = 0 on a dead channel): Jacobi only
+        factor = None
+        diagonal = torch.diagonal(blocks, dim1=1, dim2=2) + lam
+        diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
+
+    def precondition(r: torch.Tensor) -> torch.Tensor:
+        if factor is None:
+            return r / diagonal
+        return torch.cholesky_solve(r[:, :, None], factor)[:, :, 0]
+
+    x = kernels.clone()
+    r = b - apply(x)
+    z = precondition(r)
+    p = z.clone()
+    rz = (r * z).sum()
+    norm_b = torch.linalg.vector_norm(b).clamp_min(1e-300)
+    for _ in range(_CG_MAX_ITERATIONS):
+        if torch.linalg.vector_norm(r) <= _CG_TOLERANCE * norm_b:
+            break
+        hp = apply(p)
+        curvature = (p * hp).sum()
+        if curvature <= 0:
+            break
+        step = rz / curvature
+        x += step * p
+        r -= step * hp
+        z = precondition(r)
+        rz_next = (r * z).sum()
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+    return x
+
+
+def refit_layer_factors(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    kernel_channels: torch.Tensor,
+    pointwise: torch.Tensor,
+    kernels: torch.Tensor,
+    *,
+    energy: float = 0.0,
+    iterations: int = 3,
+    ridge: float = 1e-4,
+    max_direct: int = MAX_DIRECT_UNKNOWNS,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Alternating least squares for one GDWS layer from its patch statistics.
+
+    Minimises ``sum ||y - P D patch||^2`` (:func:`refit_error`) over the pointwise weights
+    ``P`` and the depthwise kernels ``D`` (same ``G``, same channels, hence same MACs): a
+    :func:`pointwise_step`, then ``iterations`` times a :func:`depthwise_step` and a
+    :func:`pointwise_step`. A step is kept only if it does not raise the (unregularised)
+    error, so the error never increases; each depthwise step rescales the kernels to unit
+    norm (their pointwise columns compensate: the product is unchanged).
+
+    Parameters
+    ----------
+    gram : torch.Tensor of shape (C*K2, C*K2)
+        ``S = sum patch patch^T`` over the calibration inputs and output positions.
+    cross : torch.Tensor of shape (M, C*K2)
+        ``R = sum y patch^T``: ``W S`` to match the dense weight ``W`` on these inputs.
+    kernel_channels : torch.LongTensor of shape (G,)
+    pointwise : torch.Tensor of shape (M, G)
+        The starting factors (e.g. the SVD's); not modified.
+    kernels : torch.Tensor of shape (G, K2)
+    energy : float, default=0.0
+        ``sum ||y||^2``: the reported errors are then the residual sums of squares
+        (``tr(W S W^T)`` for ``y = W patch``); ``0`` reports them up to that constant.
+    iterations : int, default=3
+        Depthwise steps; ``0`` refits the pointwise weights only.
+    ridge : float, default=1e-4
+        Relative Tikhonov regularisation of every step.
+    max_direct : int, default=MAX_DIRECT_UNKNOWNS
+        See :func:`depthwise_step`.
+
+    Returns
+    -------
+    pointwise : torch.Tensor of shape (M, G)
+    kernels : torch.Tensor of shape (G, K2)
+    errors : list of float
+        The error of the starting factors, then after every step (``2 * iterations + 1``
+        steps).
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes, a negative ``ridge``, ``iterations`` or ``max_direct``.
+    """
+    _check_count(iterations, "iterations")
+    _check_count(max_direct, "max_direct")
+    _check_ridge(ridge)
+    _check_factors(gram, cross, kernel_channels, pointwise, kernels)
+    error = refit_error(gram, cross, energy, kernel_channels, pointwise, kernels)
+    errors = [error]
+    # Relative slack for accepting a step: rounding of the error's cancellations.
+    slack = 1e-10 * (abs(energy) + abs(error) + 1e-300)
+
+    def accept(new_p, new_k):
+        nonlocal pointwise, kernels, error
+        candidate = refit_error(gram, cross, energy, kernel_channels, new_p, new_k)
+        if candidate <= error + slack:
+            pointwise, kernels, error = new_p, new_k, min(candidate, error)
+        errors.append(error)
+
+    accept(pointwise_step(gram, cross, kernel_channels, kernels, ridge), kernels)
+    for _ in range(iterations):
+        new_k = depthwise_step(gram, cross, kernel_channels, pointwise, kernels, ridge, max_direct)
+        norms = torch.linalg.vector_norm(new_k, dim=1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        accept(pointwise * norms, new_k / norms[:, None])
+        accept(pointwise_step(gram, cross, kernel_channels, kernels, ridge), kernels)
+    return pointwise, kernels, errors
+
+
+def _check_count(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {value!r}.")
+
+
+def _check_ridge(ridge: Any) -> None:
+    if isinstance(ridge, bool) or not (isinstance(ridge, numbers.Real) and ridge >= 0):
+        raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
+
+
+def refit_gdws(
+    dense: nn.Module,
+    converted: nn.Module,
+    loader: Iterable,
+    n_samples: int = 1000,
+    *,
+    depthwise: bool = True,
+    iterations: int = 3,
+    target: str = "layer",
+    attack: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    | None = None,
+    ridge: float = 1e-4,
+    max_direct: int = MAX_DIRECT_UNKNOWNS,
+    inplace: bool = False,
+    progress: bool = True,
+    return_errors: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, list[float]]]:
+    """Re-solve the factors of every GDWS layer by least squares to match the dense network.
+
+    In execution order, for each :class:`~gdws_torch.GDWSConv2d` ``L`` of ``converted``
+    (replacing the conv ``W`` of ``dense`` with the same name), with ``x`` the inputs
+    ``converted`` feeds ``L`` (earlier layers already refitted) and ``patch`` their
+    ``C Kh Kw`` input patches (:func:`layer_patches`): the patch Gram matrix
+    ``S = sum patch patch^T`` over all calibration inputs and output positions is
+    accumulated in float64, and :func:`refit_layer_factors` minimises
+    ``sum ||y - P D patch||^2`` over the pointwise weights ``P`` and, with ``depthwise``,
+    the depthwise kernels ``D`` by alternating least squares. ``G``, the kernels' channels,
+    the biases and the MACs are unchanged.
+
+    Parameters
+    ----------
+    dense : torch.nn.Module
+        The original network (read only).
+    converted : torch.nn.Module
+        Its GDWS version (from :func:`gdws_torch.convert`); copied unless ``inplace``.
+    loader : iterable of images or (images, labels)
+        Calibration inputs (training data; labels only for ``attack``).
+    n_samples : int, default=1000
+    depthwise : bool, default=True
+        Also refit the depthwise kernels (``False``: the pointwise weights only, as
+        :func:`refit_pointwise`).
+    iterations : int, default=3
+        Alternations (depthwise step, then pointwise step) after the first pointwise step;
+        ignored without ``depthwise``.
+    target : {"layer", "dense"}, default="layer"
+        ``"layer"``: ``y = W patch``, the dense conv applied to the converted network's
+        inputs of the layer (``R = W S``). ``"dense"``: ``y`` is the dense network's own
+        conv output on the same calibration input (``R = sum y_dense patch^T``), which
+        also corrects the error that earlier layers passed on.
+    attack : callable, optional
+        ``attack(model) -> attack(images, labels)``: calibrate on adversarial inputs
+        crafted against ``dense`` instead (measured best for robust accuracy).
+    ridge : float, default=1e-4
+        Relative Tikhonov regularisation of every least-squares step.
+    max_direct : int, default=MAX_DIRECT_UNKNOWNS
+        Layers with more than this many depthwise unknowns (``G Kh Kw``) solve the
+        depthwise step by conjugate gradients instead of a dense ``(G Kh Kw)^2`` matrix.
+    inplace, progress : bool
+    return_errors : bool, default=False
+        Also return ``{layer name: errors}``, the layer's residual sum of squares before
+        and after every step (see :func:`refit_layer_factors`).
+
+    Returns
+    -------
+    torch.nn.Module
+        The refitted model, in ``converted``'s train/eval modes (and the errors when
+        ``return_errors``).
+
+    Raises
+    ------
+    ValueError
+        Bad ``n_samples``, ``iterations``, ``target``, ``ridge`` or ``max_direct``, no GDWS
+        layer, a ``dense`` without the matching convs, a loader with fewer samples, or
+        adversarial calibration without labels. ``converted`` is untouched then.
+    """
+    from gdws_torch.layers import GDWSConv2d
+
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    _check_count(iterations, "iterations")
+    _check_count(max_direct, "max_direct")
+    _check_ridge(ridge)
+    if target not in REFIT_TARGETS:
+        raise ValueError(f"target must be one of {REFIT_TARGETS}; got {target!r}.")
+    steps = iterations if depthwise else 0
+    work = copy.deepcopy(converted)
+    dense_modules = dict(dense.named_modules())
+    layers = [(n, m) for n, m in work.named_modules() if isinstance(m, GDWSConv2d)]
+    if not layers:
+        raise ValueError("converted has no GDWSConv2d layer: nothing to refit.")
+    for name, layer in layers:
+        conv = dense_modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or conv.weight.shape[:2] != (
+            layer.out_channels,
+            layer.in_channels,
+        ):
+            raise ValueError(
+                f"dense has no conv {name!r} matching the GDWS layer ({layer.out_channels}x"
+                f"{layer.in_channels}); pass the model converted was made from."
+            )
+    device = next(iter(work.parameters())).device
+    batches = calibration_inputs(loader, n_samples, dense, attack, device)
+    reference = copy.deepcopy(dense).eval() if target == "dense" else None
+    reference_modules = dict(reference.named_modules()) if reference is not None else {}
+    modes = [(module, module.training) for module in work.modules()]
+    errors: dict[str, list[float]] = {}
+    what = "refit pointwise" if steps == 0 else "refit pointwise + depthwise"
+    bar = tqdm(total=len(layers), desc=what, unit="layer", disable=not progress)
+    try:
+        work.eval()
+        for name, layer in layers:
+            gram, cross, energy = _layer_statistics(
+                layer, dense_modules[name], work, batches, reference, reference_modules.get(name)
+            )
+            pointwise, kernels, errors[name] = refit_layer_factors(
+                gram,
+                cross,
+                layer.kernel_channels,
+                layer.pointwise.weight.detach().to(torch.float64).flatten(1),
+                layer.depthwise.weight.detach().to(torch.float64).flatten(1),
+                energy=energy,
+                iterations=steps,
+                ridge=ridge,
+                max_direct=max_direct,
+            )
+            with torch.no_grad():
+                for parameter, value in (
+                    (layer.pointwise.weight, pointwise),
+                    (layer.depthwise.weight, kernels),
+                ):
+                    parameter.copy_(value.to(parameter.dtype).view_as(parameter))
+            bar.update()
+    finally:
+        bar.close()
+        for module, training in modes:
+            module.training = training
+    if inplace:
+        converted.load_state_dict(work.state_dict())
+        work = converted
+    return (work, errors) if return_errors else work
+
+
+def _layer_statistics(layer, conv, work, batches, reference, reference_conv):
+    """``(S, R, energy)`` of one GDWS layer over the calibration batches, in float64."""
+    device = layer.kernel_channels.device
+    weight = conv.weight.detach().to(device=device, dtype=torch.float64)
+    m = weight.shape[0]
+    n = weight[0].numel()
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    cross = torch.zeros(m, n, dtype=torch.float64, device=device)
+    energy = torch.zeros((), dtype=torch.float64, device=device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(key):
+        def capture(module, inputs):
+            captured[key] = inputs[0].detach()
+
+        return capture
+
+    handles = [layer.register_forward_pre_hook(hook("x"))]
+    if reference is not None:
+        handles.append(reference_conv.register_forward_pre_hook(hook("dense")))
+    try:
+        for images in batches:
+            with torch.no_grad():
+                work(images)
+                x = captured["x"].to(torch.float64)
+                if reference is not None:
+                    reference(images.to(next(iter(reference.parameters())).device))
+                    x_dense = captured["dense"].to(device=device, dtype=torch.float64)
+                per_sample = n * layer_patches(layer.depthwise, x[:1]).shape[-1] * 8
+                chunk = max(1, _PATCH_CHUNK_BYTES // max(per_sample, 1))
+                for start in range(0, len(x), chunk):
+                    patches = layer_patches(layer.depthwise, x[start : start + chunk])
+                    flat = patches.transpose(0, 1).reshape(n, -1)
+                    gram += flat @ flat.T
+                    if reference is not None:
+                        y = conv._conv_forward(x_dense[start : start + chunk], weight, None)
+                        y = y.transpose(0, 1).reshape(m, -1)
+                        cross += y @ flat.T
+                        energy += (y * y).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    gram = (gram + gram.T) / 2
+    if reference is None:
+        flat_weight = weight.reshape(m, n)
+        cross = flat_weight @ gram
+        energy = (flat_weight * cross).sum()
+    return gram, cross, float(energy)
+
+
 def refit_pointwise(
     dense: nn.Module,
     converted: nn.Module,
@@ -206,12 +748,11 @@ def refit_pointwise(
 ) -> nn.Module:
     """Re-solve the pointwise weights of every GDWS layer to match the dense conv's output.
 
-    In execution order, for each :class:`~gdws_torch.GDWSConv2d` ``L`` of ``converted``
-    (replacing the conv ``W`` of ``dense`` with the same name): with ``x`` the inputs
-    ``converted`` feeds ``L`` (earlier layers already refitted) and ``d(x)`` its depthwise
-    outputs, ``P = argmin ||W * x - P d(x)||^2 + ridge * mean(diag) * ||P||^2`` over all
-    calibration inputs and positions (normal equations accumulated batch by batch, solved
-    in float64). Biases, depthwise kernels and MACs are unchanged.
+    :func:`refit_gdws` with ``depthwise=False`` and ``target="layer"``: in execution order,
+    for each GDWS layer, ``P = argmin ||W * x - P d(x)||^2 + ridge * mean(diag) * ||P||^2``
+    over all calibration inputs and positions, ``x`` the inputs ``converted`` feeds the
+    layer and ``d(x)`` its depthwise outputs (solved in float64). Biases, depthwise kernels
+    and MACs are unchanged.
 
     Parameters
     ----------
@@ -234,79 +775,14 @@ def refit_pointwise(
     torch.nn.Module
         The refitted model, in ``converted``'s train/eval modes.
     """
-    from gdws_torch.layers import GDWSConv2d
-
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-    if not (isinstance(ridge, numbers.Real) and ridge >= 0):
-        raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
-    target = copy.deepcopy(converted)
-    dense_modules = dict(dense.named_modules())
-    layers = [(n, m) for n, m in target.named_modules() if isinstance(m, GDWSConv2d)]
-    if not layers:
-        raise ValueError("converted has no GDWSConv2d layer: nothing to refit.")
-    for name, layer in layers:
-        conv = dense_modules.get(name)
-        if not isinstance(conv, nn.Conv2d) or conv.weight.shape[:2] != (
-            layer.out_channels,
-            layer.in_channels,
-        ):
-            raise ValueError(
-                f"dense has no conv {name!r} matching the GDWS layer ({layer.out_channels}x"
-                f"{layer.in_channels}); pass the model converted was made from."
-            )
-    device = next(iter(target.parameters())).device
-    batches = calibration_inputs(loader, n_samples, dense, attack, device)
-    modes = [(module, module.training) for module in target.modules()]
-    bar = tqdm(total=len(layers), desc="refit pointwise", unit="layer", disable=not progress)
-    try:
-        target.eval()
-        for name, layer in layers:
-            conv = dense_modules[name]
-            weight = conv.weight.detach().to(device=device, dtype=torch.float64)
-            g = layer.n_kernels
-            gram = torch.zeros(g, g, dtype=torch.float64, device=device)
-            cross = torch.zeros(layer.out_channels, g, dtype=torch.float64, device=device)
-            captured: dict[str, torch.Tensor] = {}
-
-            def capture(module, inputs, captured=captured):
-                captured["x"] = inputs[0].detach()
-
-            handle = layer.register_forward_pre_hook(capture)
-            try:
-                for images in batches:
-                    with torch.no_grad():
-                        target(images)
-                        x = captured["x"].to(torch.float64)
-                        # The layers' own forward (every padding mode), in float64.
-                        depthwise = layer.depthwise
-                        features = depthwise._conv_forward(
-                            x.index_select(1, layer.kernel_channels),
-                            depthwise.weight.to(torch.float64),
-                            None,
-                        )
-                        wanted = conv._conv_forward(x, weight, None)
-                        f = features.transpose(0, 1).reshape(g, -1)
-                        y = wanted.transpose(0, 1).reshape(layer.out_channels, -1)
-                        gram += f @ f.T
-                        cross += y @ f.T
-            finally:
-                handle.remove()
-            scale = torch.diagonal(gram).mean().clamp_min(1e-30)
-            regular = gram + ridge * scale * torch.eye(g, dtype=torch.float64, device=device)
-            try:
-                solution = torch.linalg.solve(regular, cross.T).T  # (M, G)
-            except RuntimeError:  # singular (e.g. ridge=0 and collinear features)
-                solution = (torch.linalg.pinv(regular, hermitian=True) @ cross.T).T
-            with torch.no_grad():
-                pointwise = layer.pointwise.weight
-                pointwise.copy_(solution.to(pointwise.dtype).view_as(pointwise))
-            bar.update()
-    finally:
-        bar.close()
-        for module, training in modes:
-            module.training = training
-    if inplace:
-        converted.load_state_dict(target.state_dict())
-        return converted
-    return target
+    return refit_gdws(
+        dense,
+        converted,
+        loader,
+        n_samples,
+        depthwise=False,
+        attack=attack,
+        ridge=ridge,
+        inplace=inplace,
+        progress=progress,
+    )

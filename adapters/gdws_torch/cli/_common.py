@@ -174,6 +174,9 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
             weighting="unit",
             refit=0,
             refit_attack=False,
+            refit_depthwise=False,
+            refit_iterations=3,
+            refit_target="layer",
         )
         return
     group.add_argument(
@@ -206,6 +209,26 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         "--refit-attack",
         action="store_true",
         help="refit on PGD inputs (the attack flags) crafted against the dense model",
+    )
+    group.add_argument(
+        "--refit-depthwise",
+        action="store_true",
+        help="with --refit: re-solve the depthwise kernels too (alternating least squares; "
+        "same MACs)",
+    )
+    group.add_argument(
+        "--refit-iterations",
+        type=int,
+        default=3,
+        metavar="K",
+        help="alternations of --refit-depthwise (default 3)",
+    )
+    group.add_argument(
+        "--refit-target",
+        choices=("layer", "dense"),
+        default="layer",
+        help="with --refit: fit each layer to the dense conv on the GDWS model's inputs "
+        "(layer, default) or to the dense network's own activations (dense)",
     )
 
 
@@ -596,25 +619,40 @@ def _recovery_inputs(args: argparse.Namespace, n: int, flag: str, adversarial: b
 
 
 def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
-    """``--refit N``: pointwise weights re-solved on N (adversarial) training inputs."""
+    """``--refit N``: pointwise (and with ``--refit-depthwise`` depthwise) weights re-solved
+    on N (adversarial) training inputs."""
     from gdws_torch.layers import GDWSConv2d
-    from gdws_torch.recovery import refit_pointwise
+    from gdws_torch.recovery import refit_gdws
 
     if not any(isinstance(m, GDWSConv2d) for m in converted.modules()):
         print("no GDWS layer: nothing to refit (--refit ignored)")
         return
+    depthwise = getattr(args, "refit_depthwise", False)
+    iterations = getattr(args, "refit_iterations", 3)
+    target = getattr(args, "refit_target", "layer")
+    if iterations < 0:
+        raise UsageError(f"--refit-iterations must be >= 0; got {iterations}.")
     data, attack = _recovery_inputs(args, args.refit, "refit", args.refit_attack)
-    refit_pointwise(
+    refit_gdws(
         with_normalization(args, network),
         with_normalization(args, converted),
         loader(data, args, shuffle=True),
         args.refit,
+        depthwise=depthwise,
+        iterations=iterations,
+        target=target,
         attack=attack,
         inplace=True,
         progress=not getattr(args, "no_progress", False),
     )
     kind = "PGD" if attack else "natural"
-    print(f"pointwise weights refitted on {args.refit} {kind} training inputs")
+    what = (
+        f"pointwise and depthwise weights ({iterations} alternations)"
+        if depthwise
+        else "pointwise weights"
+    )
+    against = "" if target == "layer" else ", to the dense network's activations"
+    print(f"{what} refitted on {args.refit} {kind} training inputs{against}")
 
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:
