@@ -578,3 +578,60 @@ def test_layer_factors_bad_input(change, match):
     arguments.update(change)
     with pytest.raises(ValueError, match=match):
         refit_layer_factors(**{k: torch.as_tensor(v) for k, v in arguments.items()})
+
+
+def test_sweep_rows_for_each_refit_variant():
+    from gdws_torch.sweep import run_sweep
+
+    results = run_sweep(
+        small_resnet(),
+        INPUT_SIZE,
+        loader(16, 8),
+        loader(),
+        lambda model: lambda images, labels: images,
+        strategies=("unit",),
+        targets=(1.6,),
+        recalibration_samples=N_SAMPLES,
+        weighting_samples=8,
+        refit_samples=N_SAMPLES,
+        refit_variants=("pointwise", "joint", "joint-dense"),
+        refit_iterations=1,
+        fps_backend=None,
+        progress=False,
+        log=lambda message: None,
+    )
+    rows = results["rows"]
+    assert [r["recovery"] for r in rows] == [
+        "none",
+        "BN",
+        "refit+BN",
+        "joint refit+BN",
+        "joint-dense refit+BN",
+    ]
+    assert len({r["conv_macs"] for r in rows}) == 1
+    assert results["refit"]["variants"]["joint-dense"] == {"depthwise": True, "target": "dense"}
+    with pytest.raises(ValueError, match="refit_variants must be a non-empty sequence"):
+        run_sweep(
+            small_resnet(), INPUT_SIZE, loader(), loader(), lambda m: None,
+            strategies=("unit",), refit_samples=8, refit_variants=("both",),
+        )  # fmt: skip
+
+
+def test_cli_refit_flags(tmp_path, capsys):
+    from gdws_torch import demo
+    from gdws_torch.cli import main
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", str(checkpoint)]
+    flags = ["--apply-gdws", "--target-mac-reduction", "2", "--no-progress", "--attack", "none"]
+    out = tmp_path / "joint.json"
+    extra = ["--refit", "100", "--refit-depthwise", "--refit-iterations", "1", "--json", str(out)]
+    assert main(["eval", *base, *flags, *extra, "--refit-target", "dense"]) == 0
+    printed = capsys.readouterr().out
+    assert "pointwise and depthwise weights (1 alternation) refitted on 100 natural" in printed
+    assert "to the dense network's activations" in printed
+    assert main(["eval", *base, *flags, "--refit", "10", "--refit-iterations", "-1"]) == 2
+    assert "--refit-iterations must be >= 0; got -1" in capsys.readouterr().err
+    assert main(["eval", *base, *flags, "--refit", "10", "--refit-target", "x"]) == 2
+    assert main(["sweep", "--refit", "10", "--refit-variants", "both"]) == 2

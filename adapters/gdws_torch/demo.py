@@ -53,6 +53,8 @@ WEIGHTINGS = ("unit", "noise gains", "unit + BN", "unit + refit + BN")
 DEFAULT_WEIGHTING = "unit + refit + BN"
 RECALIBRATION_SAMPLES = 1000
 REFIT_SAMPLES = 1000
+# The refit of "unit + refit + BN" (keyword arguments of gdws_torch.recovery.refit_gdws).
+REFIT = {"depthwise": False, "iterations": 3, "target": "layer"}
 
 
 def demo_network() -> DigitsCNN:
@@ -74,6 +76,9 @@ def run_demo(
     alpha_samples: int = 512,
     attack_steps: int = DEMO_ATTACK["steps"],
     fps_rounds: int = 15,
+    refit_depthwise: bool = REFIT["depthwise"],
+    refit_iterations: int = REFIT["iterations"],
+    refit_target: str = REFIT["target"],
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -95,6 +100,10 @@ def run_demo(
         PGD iterations of the evaluation attack.
     fps_rounds : int
         Interleaved timing rounds of :func:`gdws_torch.throughput.measure_fps`.
+    refit_depthwise, refit_iterations, refit_target
+        The refit of "unit + refit + BN" (:func:`gdws_torch.recovery.refit_gdws`): the
+        depthwise kernels too or the pointwise weights only, the alternations, and the
+        target of each layer.
     """
     start = time.perf_counter()
     targets = sorted(set(float(t) for t in targets) | {float(default_target)})
@@ -160,6 +169,9 @@ def run_demo(
                 recalibrate_samples=RECALIBRATION_SAMPLES,
                 refit=calibration if "refit" in weighting else None,
                 refit_samples=REFIT_SAMPLES,
+                refit_depthwise=refit_depthwise,
+                refit_iterations=refit_iterations,
+                refit_target=refit_target,
             )
         except ValueError as exc:  # e.g. a target this network cannot reach
             log(f"{name}: skipped ({exc})")
@@ -199,7 +211,13 @@ def run_demo(
         "default_target": float(default_target),
         "default_weighting": DEFAULT_WEIGHTING,
         "recalibration_samples": RECALIBRATION_SAMPLES,
-        "refit": {"n_samples": REFIT_SAMPLES, "attack": {"norm": "l_inf", **ALPHA_ATTACK}},
+        "refit": {
+            "n_samples": REFIT_SAMPLES,
+            "attack": {"norm": "l_inf", **ALPHA_ATTACK},
+            "depthwise": refit_depthwise,
+            "iterations": refit_iterations,
+            "target": refit_target,
+        },
         "dense": rows[0],
         "default": default,
         "sweep": rows[1:],

@@ -19,7 +19,20 @@ from gdws_torch.recovery import batchnorm_layers, calibration_inputs
 from gdws_torch.throughput import measure_throughput
 from gdws_torch.weightings import STRATEGIES, weighting
 
-__all__ = ["plot_frontier", "run_sweep"]
+__all__ = ["DEFAULT_REFIT", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
+
+#: The refits a sweep can compare (keyword arguments of :func:`gdws_torch.recovery.refit_gdws`):
+#: the pointwise weights only, or the depthwise kernels too (alternating least squares),
+#: each fitted to the dense conv on the GDWS network's inputs or to the dense network's
+#: own activations.
+REFIT_VARIANTS = {
+    "pointwise": {"depthwise": False, "target": "layer"},
+    "joint": {"depthwise": True, "target": "layer"},
+    "pointwise-dense": {"depthwise": False, "target": "dense"},
+    "joint-dense": {"depthwise": True, "target": "dense"},
+}
+#: The variant whose rows are labelled plain "refit+BN" (others: "<variant> refit+BN").
+DEFAULT_REFIT = "pointwise"
 
 
 def run_sweep(
@@ -35,6 +48,8 @@ def run_sweep(
     recalibration_samples: int = 1000,
     weighting_samples: int = 256,
     refit_samples: int = 0,
+    refit_variants: Sequence[str] = (DEFAULT_REFIT,),
+    refit_iterations: int = 3,
     n_test: int | None = None,
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
     fps_backend: str | None = "eager",
@@ -64,9 +79,15 @@ def run_sweep(
     weighting_samples : int
         Inputs for the data-driven weightings (noise gains, patch moments).
     refit_samples : int
-        ``> 0``: every model also gets a "refit+BN" twin: pointwise weights refitted on
-        that many training inputs made adversarial by ``attack`` against the dense
-        network (crafted once), then BatchNorm recalibrated.
+        ``> 0``: every model also gets a "refit+BN" twin per refit variant: its GDWS
+        factors refitted (:func:`gdws_torch.recovery.refit_gdws`) on that many training
+        inputs made adversarial by ``attack`` against the dense network (crafted once),
+        then BatchNorm recalibrated.
+    refit_variants : sequence of str
+        Keys of :data:`REFIT_VARIANTS`: one refit row per variant, labelled "refit+BN" for
+        :data:`DEFAULT_REFIT` and "<variant> refit+BN" for the others.
+    refit_iterations : int
+        Alternations of the joint variants.
     n_test : int, optional
     fps_backend : str or None
         Batch-1 FPS of every model on this backend (``None``: not measured).
@@ -80,6 +101,12 @@ def run_sweep(
     """
     from gdws_torch.recovery import recalibrate_batchnorm
 
+    unknown = [v for v in refit_variants if v not in REFIT_VARIANTS]
+    if unknown or not refit_variants:
+        raise ValueError(
+            f"refit_variants must be a non-empty sequence of {tuple(REFIT_VARIANTS)}; "
+            f"got {list(refit_variants)!r}."
+        )
     start = time.perf_counter()
     recover = recalibration_samples > 0 and bool(batchnorm_layers(network))
     if recalibration_samples > 0 and not recover:
@@ -135,21 +162,29 @@ def run_sweep(
             )
             variants.append(("BN", recalibrated))
         if recover and calibration is not None:
-            from gdws_torch.recovery import refit_pointwise
+            from gdws_torch.recovery import refit_gdws
 
-            refitted = copy.deepcopy(converted)
-            refit_pointwise(
-                wrap(network),
-                wrap(refitted),
-                calibration,
-                refit_samples,
-                inplace=True,
-                progress=False,
-            )
-            recalibrate_batchnorm(
-                wrap(refitted), train_loader, recalibration_samples, inplace=True, progress=False
-            )
-            variants.append(("refit+BN", refitted))
+            for variant in refit_variants:
+                refitted = copy.deepcopy(converted)
+                refit_gdws(
+                    wrap(network),
+                    wrap(refitted),
+                    calibration,
+                    refit_samples,
+                    iterations=refit_iterations,
+                    inplace=True,
+                    progress=False,
+                    **REFIT_VARIANTS[variant],
+                )
+                recalibrate_batchnorm(
+                    wrap(refitted),
+                    train_loader,
+                    recalibration_samples,
+                    inplace=True,
+                    progress=False,
+                )
+                label = "refit+BN" if variant == DEFAULT_REFIT else f"{variant} refit+BN"
+                variants.append((label, refitted))
         for recovery, model in variants:
             key = f"{strategy}|{allocation}|{recovery}|{target:g}"
             models[key] = wrap(model)
@@ -179,6 +214,13 @@ def run_sweep(
     return {
         "dense": dense,
         "rows": rows,
+        "refit": {
+            "n_samples": refit_samples,
+            "variants": {v: REFIT_VARIANTS[v] for v in refit_variants},
+            "iterations": refit_iterations,
+        }
+        if calibration is not None
+        else None,
         "fps_backend": fps_backend,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
@@ -187,7 +229,8 @@ def run_sweep(
 
 def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Robust accuracy against conv MAC reduction (and FPS): one line per strategy,
-    solid with recovery, dashed without; written atomically as a PNG."""
+    dashed without recovery, solid with BatchNorm recalibration, dash-dotted with the
+    default refit, dotted with the other refits; written atomically as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,10 +258,13 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
             key=lambda r: r["mac_reduction"],
         )
         label = strategy + (f", {allocation}" if len(allocations) > 1 else "")
-        label += {"BN": " + BN recalibration", "refit+BN": " + refit + BN"}.get(recovery, "")
+        if recovery == "BN":
+            label += " + BN recalibration"
+        elif recovery.endswith("refit+BN"):
+            label += " + " + recovery.replace("refit+BN", "refit").strip() + " + BN"
         style = {
             "color": colours[strategy],
-            "linestyle": {"BN": "-", "refit+BN": "-."}.get(recovery, "--"),
+            "linestyle": {"none": "--", "BN": "-", "refit+BN": "-."}.get(recovery, ":"),
             "marker": "o" if allocation == "common_beta" else "s",
         }
         axes[0].plot(

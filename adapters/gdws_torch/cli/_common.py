@@ -647,7 +647,7 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
     )
     kind = "PGD" if attack else "natural"
     what = (
-        f"pointwise and depthwise weights ({iterations} alternations)"
+        f"pointwise and depthwise weights ({iterations} alternation{'s' * (iterations != 1)})"
         if depthwise
         else "pointwise weights"
     )

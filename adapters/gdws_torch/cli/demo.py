@@ -46,6 +46,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--alpha-samples", type=int, default=512)
     parser.add_argument("--attack-iters", type=int, help="PGD iterations (default 20)")
     parser.add_argument("--fps-rounds", type=int, default=15)
+    parser.add_argument(
+        "--refit-depthwise",
+        action=argparse.BooleanOptionalAction,
+        help="the default model's refit also re-solves the depthwise kernels (default: "
+        "docs/weightings.md)",
+    )
+    parser.add_argument(
+        "--refit-iterations", type=int, help="alternations of the depthwise refit (3)"
+    )
+    parser.add_argument(
+        "--refit-target",
+        choices=("layer", "dense"),
+        help="fit each layer to the dense conv (layer) or the dense network's activations",
+    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run (tests use it)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
@@ -79,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
         attack_steps=args.attack_iters or demo.DEMO_ATTACK["steps"],
         fps_rounds=args.fps_rounds,
     )
+    for flag, key in (
+        ("refit_depthwise", "depthwise"),
+        ("refit_iterations", "iterations"),
+        ("refit_target", "target"),
+    ):
+        value = getattr(args, flag)
+        settings[flag] = demo.REFIT[key] if value is None else value
+    if settings["refit_iterations"] < 0:
+        raise common.UsageError(
+            f"--refit-iterations must be >= 0; got {settings['refit_iterations']}."
+        )
     if args.quick:
         settings.update(
             targets=args.targets or [2.5],

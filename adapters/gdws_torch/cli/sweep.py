@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from gdws_torch.attacks import PGD, PGDL1, PGDL2
 from gdws_torch.cli import _common as common
 from gdws_torch.datasets import DATASETS
+from gdws_torch.sweep import DEFAULT_REFIT, REFIT_VARIANTS
 from gdws_torch.weightings import STRATEGIES
 
 HELP = "robust accuracy vs conv MACs and FPS for each error weighting, with and without recovery"
@@ -65,7 +66,21 @@ def add_parser(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also rows with the pointwise refit on N PGD training inputs, then BN (0: none)",
+        help="also rows with the refit on N PGD training inputs, then BN (0: none)",
+    )
+    sweep.add_argument(
+        "--refit-variants",
+        nargs="+",
+        choices=tuple(REFIT_VARIANTS),
+        default=[DEFAULT_REFIT],
+        help=f"which refits get rows (default {DEFAULT_REFIT}; docs/weightings.md)",
+    )
+    sweep.add_argument(
+        "--refit-iterations",
+        type=int,
+        default=3,
+        metavar="K",
+        help="alternations of the joint refits (default 3)",
     )
     sweep.add_argument("--n-test", type=int, help="first N test inputs")
     sweep.add_argument(
@@ -89,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
-    if args.recalibrate_bn < 0 or args.refit < 0:
-        raise common.UsageError("--recalibrate-bn and --refit must be >= 0.")
+    if args.recalibrate_bn < 0 or args.refit < 0 or args.refit_iterations < 0:
+        raise common.UsageError("--recalibrate-bn, --refit and --refit-iterations must be >= 0.")
     if args.model is None:
         network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
         args.dataset, args.no_norm = "digits", True
@@ -126,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         recalibration_samples=min(args.recalibrate_bn, len(train)),
         weighting_samples=min(args.weighting_samples, len(train)),
         refit_samples=min(args.refit, len(train)),
+        refit_variants=list(dict.fromkeys(args.refit_variants)),
+        refit_iterations=args.refit_iterations,
         n_test=args.n_test,
         wrap=lambda model: common.with_normalization(args, model),
         fps_backend=None if args.fps_backend == "none" else args.fps_backend,
