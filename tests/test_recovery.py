@@ -428,14 +428,14 @@ def numpy_als(x, y, channels, kernels, iterations, ridge):
     return pointwise, kernels
 
 
-@pytest.mark.parametrize("target", ["layer", "dense"])
-def test_refitted_model_matches_a_float64_numpy_reference(target):
+@pytest.mark.parametrize("iterations", [0, 2])
+def test_refitted_model_matches_a_float64_numpy_reference(iterations):
     dense = small_resnet()
     converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=2.0)
     batches = loader(12, 6)
     images = torch.cat([x for x, _ in batches])
     refitted, errors = refit_gdws(
-        dense, converted, batches, 12, iterations=2, target=target, ridge=1e-6,
+        dense, converted, batches, 12, depthwise=iterations > 0, iterations=iterations, ridge=1e-6,
         progress=False, return_errors=True,
     )  # fmt: skip
     reference = copy.deepcopy(converted)
@@ -444,11 +444,10 @@ def test_refitted_model_matches_a_float64_numpy_reference(target):
     for name in names:  # in execution order, each on the inputs the reference feeds it
         layer, conv = reference.get_submodule(name), dense.get_submodule(name)
         x = numpy_patches(conv, layer_input(reference, name, images))
-        source = x if target == "layer" else numpy_patches(conv, layer_input(dense, name, images))
-        y = conv.weight.detach().numpy().reshape(conv.out_channels, -1) @ source
+        y = conv.weight.detach().numpy().reshape(conv.out_channels, -1) @ x
         channels = layer.kernel_channels.numpy()
         kernels = layer.depthwise.weight.detach().numpy().reshape(layer.n_kernels, -1)
-        p, k = numpy_als(x, y, channels, kernels, 2, ridge=1e-6)
+        p, k = numpy_als(x, y, channels, kernels, iterations, ridge=1e-6)
         with torch.no_grad():
             layer.pointwise.weight.copy_(torch.as_tensor(p).view_as(layer.pointwise.weight))
             layer.depthwise.weight.copy_(torch.as_tensor(k).view_as(layer.depthwise.weight))
@@ -456,9 +455,10 @@ def test_refitted_model_matches_a_float64_numpy_reference(target):
         assert errors[name][-1] == pytest.approx(float((residual**2).sum()), rel=1e-6, abs=1e-9)
     for name in names:
         got, want = refitted.get_submodule(name), reference.get_submodule(name)
-        torch.testing.assert_close(
-            got.depthwise.weight, want.depthwise.weight, rtol=1e-6, atol=1e-9
-        )
+        for part in ("depthwise", "pointwise"):
+            torch.testing.assert_close(
+                getattr(got, part).weight, getattr(want, part).weight, rtol=1e-6, atol=1e-9
+            )
         assert torch.equal(got.kernel_channels, want.kernel_channels)
     test_images = loader(8, 8)[0][0]
     with torch.no_grad():
@@ -509,13 +509,10 @@ def test_joint_refit_of_an_exact_conversion_keeps_the_dense_outputs():
         only_if_cheaper=False,
         exclude=["reflect", "dilated"],
     )  # G > M: singular normal equations, solved by pseudo-inverses (slow for large G)
-    for target in ("layer", "dense"):
-        refitted = refit_gdws(
-            dense, converted, loader(32, 16), 32, ridge=0.0, target=target, progress=False
-        )
-        x = loader(8, 8)[0][0]
-        with torch.no_grad():
-            torch.testing.assert_close(refitted(x), dense(x), rtol=1e-7, atol=1e-9)
+    refitted = refit_gdws(dense, converted, loader(32, 16), 32, ridge=0.0, progress=False)
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(refitted(x), dense(x), rtol=1e-7, atol=1e-9)
 
 
 def test_convert_runs_the_joint_refit():
@@ -523,16 +520,16 @@ def test_convert_runs_the_joint_refit():
     batches = loader(24, 12)
     options = {"input_size": INPUT_SIZE, "target_mac_reduction": 1.6}
     plain, _ = convert(dense, **options)
-    expected = refit_gdws(dense, plain, batches, 24, iterations=2, target="dense", progress=False)
+    expected = refit_gdws(dense, plain, batches, 24, iterations=2, progress=False)
     got, _ = convert(
         dense, refit=batches, refit_samples=24, refit_depthwise=True, refit_iterations=2,
-        refit_target="dense", **options,
+        **options,
     )  # fmt: skip
     x = loader(8, 8)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="refit_target"):
-        convert(dense, refit=batches, refit_samples=24, refit_target="both", **options)
+    with pytest.raises(ValueError, match="refit_iterations must be a non-negative integer"):
+        convert(dense, refit=batches, refit_samples=24, refit_iterations=-1, **options)
 
 
 @pytest.mark.parametrize(
@@ -541,7 +538,6 @@ def test_convert_runs_the_joint_refit():
         ({"iterations": -1}, "iterations must be a non-negative integer; got -1"),
         ({"iterations": 1.5}, "iterations must be"),
         ({"iterations": True}, "iterations must be"),
-        ({"target": "both"}, "target must be one of \\('layer', 'dense'\\); got 'both'"),
         ({"ridge": -1.0}, "ridge must be a non-negative number; got -1.0"),
         ({"max_direct": -5}, "max_direct must be"),
     ],
@@ -594,7 +590,7 @@ def test_sweep_rows_for_each_refit_variant():
         recalibration_samples=N_SAMPLES,
         weighting_samples=8,
         refit_samples=N_SAMPLES,
-        refit_variants=("pointwise", "joint", "joint-dense"),
+        refit_variants=("pointwise", "joint"),
         refit_iterations=1,
         fps_backend=None,
         progress=False,
@@ -606,10 +602,12 @@ def test_sweep_rows_for_each_refit_variant():
         "BN",
         "refit+BN",
         "joint refit+BN",
-        "joint-dense refit+BN",
     ]
     assert len({r["conv_macs"] for r in rows}) == 1
-    assert results["refit"]["variants"]["joint-dense"] == {"depthwise": True, "target": "dense"}
+    assert results["refit"]["variants"] == {
+        "pointwise": {"depthwise": False},
+        "joint": {"depthwise": True},
+    }
     with pytest.raises(ValueError, match="refit_variants must be a non-empty sequence"):
         run_sweep(
             small_resnet(), INPUT_SIZE, loader(), loader(), lambda m: None,
@@ -627,11 +625,9 @@ def test_cli_refit_flags(tmp_path, capsys):
     flags = ["--apply-gdws", "--target-mac-reduction", "2", "--no-progress", "--attack", "none"]
     out = tmp_path / "joint.json"
     extra = ["--refit", "100", "--refit-depthwise", "--refit-iterations", "1", "--json", str(out)]
-    assert main(["eval", *base, *flags, *extra, "--refit-target", "dense"]) == 0
+    assert main(["eval", *base, *flags, *extra]) == 0
     printed = capsys.readouterr().out
     assert "pointwise and depthwise weights (1 alternation) refitted on 100 natural" in printed
-    assert "to the dense network's activations" in printed
     assert main(["eval", *base, *flags, "--refit", "10", "--refit-iterations", "-1"]) == 2
     assert "--refit-iterations must be >= 0; got -1" in capsys.readouterr().err
-    assert main(["eval", *base, *flags, "--refit", "10", "--refit-target", "x"]) == 2
     assert main(["sweep", "--refit", "10", "--refit-variants", "both"]) == 2

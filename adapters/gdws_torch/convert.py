@@ -14,7 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
-from gdws_torch.recovery import REFIT_TARGETS, recalibrate_batchnorm, refit_gdws
+from gdws_torch.recovery import recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
 
@@ -45,7 +45,6 @@ def convert(
     refit_attack: Any = None,
     refit_depthwise: bool = False,
     refit_iterations: int = 3,
-    refit_target: str = "layer",
     output_weights: Mapping[str, Any] | None = None,
     input_transforms: Mapping[str, Any] | None = None,
     allocation: str = "common_beta",
@@ -119,9 +118,6 @@ def convert(
         Refit the depthwise kernels too, by alternating least squares.
     refit_iterations : int, default=3
         Alternations of the depthwise refit.
-    refit_target : {"layer", "dense"}, default="layer"
-        Fit each layer to the dense conv on the converted network's inputs (``"layer"``),
-        or to the dense network's own activations (``"dense"``).
     output_weights, input_transforms : mapping, optional
         Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
         error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
@@ -158,17 +154,14 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if refit is not None:
-        if refit_target not in REFIT_TARGETS:
-            raise ValueError(f"refit_target must be one of {REFIT_TARGETS}; got {refit_target!r}.")
-        if (
-            isinstance(refit_iterations, bool)
-            or not isinstance(refit_iterations, int)
-            or refit_iterations < 0
-        ):
-            raise ValueError(
-                f"refit_iterations must be a non-negative integer; got {refit_iterations!r}."
-            )
+    if refit is not None and (
+        isinstance(refit_iterations, bool)
+        or not isinstance(refit_iterations, int)
+        or refit_iterations < 0
+    ):
+        raise ValueError(
+            f"refit_iterations must be a non-negative integer; got {refit_iterations!r}."
+        )
     if latency_aware:
         from gdws_torch.throughput import BACKENDS
 
@@ -259,7 +252,6 @@ def convert(
             refit_samples,
             depthwise=refit_depthwise,
             iterations=refit_iterations,
-            target=refit_target,
             attack=refit_attack,
             inplace=True,
             progress=False,

@@ -54,7 +54,7 @@ DEFAULT_WEIGHTING = "unit + refit + BN"
 RECALIBRATION_SAMPLES = 1000
 REFIT_SAMPLES = 1000
 # The refit of "unit + refit + BN" (keyword arguments of gdws_torch.recovery.refit_gdws).
-REFIT = {"depthwise": False, "iterations": 3, "target": "layer"}
+REFIT = {"depthwise": False, "iterations": 3}
 
 
 def demo_network() -> DigitsCNN:
@@ -78,7 +78,6 @@ def run_demo(
     fps_rounds: int = 15,
     refit_depthwise: bool = REFIT["depthwise"],
     refit_iterations: int = REFIT["iterations"],
-    refit_target: str = REFIT["target"],
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -100,10 +99,10 @@ def run_demo(
         PGD iterations of the evaluation attack.
     fps_rounds : int
         Interleaved timing rounds of :func:`gdws_torch.throughput.measure_fps`.
-    refit_depthwise, refit_iterations, refit_target
+    refit_depthwise, refit_iterations
         The refit of "unit + refit + BN" (:func:`gdws_torch.recovery.refit_gdws`): the
-        depthwise kernels too or the pointwise weights only, the alternations, and the
-        target of each layer.
+        depthwise kernels too (alternating least squares) or the pointwise weights only,
+        and the alternations.
     """
     start = time.perf_counter()
     targets = sorted(set(float(t) for t in targets) | {float(default_target)})
@@ -171,7 +170,6 @@ def run_demo(
                 refit_samples=REFIT_SAMPLES,
                 refit_depthwise=refit_depthwise,
                 refit_iterations=refit_iterations,
-                refit_target=refit_target,
             )
         except ValueError as exc:  # e.g. a target this network cannot reach
             log(f"{name}: skipped ({exc})")
@@ -216,7 +214,6 @@ def run_demo(
             "attack": {"norm": "l_inf", **ALPHA_ATTACK},
             "depthwise": refit_depthwise,
             "iterations": refit_iterations,
-            "target": refit_target,
         },
         "dense": rows[0],
         "default": default,

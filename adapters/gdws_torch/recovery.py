@@ -24,7 +24,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = [
-    "REFIT_TARGETS",
     "batchnorm_layers",
     "calibration_inputs",
     "depthwise_step",
@@ -207,8 +206,6 @@ def calibration_inputs(
 
 # -- refit: pointwise and depthwise factors by (alternating) least squares -------------------
 
-#: ``target=`` of :func:`refit_gdws`: what each layer's output is fitted to.
-REFIT_TARGETS = ("layer", "dense")
 #: Largest ``G * Kh * Kw`` whose depthwise normal equations are solved directly (their
 #: matrix takes ``8 * (G Kh Kw)^2`` bytes); larger layers use conjugate gradients.
 MAX_DIRECT_UNKNOWNS = 6144
@@ -550,7 +547,6 @@ def refit_gdws(
     *,
     depthwise: bool = True,
     iterations: int = 3,
-    target: str = "layer",
     attack: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
     | None = None,
     ridge: float = 1e-4,
@@ -559,17 +555,18 @@ def refit_gdws(
     progress: bool = True,
     return_errors: bool = False,
 ) -> nn.Module | tuple[nn.Module, dict[str, list[float]]]:
-    """Re-solve the factors of every GDWS layer by least squares to match the dense network.
+    """Re-solve the factors of every GDWS layer by least squares to match the dense convs.
 
     In execution order, for each :class:`~gdws_torch.GDWSConv2d` ``L`` of ``converted``
     (replacing the conv ``W`` of ``dense`` with the same name), with ``x`` the inputs
     ``converted`` feeds ``L`` (earlier layers already refitted) and ``patch`` their
     ``C Kh Kw`` input patches (:func:`layer_patches`): the patch Gram matrix
     ``S = sum patch patch^T`` over all calibration inputs and output positions is
-    accumulated in float64, and :func:`refit_layer_factors` minimises
-    ``sum ||y - P D patch||^2`` over the pointwise weights ``P`` and, with ``depthwise``,
-    the depthwise kernels ``D`` by alternating least squares. ``G``, the kernels' channels,
-    the biases and the MACs are unchanged.
+    accumulated in float64, and :func:`refit_layer_factors` minimises the layer's output
+    error ``sum ||W patch - P D patch||^2 = tr((W - P D) S (W - P D)^T)`` over the
+    pointwise weights ``P`` and, with ``depthwise``, the depthwise kernels ``D`` by
+    alternating least squares. ``G``, the kernels' channels, the biases and the MACs are
+    unchanged.
 
     Parameters
     ----------
@@ -586,11 +583,6 @@ def refit_gdws(
     iterations : int, default=3
         Alternations (depthwise step, then pointwise step) after the first pointwise step;
         ignored without ``depthwise``.
-    target : {"layer", "dense"}, default="layer"
-        ``"layer"``: ``y = W patch``, the dense conv applied to the converted network's
-        inputs of the layer (``R = W S``). ``"dense"``: ``y`` is the dense network's own
-        conv output on the same calibration input (``R = sum y_dense patch^T``), which
-        also corrects the error that earlier layers passed on.
     attack : callable, optional
         ``attack(model) -> attack(images, labels)``: calibrate on adversarial inputs
         crafted against ``dense`` instead (measured best for robust accuracy).
@@ -613,7 +605,7 @@ def refit_gdws(
     Raises
     ------
     ValueError
-        Bad ``n_samples``, ``iterations``, ``target``, ``ridge`` or ``max_direct``, no GDWS
+        Bad ``n_samples``, ``iterations``, ``ridge`` or ``max_direct``, no GDWS
         layer, a ``dense`` without the matching convs, a loader with fewer samples, or
         adversarial calibration without labels. ``converted`` is untouched then.
     """
@@ -624,8 +616,6 @@ def refit_gdws(
     _check_count(iterations, "iterations")
     _check_count(max_direct, "max_direct")
     _check_ridge(ridge)
-    if target not in REFIT_TARGETS:
-        raise ValueError(f"target must be one of {REFIT_TARGETS}; got {target!r}.")
     steps = iterations if depthwise else 0
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
@@ -644,8 +634,6 @@ def refit_gdws(
             )
     device = next(iter(work.parameters())).device
     batches = calibration_inputs(loader, n_samples, dense, attack, device)
-    reference = copy.deepcopy(dense).eval() if target == "dense" else None
-    reference_modules = dict(reference.named_modules()) if reference is not None else {}
     modes = [(module, module.training) for module in work.modules()]
     errors: dict[str, list[float]] = {}
     what = "refit pointwise" if steps == 0 else "refit pointwise + depthwise"
@@ -653,9 +641,7 @@ def refit_gdws(
     try:
         work.eval()
         for name, layer in layers:
-            gram, cross, energy = _layer_statistics(
-                layer, dense_modules[name], work, batches, reference, reference_modules.get(name)
-            )
+            gram, cross, energy = _layer_statistics(layer, dense_modules[name], work, batches)
             pointwise, kernels, errors[name] = refit_layer_factors(
                 gram,
                 cross,
@@ -684,54 +670,36 @@ def refit_gdws(
     return (work, errors) if return_errors else work
 
 
-def _layer_statistics(layer, conv, work, batches, reference, reference_conv):
-    """``(S, R, energy)`` of one GDWS layer over the calibration batches, in float64."""
+def _layer_statistics(layer, conv, work, batches):
+    """``(S, W S, tr(W S W^T))`` of one GDWS layer over the calibration batches, in float64."""
     device = layer.kernel_channels.device
     weight = conv.weight.detach().to(device=device, dtype=torch.float64)
     m = weight.shape[0]
     n = weight[0].numel()
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    cross = torch.zeros(m, n, dtype=torch.float64, device=device)
-    energy = torch.zeros((), dtype=torch.float64, device=device)
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(key):
-        def capture(module, inputs):
-            captured[key] = inputs[0].detach()
+    def capture(module, inputs):
+        captured["x"] = inputs[0].detach()
 
-        return capture
-
-    handles = [layer.register_forward_pre_hook(hook("x"))]
-    if reference is not None:
-        handles.append(reference_conv.register_forward_pre_hook(hook("dense")))
+    handle = layer.register_forward_pre_hook(capture)
     try:
         for images in batches:
             with torch.no_grad():
                 work(images)
                 x = captured["x"].to(torch.float64)
-                if reference is not None:
-                    reference(images.to(next(iter(reference.parameters())).device))
-                    x_dense = captured["dense"].to(device=device, dtype=torch.float64)
                 per_sample = n * layer_patches(layer.depthwise, x[:1]).shape[-1] * 8
                 chunk = max(1, _PATCH_CHUNK_BYTES // max(per_sample, 1))
                 for start in range(0, len(x), chunk):
                     patches = layer_patches(layer.depthwise, x[start : start + chunk])
                     flat = patches.transpose(0, 1).reshape(n, -1)
                     gram += flat @ flat.T
-                    if reference is not None:
-                        y = conv._conv_forward(x_dense[start : start + chunk], weight, None)
-                        y = y.transpose(0, 1).reshape(m, -1)
-                        cross += y @ flat.T
-                        energy += (y * y).sum()
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     gram = (gram + gram.T) / 2
-    if reference is None:
-        flat_weight = weight.reshape(m, n)
-        cross = flat_weight @ gram
-        energy = (flat_weight * cross).sum()
-    return gram, cross, float(energy)
+    flat_weight = weight.reshape(m, n)
+    cross = flat_weight @ gram
+    return gram, cross, float((flat_weight * cross).sum())
 
 
 def refit_pointwise(
@@ -748,7 +716,7 @@ def refit_pointwise(
 ) -> nn.Module:
     """Re-solve the pointwise weights of every GDWS layer to match the dense conv's output.
 
-    :func:`refit_gdws` with ``depthwise=False`` and ``target="layer"``: in execution order,
+    :func:`refit_gdws` with ``depthwise=False``: in execution order,
     for each GDWS layer, ``P = argmin ||W * x - P d(x)||^2 + ridge * mean(diag) * ||P||^2``
     over all calibration inputs and positions, ``x`` the inputs ``converted`` feeds the
     layer and ``d(x)`` its depthwise outputs (solved in float64). Biases, depthwise kernels

@@ -22,15 +22,8 @@ from gdws_torch.weightings import STRATEGIES, weighting
 __all__ = ["DEFAULT_REFIT", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
 
 #: The refits a sweep can compare (keyword arguments of :func:`gdws_torch.recovery.refit_gdws`):
-#: the pointwise weights only, or the depthwise kernels too (alternating least squares),
-#: each fitted to the dense conv on the GDWS network's inputs or to the dense network's
-#: own activations.
-REFIT_VARIANTS = {
-    "pointwise": {"depthwise": False, "target": "layer"},
-    "joint": {"depthwise": True, "target": "layer"},
-    "pointwise-dense": {"depthwise": False, "target": "dense"},
-    "joint-dense": {"depthwise": True, "target": "dense"},
-}
+#: the pointwise weights only, or the depthwise kernels too (alternating least squares).
+REFIT_VARIANTS = {"pointwise": {"depthwise": False}, "joint": {"depthwise": True}}
 #: The variant whose rows are labelled plain "refit+BN" (others: "<variant> refit+BN").
 DEFAULT_REFIT = "pointwise"
 

@@ -176,7 +176,6 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
             refit_attack=False,
             refit_depthwise=False,
             refit_iterations=3,
-            refit_target="layer",
         )
         return
     group.add_argument(
@@ -222,13 +221,6 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         default=3,
         metavar="K",
         help="alternations of --refit-depthwise (default 3)",
-    )
-    group.add_argument(
-        "--refit-target",
-        choices=("layer", "dense"),
-        default="layer",
-        help="with --refit: fit each layer to the dense conv on the GDWS model's inputs "
-        "(layer, default) or to the dense network's own activations (dense)",
     )
 
 
@@ -629,7 +621,6 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
         return
     depthwise = getattr(args, "refit_depthwise", False)
     iterations = getattr(args, "refit_iterations", 3)
-    target = getattr(args, "refit_target", "layer")
     if iterations < 0:
         raise UsageError(f"--refit-iterations must be >= 0; got {iterations}.")
     data, attack = _recovery_inputs(args, args.refit, "refit", args.refit_attack)
@@ -640,7 +631,6 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
         args.refit,
         depthwise=depthwise,
         iterations=iterations,
-        target=target,
         attack=attack,
         inplace=True,
         progress=not getattr(args, "no_progress", False),
@@ -651,8 +641,7 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
         if depthwise
         else "pointwise weights"
     )
-    against = "" if target == "layer" else ", to the dense network's activations"
-    print(f"{what} refitted on {args.refit} {kind} training inputs{against}")
+    print(f"{what} refitted on {args.refit} {kind} training inputs")
 
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:

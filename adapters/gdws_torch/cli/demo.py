@@ -55,11 +55,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--refit-iterations", type=int, help="alternations of the depthwise refit (3)"
     )
-    parser.add_argument(
-        "--refit-target",
-        choices=("layer", "dense"),
-        help="fit each layer to the dense conv (layer) or the dense network's activations",
-    )
     parser.add_argument("--quick", action="store_true", help="a small smoke run (tests use it)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
@@ -96,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     for flag, key in (
         ("refit_depthwise", "depthwise"),
         ("refit_iterations", "iterations"),
-        ("refit_target", "target"),
     ):
         value = getattr(args, flag)
         settings[flag] = demo.REFIT[key] if value is None else value
