@@ -500,6 +500,19 @@ def test_joint_refit_keeps_structure_and_macs_and_lowers_every_layer_error():
         torch.testing.assert_close(old(x), pointwise(x), rtol=0, atol=0)
 
 
+def test_conjugate_gradients_give_the_direct_solution_on_a_model():
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    batches = loader(24, 12)
+    direct = refit_gdws(dense, converted, batches, 24, iterations=2, progress=False)
+    iterative = refit_gdws(
+        dense, converted, batches, 24, iterations=2, max_direct=0, progress=False
+    )
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(iterative(x), direct(x), rtol=1e-6, atol=1e-8)
+
+
 def test_joint_refit_of_an_exact_conversion_keeps_the_dense_outputs():
     dense = small_resnet()
     converted, _ = convert(
