@@ -1,12 +1,13 @@
 """Evaluation scaling: ``gdws eval`` with 1 process and with N under torchrun, same work.
 
-The shipped demo model (DigitsCNN) on the 540 test digits, l_inf PGD-``--steps`` at
-24/255, per-sample seeded: every run must give the same accuracies (checked). The two
-sides share the machine's cores: 1 process with all ``--threads``, N processes with
-``threads / N`` each. They run as subprocesses, interleaved and repeated
-``--repeats`` times; the figures are medians of the evaluation time each run reports
-(its slowest process; start-up, model loading and the rendezvous are excluded, and
-quoted separately as whole-command wall time).
+The shipped demo model (DigitsCNN) on the 540 test digits (``--n-samples``), l_inf
+PGD-``--steps`` at 24/255, per-sample seeded: every run must give the same accuracies
+(checked). The sides share the machine's cores: 1 process with all ``--threads``, N
+processes with ``threads / N`` each, and, for reference, 1 process with ``threads / N``
+(how much of the gain intra-op threading would give). They run as subprocesses,
+interleaved and repeated ``--repeats`` times; the figures are medians of the evaluation
+time each run reports (its slowest process; start-up, model loading and the rendezvous
+are excluded, and quoted separately as whole-command wall time).
 
 Second part, in this process: the overhead of the distributed code path when run
 alone, ``evaluate_dataset`` (per-sample seeds, sharding bookkeeping, the results
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from gdws_approx._io import write_json_atomic
 from gdws_torch.attacks import PGD
@@ -41,7 +42,7 @@ from gdws_torch.normalization import normalized
 CHECKPOINT = Path(__file__).parents[1] / "adapters/gdws_torch/data/digits_cnn.pth"
 
 
-def eval_command(processes: int, threads: int, steps: int, out: Path) -> list[str]:
+def eval_command(processes: int, threads: int, steps: int, n: int, out: Path) -> list[str]:
     launcher = [sys.executable, "-m", "gdws_torch.cli"]
     if processes > 1:
         launcher = [
@@ -52,16 +53,16 @@ def eval_command(processes: int, threads: int, steps: int, out: Path) -> list[st
         *launcher, "eval", "--model", "digits_cnn", "--dataset", "digits",
         "--checkpoint", str(CHECKPOINT), "--epsilon", "24", "--pgd-alpha", "6",
         "--attack-iters", str(steps), "--device", "cpu", "--no-progress",
-        "--threads", str(threads), "--json", str(out), "--fresh",
+        "--threads", str(threads), "--json", str(out), "--fresh", "--n-samples", str(n),
     ]  # fmt: skip
 
 
-def run_eval(processes: int, threads: int, steps: int, folder: Path) -> dict:
+def run_eval(processes: int, threads: int, steps: int, n: int, folder: Path) -> dict:
     out = folder / f"eval-{processes}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(
-        eval_command(processes, threads, steps, out), capture_output=True, text=True, env=env
+        eval_command(processes, threads, steps, n, out), capture_output=True, text=True, env=env
     )
     wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -75,13 +76,13 @@ def run_eval(processes: int, threads: int, steps: int, folder: Path) -> dict:
     }
 
 
-def overhead(steps: int, repeats: int, threads: int) -> dict:
+def overhead(steps: int, n: int, repeats: int, threads: int) -> dict:
     """Plain ``evaluate`` vs ``evaluate_dataset`` in this process, interleaved."""
     torch.set_num_threads(threads)
     network = DigitsCNN()
     network.load_state_dict(torch.load(CHECKPOINT, weights_only=True)["state_dict"])
     model = normalized(network.eval(), "digits")
-    data = load_dataset("digits", None, "test", size=16)
+    data = Subset(load_dataset("digits", None, "test", size=16), range(n))
     attack = PGD(model, 24 / 255, 6 / 255, steps=steps, seed=0)
     times: dict[str, list[float]] = {"evaluate": [], "evaluate_dataset": []}
     with tempfile.TemporaryDirectory() as folder:
@@ -119,41 +120,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--n-samples", type=int, default=540, help="test digits (at most 540)")
     parser.add_argument("--out", type=Path, default=Path("gdws-results/eval_scaling.json"))
     args = parser.parse_args(argv)
-    if min(args.processes, args.repeats, args.steps, args.threads) < 1 or args.processes < 2:
+    if min(args.repeats, args.steps, args.threads) < 1 or args.processes < 2:
         print("error: --processes >= 2; --repeats, --steps, --threads >= 1", file=sys.stderr)
+        return 2
+    if not 1 <= args.n_samples <= 540:
+        print("error: --n-samples must be in 1..540", file=sys.stderr)
         return 2
     per_process = max(1, args.threads // args.processes)
     print(
-        f"demo model, 540 test digits, l_inf PGD-{args.steps}; {os.cpu_count()} CPUs; "
+        f"demo model, {args.n_samples} test digits, l_inf PGD-{args.steps}; {os.cpu_count()} CPUs; "
         f"1 process x {args.threads} threads vs {args.processes} processes x "
         f"{per_process} threads (gloo)"
     )
-    runs: dict[int, list[dict]] = {1: [], args.processes: []}
+    sides = [(1, args.threads), (args.processes, per_process)]
+    if per_process != args.threads:
+        sides.append((1, per_process))
+    runs: dict[tuple[int, int], list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as folder:
-        sides = [(1, args.threads), (args.processes, per_process)]
         for repeat in range(args.repeats):
             for processes, threads in sides if repeat % 2 == 0 else sides[::-1]:
-                runs[processes].append(run_eval(processes, threads, args.steps, Path(folder)))
+                run = run_eval(processes, threads, args.steps, args.n_samples, Path(folder))
+                runs[processes, threads].append(run)
     answers = {run["accuracies"] for side in runs.values() for run in side}
     if len(answers) != 1:
         print(f"error: the runs disagree: {sorted(answers)}", file=sys.stderr)
         return 1
-    n = runs[1][0]["n_samples"]
+    n = runs[sides[0]][0]["n_samples"]
     summary = {}
-    for processes, side in runs.items():
+    for (processes, threads), side in runs.items():
         seconds = statistics.median(run["seconds"] for run in side)
         wall = statistics.median(run["wall_seconds"] for run in side)
-        summary[processes] = {"seconds": seconds, "samples_per_s": n / seconds, "wall": wall}
+        label = f"{processes}x{threads}"
+        summary[label] = {"seconds": seconds, "samples_per_s": n / seconds, "wall": wall}
         print(
-            f"{processes} process{'es' if processes > 1 else '  '}: {n / seconds:7.1f} samples/s "
-            f"(evaluation {seconds:.2f} s, whole command {wall:.2f} s; median of {args.repeats})"
+            f"{processes} process{'es' if processes > 1 else '  '} x {threads} thread"
+            f"{'s' if threads > 1 else ' '}: {n / seconds:7.1f} samples/s (evaluation "
+            f"{seconds:.2f} s, whole command {wall:.2f} s; median of {args.repeats})"
         )
-    ratio = summary[args.processes]["samples_per_s"] / summary[1]["samples_per_s"]
+    many, one = f"{args.processes}x{per_process}", f"1x{args.threads}"
+    ratio = summary[many]["samples_per_s"] / summary[one]["samples_per_s"]
     natural, robust = answers.pop()
     print(f"every run: natural {natural:.2f} %, robust {robust:.2f} % (identical)")
-    cost = overhead(args.steps, max(args.repeats, 5), args.threads)
+    cost = overhead(args.steps, args.n_samples, 2 * args.repeats + 1, args.threads)
     print(
         f"single-process overhead of the distributed path: {100 * cost['overhead']:+.1f} % "
         f"(evaluate_dataset {cost['median_seconds']['evaluate_dataset']:.3f} s vs evaluate "
@@ -162,20 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(
         args.out,
         {
-            "model": "DigitsCNN (demo), 540 test digits",
+            "model": f"DigitsCNN (demo), {args.n_samples} test digits",
             "attack": f"l_inf PGD-{args.steps}, eps 24/255",
             "cpus": os.cpu_count(),
             "threads": args.threads,
-            "runs": {str(k): v for k, v in runs.items()},
-            "summary": {str(k): v for k, v in summary.items()},
+            "runs": {f"{p}x{t}": v for (p, t), v in runs.items()},
+            "summary": summary,
             "speedup": ratio,
             "single_process_overhead": cost,
         },
     )
     print(f"JSON: {args.out}")
     print(
-        f"RESULT eval_scaling: {ratio:.2f}x ({args.processes} processes vs 1 process, "
-        "evaluation throughput)"
+        f"RESULT eval_scaling: {ratio:.2f}x ({args.processes} processes x {per_process} "
+        f"threads vs 1 process x {args.threads} threads, evaluation throughput)"
     )
     return 0
 

@@ -132,12 +132,17 @@ def test_fps_bench_quick_run_prints_its_result(tmp_path, capsys):
 def test_eval_scaling_bench_quick_run_agrees_and_prints_its_result(tmp_path, capsys):
     bench = _load_bench("eval_scaling")
     out = tmp_path / "scaling.json"
-    assert bench.main(["--repeats", "1", "--steps", "1", "--out", str(out)]) == 0
+    args = ["--repeats", "1", "--steps", "1", "--threads", "2", "--n-samples", "100"]
+    args += ["--out", str(out)]
+    assert bench.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("RESULT eval_scaling: ")
-    assert lines[-1].endswith("x (2 processes vs 1 process, evaluation throughput)")
+    assert lines[-1].endswith(
+        "x (2 processes x 1 threads vs 1 process x 2 threads, evaluation throughput)"
+    )
     result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"1x2", "2x1", "1x1"}
     assert result["speedup"] == pytest.approx(
-        result["summary"]["2"]["samples_per_s"] / result["summary"]["1"]["samples_per_s"]
+        result["summary"]["2x1"]["samples_per_s"] / result["summary"]["1x2"]["samples_per_s"]
     )
     assert "identical" in "\n".join(lines)
