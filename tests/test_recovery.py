@@ -571,7 +571,10 @@ def test_joint_refit_bad_options(kwargs, match):
         ({"gram": np.zeros((10, 10))}, "gram's size 10 must be C \\* K2"),
         ({"cross": np.zeros((3, 12))}, "cross must have shape \\(M, C\\*K2\\) = \\(4, 12\\)"),
         ({"kernels": np.zeros((4, 4))}, "must have G=5 rows"),
-        ({"kernel_channels": np.array([0, 0, 1, 2, 3])}, "kernel_channels must be integer"),
+        (
+            {"kernel_channels": np.array([0, 0, 1, 2, 3])},
+            "kernel_channels must be .* \\[0, C=3\\); got values from 0 to 3",
+        ),
         ({"pointwise": np.zeros(4)}, "pointwise must be a 2-D torch tensor"),
     ],
 )

@@ -288,7 +288,14 @@ def _check_factors(gram, cross, kernel_channels, pointwise, kernels) -> tuple[in
     if kernel_channels.dtype.is_floating_point or (
         g and (int(kernel_channels.min()) < 0 or int(kernel_channels.max()) >= c)
     ):
-        raise ValueError(f"kernel_channels must be integer channel indices in [0, {c}).")
+        got = (
+            f"dtype {kernel_channels.dtype}"
+            if kernel_channels.dtype.is_floating_point
+            else f"values from {int(kernel_channels.min())} to {int(kernel_channels.max())}"
+        )
+        raise ValueError(
+            f"kernel_channels must be integer channel indices in [0, C={c}); got {got}."
+        )
     return m, g, c, k2
 
 
