@@ -240,6 +240,8 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
         "unit + BN": "GDWS, unit alphas + BN recalibration",
         "unit + refit + BN": "GDWS, unit alphas + pointwise refit (PGD) + BN",
     }
+    if results.get("refit", {}).get("depthwise"):
+        labels["unit + refit + BN"] = "GDWS, unit alphas + joint refit (PGD) + BN"
     for weighting in WEIGHTINGS:
         rows = [r for r in results["sweep"] if r["weighting"] == weighting]
         if not rows:

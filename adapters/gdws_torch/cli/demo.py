@@ -49,8 +49,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--refit-depthwise",
         action=argparse.BooleanOptionalAction,
-        help="the default model's refit also re-solves the depthwise kernels (default: "
-        "docs/weightings.md)",
+        help="the refit also re-solves the depthwise kernels (default: off, the pointwise "
+        "weights only; docs/weightings.md)",
     )
     parser.add_argument(
         "--refit-iterations", type=int, help="alternations of the depthwise refit (3)"
