@@ -303,17 +303,18 @@ def test_the_console_script_reports_one_line(tmp_path):
 def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
     assert gdws("demo", "--quick", "--no-progress", "--out-dir", tmp_path) == 0
     printed = capsys.readouterr().out
-    assert "dense" in printed and "GDWS 2x, unit + refit + BN" in printed
+    assert "dense" in printed and "GDWS 2x, data, global + joint refit + BN" in printed
     results = json.loads((tmp_path / "demo.json").read_text())
     dense, default = results["dense"], results["default"]
     assert dense["mac_reduction"] == 1.0 and dense["robust"] <= dense["natural"]
     assert default["target"] == 2.0 and default["conv_macs"] * 2 <= dense["conv_macs"]
-    assert default["weighting"] == "unit + refit + BN"
+    assert default["weighting"] == "data, global + joint refit + BN"
     assert {r["weighting"] for r in results["sweep"]} == {
         "unit",
         "noise gains",
         "unit + BN",
         "unit + refit + BN",
+        "data, global + joint refit + BN",
     }
     for row in results["sweep"]:
         assert dense["conv_macs"] / row["conv_macs"] >= row["target"]

@@ -10,9 +10,11 @@ and an adversarially trained :class:`~gdws_torch.models.DigitsCNN` checkpoint, b
 Pipeline: noise gains (on PGD-perturbed training digits) -> LEGO with the smallest common
 ``beta`` reaching each target MAC reduction, with unit alphas, with noise-gain alphas, and
 with unit alphas followed by re-estimated BatchNorm statistics (1000 natural training
-digits, no labels, no training), and with the pointwise weights also re-solved to match
-the dense convs on 1000 PGD training digits (the default) -> natural and l_inf PGD
-accuracy (the same attack on every model), conv MACs, parameters and batch-1 CPU FPS.
+digits, no labels, no training), with the pointwise weights also re-solved to match the
+dense convs on 1000 PGD training digits, and (the default) with the input-patch ``data``
+weighting, the ``global`` MAC allocation and the joint refit of depthwise kernels and
+pointwise weights -> natural and l_inf PGD accuracy (the same attack on every model),
+conv MACs, parameters and batch-1 CPU FPS.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gdws_torch.macs import count_macs
 from gdws_torch.models import DigitsCNN
 from gdws_torch.noise_gains import noise_gains
 from gdws_torch.throughput import measure_fps
+from gdws_torch.weightings import weighting as error_weighting
 
 __all__ = ["DEMO_ATTACK", "demo_network", "plot_sweep", "run_demo"]
 
@@ -47,10 +50,13 @@ ALPHA_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
 DEFAULT_TARGET = 2.0
 SWEEP_TARGETS = (1.5, 2.0, 2.5)
 # How each GDWS model is built: LEGO with unit or noise-gain alphas (the original work),
-# unit alphas plus BatchNorm recalibration, and unit alphas plus the pointwise refit on
-# adversarial training digits and BatchNorm recalibration (the default; docs/weightings.md).
-WEIGHTINGS = ("unit", "noise gains", "unit + BN", "unit + refit + BN")
-DEFAULT_WEIGHTING = "unit + refit + BN"
+# unit alphas plus BatchNorm recalibration, unit alphas plus the pointwise refit on
+# adversarial training digits and BatchNorm recalibration, and (the default, the
+# frontier's best; docs/weightings.md) the patch-moment data weighting, the global MAC
+# allocation, the joint (depthwise + pointwise) refit and BatchNorm recalibration.
+BEST = "data, global + joint refit + BN"
+WEIGHTINGS = ("unit", "noise gains", "unit + BN", "unit + refit + BN", BEST)
+DEFAULT_WEIGHTING = BEST
 RECALIBRATION_SAMPLES = 1000
 REFIT_SAMPLES = 1000
 # The refit of "unit + refit + BN" (keyword arguments of gdws_torch.recovery.refit_gdws).
@@ -89,8 +95,8 @@ def run_demo(
         Overall conv MAC reductions of the sweep; each is met by LEGO with the smallest
         common ``beta`` (reported), once with unit and once with noise-gain alphas.
     default_target : float
-        The GDWS model the headline table compares with the dense one (unit alphas, the
-        pointwise refit and BatchNorm recalibration); added to ``targets`` when missing.
+        The GDWS model the headline table compares with the dense one (the
+        :data:`DEFAULT_WEIGHTING` recipe); added to ``targets`` when missing.
     n_test : int, optional
         Evaluate on the first ``n_test`` of the 540 test digits (all by default).
     alpha_samples : int
@@ -142,7 +148,9 @@ def run_demo(
         attack=PGD(network, **ALPHA_ATTACK, seed=0),
         progress=progress,
     )
-    log("adversarial calibration digits for the pointwise refit ...")
+    log("input patch statistics for the data weighting ...")
+    data_weighting = error_weighting("data", network, INPUT_SHAPE, loader=DataLoader(train, 128))
+    log("adversarial calibration digits for the refits ...")
     crafter = PGD(network, **ALPHA_ATTACK, seed=0)
     calibration = [
         (crafter(images, labels), labels)
@@ -156,19 +164,22 @@ def run_demo(
         jobs_bar = tqdm(jobs, desc="GDWS sweep", unit="model", disable=not progress)
     except ImportError:  # pragma: no cover - tqdm comes with the torch extra
         jobs_bar = jobs
-    for weighting, target in jobs_bar:
-        name = f"GDWS {target:g}x, {weighting}"
+    for recipe, target in jobs_bar:
+        name = f"GDWS {target:g}x, {recipe}"
+        best = recipe == BEST
         try:
             converted, report = convert(
                 network,
                 target_mac_reduction=target,
-                alphas=alphas if weighting == "noise gains" else None,
+                alphas=alphas if recipe == "noise gains" else None,
+                **(data_weighting if best else {}),
+                allocation="global" if best else "common_beta",
                 input_size=INPUT_SHAPE,
-                recalibrate=recalibration_loader if weighting.endswith("+ BN") else None,
+                recalibrate=recalibration_loader if recipe.endswith("+ BN") else None,
                 recalibrate_samples=RECALIBRATION_SAMPLES,
-                refit=calibration if "refit" in weighting else None,
+                refit=calibration if "refit" in recipe else None,
                 refit_samples=REFIT_SAMPLES,
-                refit_depthwise=refit_depthwise,
+                refit_depthwise=True if best else refit_depthwise,
                 refit_iterations=refit_iterations,
             )
         except ValueError as exc:  # e.g. a target this network cannot reach
@@ -178,7 +189,7 @@ def run_demo(
         rows.append(
             {
                 "model": name,
-                "weighting": weighting,
+                "weighting": recipe,
                 "target": target,
                 "beta": report.beta,
                 "conv_macs": count_macs(converted, INPUT_SHAPE).conv_macs,
@@ -234,11 +245,13 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
     dense = results["dense"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     markers = {"unit": "o", "noise gains": "s", "unit + BN": "^", "unit + refit + BN": "D"}
+    markers[BEST] = "P"
     labels = {
         "unit": "GDWS, unit alphas",
         "noise gains": "GDWS, noise-gain alphas",
         "unit + BN": "GDWS, unit alphas + BN recalibration",
         "unit + refit + BN": "GDWS, unit alphas + pointwise refit (PGD) + BN",
+        BEST: "GDWS, data weighting, global allocation + joint refit (PGD) + BN",
     }
     if results.get("refit", {}).get("depthwise"):
         labels["unit + refit + BN"] = "GDWS, unit alphas + joint refit (PGD) + BN"

@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--refit-depthwise",
         action=argparse.BooleanOptionalAction,
-        help="the refit also re-solves the depthwise kernels (default: off, the pointwise "
-        "weights only; docs/weightings.md)",
+        help='the "unit + refit + BN" rows\' refit also re-solves the depthwise kernels '
+        "(default: off, the pointwise weights only; the default rows always do; "
+        "docs/weightings.md)",
     )
     parser.add_argument(
         "--refit-iterations", type=int, help="alternations of the depthwise refit (3)"
@@ -120,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
     headline = [results["dense"]] + ([results["default"]] if results["default"] else [])
     print(common.format_table(_format(headline), HEADLINE_COLUMNS))
     print()
-    print("Sweep: LEGO with the smallest common beta reaching each MAC target")
+    print(
+        "Sweep: LEGO with the smallest common beta reaching each MAC target (global: per-layer"
+        " budgets, no common beta)"
+    )
     print(common.format_table(_format(results["sweep"]), SWEEP_COLUMNS))
     out_dir = Path(args.out_dir)
     common.write_json(out_dir / "demo.json", results)
