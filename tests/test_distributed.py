@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gdws_torch import noise_gains
 from gdws_torch.attacks import PGD, PGDL1, PGDL2, sample_seed
-from gdws_torch.distributed import Group, WithIndices, shard
+from gdws_torch.distributed import (
+    Group,
+    WithIndices,
+    process_group,
+    shard,
+    world_from_environment,
+)
 from gdws_torch.evaluate import batch_outcomes, evaluate_dataset
 from gdws_torch.resume import ResultStore, describe_attack
 
@@ -66,9 +72,29 @@ def test_shards_are_disjoint_and_cover_every_index(n, world):
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-def test_shard_and_group_reject_bad_ranks():
+def test_shard_and_the_environment_reject_bad_ranks(monkeypatch):
     with pytest.raises(ValueError, match="rank 2 is not in a world of size 2"):
         shard([1, 2], 2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2 and WORLD_SIZE=2 are inconsistent"):
+        world_from_environment()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK must be an integer; got 'one'"):
+        world_from_environment()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert world_from_environment() == Group(1, 2, 1)
+
+
+def test_a_group_of_one_makes_every_collective_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with process_group() as group:
+        assert (group.rank, group.world_size, group.backend, group.is_main) == (0, 1, None, True)
+        tensor = torch.arange(3)
+        summed = group.all_reduce_sum(tensor)
+        assert torch.equal(summed, tensor) and summed is not tensor
+        assert group.broadcast({"a": 1}) == {"a": 1} and group.all_gather(5) == [5]
 
 
 def test_sample_seeds_differ_between_samples_restarts_and_seeds():
