@@ -35,9 +35,8 @@ from torch.utils.data import DataLoader, Subset
 from gdws_approx._io import write_json_atomic
 from gdws_torch.attacks import PGD
 from gdws_torch.datasets import load_dataset
+from gdws_torch.demo import demo_network
 from gdws_torch.evaluate import evaluate, evaluate_dataset
-from gdws_torch.models import DigitsCNN
-from gdws_torch.normalization import normalized
 
 CHECKPOINT = Path(__file__).parents[1] / "adapters/gdws_torch/data/digits_cnn.pth"
 
@@ -79,9 +78,7 @@ def run_eval(processes: int, threads: int, steps: int, n: int, folder: Path) -> 
 def overhead(steps: int, n: int, repeats: int, threads: int) -> dict:
     """Plain ``evaluate`` vs ``evaluate_dataset`` in this process, interleaved."""
     torch.set_num_threads(threads)
-    network = DigitsCNN()
-    network.load_state_dict(torch.load(CHECKPOINT, weights_only=True)["state_dict"])
-    model = normalized(network.eval(), "digits")
+    model = demo_network()  # takes raw pixels, as `gdws eval --dataset digits` feeds it
     data = Subset(load_dataset("digits", None, "test", size=16), range(n))
     attack = PGD(model, 24 / 255, 6 / 255, steps=steps, seed=0)
     times: dict[str, list[float]] = {"evaluate": [], "evaluate_dataset": []}

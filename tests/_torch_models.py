@@ -60,6 +60,16 @@ SMALL_RESNET_ELIGIBLE = ["block.conv1", "block.conv2", "dilated", "reflect"]
 INPUT_SIZE = (3, 16, 16)
 
 
+def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """``model`` with non-trivial BatchNorm running statistics (drawn from torch's RNG)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def small_resnet(seed: int = 0, dtype: torch.dtype = torch.float64, n_classes: int = 5):
     """A SmallResNet in eval mode with random weights and non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _torch_models import with_batchnorm_statistics
 from test_datasets import write_cifar10
 
 from gdws_torch import load_alphas, load_converted, noise_gains
@@ -29,12 +30,7 @@ def run_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     write_cifar10(root / "data", n_per_batch=8)
     torch.manual_seed(0)
-    network = PreActResNet18().eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        for module in network.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+    network = with_batchnorm_statistics(PreActResNet18().eval())
     run = root / "run"
     run.mkdir()
     state = {f"module.{k}": v for k, v in network.state_dict().items()}

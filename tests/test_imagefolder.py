@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _torch_models import with_batchnorm_statistics
 from PIL import Image
 
 from gdws_torch.checkpoints import check_state_dict, load_checkpoint, load_state_dict_file
@@ -259,12 +260,7 @@ def torchvision_keys() -> list[str]:
 @pytest.fixture(scope="module")
 def resnet50():
     torch.manual_seed(0)
-    model = ResNet50().eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
+    model = with_batchnorm_statistics(ResNet50().eval())
     return model
 
 

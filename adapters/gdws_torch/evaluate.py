@@ -200,9 +200,10 @@ def evaluate_dataset(
     done_ids, done_outcomes = (None, None)
     if group.is_main and store is not None:
         done_ids, done_outcomes = store.load()
-    # Rank 0 decides what is left, so every process shards the same list.
-    done = group.broadcast(None if done_ids is None else done_ids.tolist()) or []
-    run = group.broadcast(uuid.uuid4().hex[:12])
+    # Rank 0 decides what is left, so every process shards the same list, and names the run.
+    done, run = group.broadcast(
+        ([] if done_ids is None else done_ids.tolist(), uuid.uuid4().hex[:12])
+    )
     done_set = set(done)
     remaining = [i for i in range(total) if i not in done_set]
     mine = shard(remaining, group.rank, group.world_size)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ResultStore", "describe_attack", "model_digest"]
+__all__ = ["ResultStore", "describe_attack", "model_digest", "remove_results"]
 
 _PART_GLOB = "part-*.pt"
 
@@ -124,5 +124,11 @@ class ResultStore:
 
     def clear(self) -> None:
         """Remove the folder (after the final results are safely written)."""
-        if self.folder.is_dir():
-            shutil.rmtree(self.folder)
+        remove_results(self.folder)
+
+
+def remove_results(folder: str | os.PathLike) -> None:
+    """Remove a results folder and everything saved in it; nothing if there is none."""
+    folder = Path(folder)
+    if folder.is_dir():
+        shutil.rmtree(folder)

@@ -241,6 +241,11 @@ def check_common(args: argparse.Namespace) -> None:
                 raise UsageError(f"{flag} must be a positive number; got {value}.")
     if getattr(args, "attack", "none") != "none":
         attack_specs(args)  # norms and sizes agree, before any long work
+    if hasattr(args, "workers"):
+        if args.workers is None:  # image files are decoded on the fly; the rest is in memory
+            args.workers = min(4, os.cpu_count() or 1) if args.dataset == "imagenet" else 0
+        if args.workers < 0:
+            raise UsageError(f"--workers must be >= 0; got {args.workers}.")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
 
@@ -342,10 +347,6 @@ def distributed(args: argparse.Namespace, where: torch.device):
     The other processes run without progress bars and with their standard output
     discarded; their errors still reach standard error.
     """
-    if getattr(args, "workers", None) is None:
-        args.workers = min(4, os.cpu_count() or 1) if args.dataset == "imagenet" else 0
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0; got {args.workers}.")
     with contextlib.ExitStack() as stack:
         try:
             group = stack.enter_context(process_group(where))

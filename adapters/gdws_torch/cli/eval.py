@@ -11,7 +11,7 @@ from gdws_torch.cli import _common as common
 from gdws_torch.convert import set_fused
 from gdws_torch.evaluate import evaluate_dataset
 from gdws_torch.macs import count_macs
-from gdws_torch.resume import ResultStore
+from gdws_torch.resume import remove_results
 
 HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
 
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
     if any(resume_dir.resolve() == p.resolve() for p in store_inputs):
         raise common.UsageError(f"--resume-dir {str(resume_dir)!r} is an input of this command.")
     if args.fresh and group.is_main and resume_dir.is_dir():
-        ResultStore(resume_dir, {}).clear()
+        remove_results(resume_dir)
     macs = count_macs(network, shape)
     parameters = common.count_parameters(network)
     # Fused GDWS layers: the same outputs, faster in eager PyTorch.
@@ -164,5 +164,5 @@ def _run(args: argparse.Namespace, device, group) -> int:
         },
     )
     # The results are safely written: the per-sample results have served their purpose.
-    ResultStore(resume_dir, {}).clear()
+    remove_results(resume_dir)
     return 0
