@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 from gdws_torch.eligibility import eligible_convs
 from gdws_torch.models import PreActResNet18
 from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 from gdws_torch.attacks import PGD
 from gdws_torch.datasets import load_dataset
 from gdws_torch.demo import demo_network
@@ -52,7 +52,8 @@ def eval_command(processes: int, threads: int, steps: int, n: int, out: Path) ->
         *launcher, "eval", "--model", "digits_cnn", "--dataset", "digits",
         "--checkpoint", str(CHECKPOINT), "--epsilon", "24", "--pgd-alpha", "6",
         "--attack-iters", str(steps), "--device", "cpu", "--no-progress",
-        "--threads", str(threads), "--json", str(out), "--fresh", "--n-samples", str(n),
+        "--threads", str(threads), "--json", str(out), "--overwrite", "--fresh",
+        "--n-samples", str(n),
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gdws_approx import GDWSApproximator
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 
 # (M, C) of the 3x3 convolutions of PreActResNet-18 after its stem.
 PREACT_RESNET18_3X3 = (

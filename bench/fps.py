@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 from gdws_torch import convert, count_macs, eligible_convs
 from gdws_torch.models import PreActResNet18
 from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput

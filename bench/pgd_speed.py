@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 from gdws_torch.attacks import PGD
 from gdws_torch.models import PreActResNet18
 

@@ -101,6 +101,23 @@ def check_finite(xp: Any, x: Any, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf values; all entries must be finite.")
 
 
+def check_spectrum_range(xp: Any, values: Any, dtype: Any, name: str = "W") -> None:
+    """Refuse weighted squared singular values that are not finite or overflow ``dtype``.
+
+    ``values`` (``alpha_c * sigma_{c,i}**2``, computed in the working precision) are
+    returned in ``dtype``, and their sum is the error: all of it must be representable.
+    """
+    largest, total = float(xp.max(values)), float(xp.sum(values))
+    limit = float(xp.finfo(dtype).max)
+    if not (math.isfinite(total) and largest <= limit):
+        raise ValueError(
+            f"{name} has values too large: its weighted squared singular values "
+            f"(alpha * sigma**2, largest {largest:.3g}, sum {total:.3g}) overflow {dtype} "
+            f"(largest finite {limit:.3g}). Scale the weights (or alpha) first, dividing them "
+            "by their largest magnitude, and scale the results back."
+        )
+
+
 def check_weight(
     W: Any,
     kernel_size: tuple[int, int] | None,

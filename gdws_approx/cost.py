@@ -9,8 +9,20 @@ height and width for a layer's total.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
-__all__ = ["break_even_kernels", "dense_macs", "gdws_macs", "mac_reduction"]
+__all__ = [
+    "MAX_KERNEL_MULTIPLE",
+    "break_even_kernels",
+    "check_kernel_multiple",
+    "dense_macs",
+    "gdws_macs",
+    "mac_reduction",
+]
+
+# Largest multiple ``G`` may be padded to: beyond it, padding only adds zero kernels.
+MAX_KERNEL_MULTIPLE = 64
 
 
 def dense_macs(n_out: int, n_in: int, kernel_area: int) -> int:
@@ -35,3 +47,37 @@ def break_even_kernels(n_out: int, n_in: int, kernel_area: int) -> int:
     """
     dense = dense_macs(n_out, n_in, kernel_area)
     return (dense - 1) // (kernel_area + n_out)
+
+
+def check_kernel_multiple(value: Any, name: str = "kernel_multiple") -> int:
+    """Validate the multiple a layer's ``G`` is padded up to (zero kernels).
+
+    Parameters
+    ----------
+    value : int
+        From 1 (no padding) to :data:`MAX_KERNEL_MULTIPLE`.
+    name : str, default="kernel_multiple"
+        The argument's name, for the error message.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        ``value`` is not an integer.
+    ValueError
+        ``value`` is outside ``[1, MAX_KERNEL_MULTIPLE]``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an integer from 1 to {MAX_KERNEL_MULTIPLE}; got {value!r} "
+            f"({type(value).__name__})."
+        )
+    if not 1 <= value <= MAX_KERNEL_MULTIPLE:
+        raise ValueError(
+            f"{name} must be an integer from 1 (no padding) to {MAX_KERNEL_MULTIPLE}; "
+            f"got {value!r}."
+        )
+    return int(value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from gdws_approx import GDWSApproximator, break_even_kernels
-from gdws_approx._io import write_json_atomic
+from gdws_approx.files import write_json_atomic
 
 LEGO_ENERGY_FRACTIONS = (0.0, 0.001, 0.01, 0.03, 0.1, 0.2, 0.4)
 MEGO_KERNELS_PER_CHANNEL = (9, 6, 4, 3, 2, 1)

@@ -18,12 +18,18 @@ from gdws_approx._validation import (
     check_output_weights,
     check_solver,
     check_solver_budget,
+    check_spectrum_range,
     check_svd_solver,
     check_weight,
 )
 from gdws_approx.factors import kernel_layout, pad_kernels, project, reconstruct
 from gdws_approx.selection import channel_errors, lego_multipliers, mego_multipliers
-from gdws_approx.spectra import ChannelSpectra, channel_spectra, resolve_svd_method
+from gdws_approx.spectra import (
+    ChannelSpectra,
+    channel_spectra,
+    check_weight_scale,
+    resolve_svd_method,
+)
 
 __all__ = ["GDWSApproximator"]
 
@@ -193,6 +199,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         )
         spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
         values = alpha[:, None] * spectra.squared_singular_values
+        check_spectrum_range(xp, values, out_dtype)
         if solver == "lego":
             multipliers = lego_multipliers(values, beta)
         else:
@@ -370,10 +377,13 @@ def weighted_channel_spectra(
     device = array_api_compat.device(W3)
     method = resolve_svd_method(svd_solver, xp, W3.dtype, device)
     weighted = xp.astype(W3, work_dtype(xp, device), copy=False)
+    check_weight_scale(xp, weighted)
     if output_weights is not None:
         weighted = output_weights[:, None, None] * weighted
     if transforms is not None:
         weighted = _times_transforms(xp, weighted, transforms)
+    if output_weights is not None or transforms is not None:
+        check_weight_scale(xp, weighted, "W weighted by output_weights and input_transforms")
     return channel_spectra(weighted, method=method)
 
 

@@ -19,6 +19,7 @@ A layer whose GDWS form would not be cheaper than the dense convolution
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections import Counter
@@ -37,6 +38,7 @@ from gdws_approx._validation import (
     check_input_transforms,
     check_n_kernels,
     check_output_weights,
+    check_spectrum_range,
     check_svd_solver,
     check_weight,
 )
@@ -108,6 +110,9 @@ class LayerPlan:
     timings_ms : dict of str to float or None
         Measured times of the layer, ``{"dense": ms, "gdws": ms}``, when an adapter timed
         it (latency-aware conversion); ``None`` otherwise.
+    kernel_multiple : int, default=1
+        The deployed layer's ``G`` is padded up to a multiple of this with zero kernels
+        (same outputs, more MACs): see :attr:`padded_n_kernels` and :attr:`padded_macs`.
     """
 
     name: str
@@ -122,11 +127,26 @@ class LayerPlan:
     dense_macs: int
     macs: int
     timings_ms: dict[str, float] | None = None
+    kernel_multiple: int = 1
 
     @property
     def mac_reduction(self) -> float:
         """``dense_macs / macs`` for this layer."""
         return cost.mac_reduction(self.dense_macs, self.macs)
+
+    @property
+    def padded_n_kernels(self) -> int:
+        """``G`` as deployed: rounded up to ``kernel_multiple`` when replaced."""
+        if not self.replaced:
+            return self.n_kernels
+        return -(-self.n_kernels // self.kernel_multiple) * self.kernel_multiple
+
+    @property
+    def padded_macs(self) -> int:
+        """MACs per input sample as deployed, the zero kernels of the padding included."""
+        m, _, kh, kw = self.shape
+        extra = self.padded_n_kernels - self.n_kernels
+        return self.macs + cost.gdws_macs(extra, kh * kw, m) * self.output_pixels
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the estimator)."""
@@ -143,6 +163,9 @@ class LayerPlan:
             "macs": self.macs,
             "mac_reduction": _finite_or_none(self.mac_reduction),
             "timings_ms": self.timings_ms,
+            "kernel_multiple": self.kernel_multiple,
+            "padded_n_kernels": self.padded_n_kernels,
+            "padded_macs": self.padded_macs,
         }
 
 
@@ -163,6 +186,9 @@ class NetworkPlan:
         Network MACs before: ``other_macs`` plus every planned layer dense.
     macs : int
         Network MACs after.
+    kernel_multiple : int, default=1
+        Every replaced layer's ``G`` is padded up to a multiple of this when deployed
+        (set on each layer); :attr:`padded_macs` counts the padding.
     """
 
     layers: list[LayerPlan]
@@ -170,12 +196,25 @@ class NetworkPlan:
     beta: float | None
     target_mac_reduction: float | None
     other_macs: int
+    kernel_multiple: int = 1
     dense_macs: int = field(init=False)
     macs: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.kernel_multiple = cost.check_kernel_multiple(self.kernel_multiple)
+        self.layers = [
+            layer
+            if layer.kernel_multiple == self.kernel_multiple
+            else dataclasses.replace(layer, kernel_multiple=self.kernel_multiple)
+            for layer in self.layers
+        ]
         self.dense_macs = self.other_macs + sum(layer.dense_macs for layer in self.layers)
         self.macs = self.other_macs + sum(layer.macs for layer in self.layers)
+
+    @property
+    def padded_macs(self) -> int:
+        """Network MACs as deployed, the zero kernels of the padding included."""
+        return self.other_macs + sum(layer.padded_macs for layer in self.layers)
 
     @property
     def mac_reduction(self) -> float:
@@ -206,10 +245,19 @@ class NetworkPlan:
             "macs": self.macs,
             "mac_reduction": _finite_or_none(self.mac_reduction),
             "error": self.error,
+            "kernel_multiple": self.kernel_multiple,
+            "padded_macs": self.padded_macs,
+            "padded_mac_reduction": _finite_or_none(
+                cost.mac_reduction(self.dense_macs, self.padded_macs)
+            ),
         }
 
     def format_table(self) -> str:
-        """The per-layer report as a text table, with the network totals."""
+        """The per-layer report as a text table, with the network totals.
+
+        With ``kernel_multiple > 1`` the ``G`` column reads ``G->padded G`` where they
+        differ, and a "MACs padded" column gives the MACs as deployed.
+        """
         header = (
             "layer",
             "shape",
@@ -220,36 +268,32 @@ class NetworkPlan:
             "MACs after",
             "fewer",
         )
+        padded = self.kernel_multiple > 1
         timed = any(layer.timings_ms for layer in self.layers)
-        if timed:
-            header = (*header, "ms dense / GDWS")
+        extra = ("MACs padded",) * padded + ("ms dense / GDWS",) * timed
         rows = []
         for layer in self.layers:
             histogram = " ".join(f"{g}:{n}" for g, n in sorted(layer.multiplier_histogram.items()))
+            kernels = str(layer.n_kernels)
+            if layer.padded_n_kernels != layer.n_kernels:
+                kernels += f"->{layer.padded_n_kernels}"
             row = (
                 layer.name,
                 "x".join(map(str, layer.shape)),
-                str(layer.n_kernels) if layer.replaced else "dense",
+                kernels if layer.replaced else "dense",
                 histogram if layer.replaced else layer.reason,
                 f"{layer.error:.4g}",
                 f"{layer.dense_macs:,}",
                 f"{layer.macs:,}",
                 f"{layer.mac_reduction:.2f}",
             )
+            if padded:
+                row = (*row, f"{layer.padded_macs:,}")
             if timed:
                 t = layer.timings_ms
                 row = (*row, f"{t['dense']:.4g} / {t['gdws']:.4g}" if t else "")
             rows.append(row)
-        other = (
-            "(other layers)",
-            "",
-            "",
-            "",
-            "",
-            f"{self.other_macs:,}",
-            f"{self.other_macs:,}",
-            "",
-        )
+        other = ("(other layers)", "", "", "", "", f"{self.other_macs:,}", f"{self.other_macs:,}")
         total = (
             "total",
             "",
@@ -260,13 +304,21 @@ class NetworkPlan:
             f"{self.macs:,}",
             f"{self.mac_reduction:.2f}",
         )
-        rows += [other + ("",) * timed, total + ("",) * timed]
+        rows.append((*other, "", *((f"{self.other_macs:,}",) * padded), *(("",) * timed)))
+        rows.append((*total, *((f"{self.padded_macs:,}",) * padded), *(("",) * timed)))
+        header = (*header, *extra)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
             for r in [header, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if padded:
+            reduction = cost.mac_reduction(self.dense_macs, self.padded_macs)
+            lines.append(
+                f"G padded to a multiple of {self.kernel_multiple} when deployed (zero kernels, "
+                f"same outputs): {self.padded_macs:,} MACs, {reduction:.2f}x fewer."
+            )
         return "\n".join(line.rstrip() for line in lines)
 
     def __str__(self) -> str:
@@ -287,6 +339,7 @@ def plan_network(
     only_if_cheaper: bool = True,
     svd_solver: str = "auto",
     allocation: str = "common_beta",
+    kernel_multiple: int = 1,
 ) -> NetworkPlan:
     """Plan the GDWS approximation of a whole network.
 
@@ -317,6 +370,10 @@ def plan_network(
         prefix is the least-error allocation among all allocations with at most its MACs
         (a Lagrangian argument). A layer never gets so many kernels that GDWS would cost
         as much as the dense conv, and at least one.
+    kernel_multiple : int, default=1
+        The multiple (1 to 64) each replaced layer's ``G`` is padded up to when deployed
+        (zero kernels, same outputs). The plan is the same; the report records it and the
+        padded MACs (:attr:`NetworkPlan.padded_macs`).
 
     Returns
     -------
@@ -332,6 +389,7 @@ def plan_network(
     specs = _check_specs(layers)
     other_macs = _check_count(other_macs, "other_macs")
     svd_solver = check_svd_solver(svd_solver)
+    kernel_multiple = cost.check_kernel_multiple(kernel_multiple)
     given = [
         name
         for name, value in (
@@ -360,6 +418,7 @@ def plan_network(
             beta=None,
             target_mac_reduction=target,
             other_macs=other_macs,
+            kernel_multiple=kernel_multiple,
         )
     if n_kernels is not None or any(s.n_kernels is not None for s in specs):
         if given and given != ["n_kernels"]:
@@ -381,7 +440,9 @@ def plan_network(
             f"layer is within the budget (smallest: {min(_energy(p) for p in empty):.6g})."
             + (" Use a smaller beta." if solver == "lego" else " Its weight is all zero.")
         )
-    plan = NetworkPlan(plans, solver, beta if solver == "lego" else None, target, other_macs)
+    plan = NetworkPlan(
+        plans, solver, beta if solver == "lego" else None, target, other_macs, kernel_multiple
+    )
     if target is not None and plan.dense_macs < target * plan.macs:
         raise RuntimeError("internal error: the planned beta misses the MAC target")
     return plan
@@ -462,10 +523,12 @@ def _layer_values(spec: LayerSpec, svd_solver: str) -> tuple[np.ndarray, Any]:
         transforms, _ = check_input_transforms(
             spec.input_transforms, weight.n_in, W3.shape[2], W3, wide
         )
+        spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
+        values = alpha[:, None] * spectra.squared_singular_values
+        check_spectrum_range(xp, values, W3.dtype)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"layer {spec.name!r}: {exc}") from None
-    spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
-    return alpha[:, None] * spectra.squared_singular_values, weight
+    return values, weight
 
 
 def _global_budgets(

@@ -35,6 +35,11 @@ def _check_values(values: Any) -> Any:
     xp = get_namespace(values)
     if values.ndim != 2:
         raise ValueError(f"values must be a 2-D array (C, R); got shape {tuple(values.shape)}.")
+    if not bool(xp.all(xp.isfinite(values))):
+        raise ValueError(
+            "values contains NaN or inf; the weighted squared singular values must be finite "
+            "(values too large: scale the weights first)."
+        )
     return xp
 
 

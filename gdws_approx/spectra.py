@@ -8,6 +8,7 @@ values ``sigma_c**2`` and the rows of ``V_c^T``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -37,6 +38,25 @@ class ChannelSpectra(NamedTuple):
     squared_singular_values: Any
     right_singular_vectors: Any
     method: str
+
+
+def check_weight_scale(xp: Any, W3: Any, name: str = "W") -> None:
+    """Refuse a weight ``(M, C, K2)`` whose squared singular values could overflow its dtype.
+
+    A squared singular value of a channel slice is at most the slice's squared Frobenius
+    norm, ``M * K2 * max|W|**2``, which also bounds the entries of its Gram matrix; both
+    stay finite when ``max|W| <= sqrt(finfo.max / (M * K2))``.
+    """
+    n_out, _, k2 = W3.shape
+    largest = float(xp.max(xp.abs(W3)))
+    limit = math.sqrt(float(xp.finfo(W3.dtype).max) / (n_out * k2))
+    if not largest <= limit:  # NaN too
+        raise ValueError(
+            f"{name} has values too large: its largest magnitude {largest:.3g} exceeds "
+            f"{limit:.3g} (for M={n_out}, Kh*Kw={k2}), so its squared singular values overflow "
+            f"{W3.dtype}. Scale the weights first (divide them by their largest magnitude) and "
+            "scale the results back."
+        )
 
 
 def resolve_svd_method(method: str, xp: Any, input_dtype: Any, device: Any) -> str:
@@ -121,5 +141,6 @@ def channel_spectra(W3: Any, *, method: str = "auto") -> ChannelSpectra:
     # Cast while the memory is still (M, C, K2)-contiguous: casting the permuted view is a
     # strided copy several times slower.
     wide = xp.astype(W3, work_dtype(xp, device), copy=False)
+    check_weight_scale(xp, wide, "W3")
     values, vectors = solve(xp, xp.permute_dims(wide, (1, 0, 2)))
     return ChannelSpectra(values, _sign_normalised(xp, vectors), method)

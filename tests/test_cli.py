@@ -51,7 +51,8 @@ def test_eval_natural_matches_a_direct_evaluation_and_logs_like_the_original(run
     args = [*common_args(root), "--attack", "none", "--no-progress"]
     json_path = root / "nat.json"
     assert gdws("eval", *args, "--logfilename", "a_nat_base.txt", "--json", json_path) == 0
-    assert gdws("eval", *args, "--logfilename", "a_nat_base.txt", "--json", json_path) == 0
+    again = ["--logfilename", "a_nat_base.txt", "--json", json_path, "--overwrite"]
+    assert gdws("eval", *args, *again) == 0
     from gdws_torch.datasets import load_dataset
 
     images, labels = load_dataset("cifar10", root / "data", "test").tensors

@@ -88,7 +88,7 @@ def test_bench_references_agree_with_the_estimator(solver):
 
 
 def test_json_writer_leaves_nothing_behind_on_failure(tmp_path):
-    from gdws_approx._io import write_json_atomic
+    from gdws_approx.files import write_json_atomic
 
     target = tmp_path / "out.json"
     write_json_atomic(target, {"ok": 1})

@@ -552,7 +552,8 @@ def test_cli_writes_the_model_and_its_report(model_file, capsys):
 
     json_path = model_file.parent / "reports" / "r.json"
     args = ["--target-mac-reduction", "1.2", "--include-first", "--exclude", "dilated"]
-    assert gdws(model_file, out, *args, "--json", json_path, "--no-check") == 0
+    assert gdws(model_file, out, *args, "--json", json_path, "--no-check") == 2  # out exists
+    assert gdws(model_file, out, *args, "--json", json_path, "--no-check", "--overwrite") == 0
     report = json.loads(json_path.read_text())
     assert [layer["name"] for layer in report["layers"]] == ["stem", "pads", "Conv:same.w"]
     assert report["check"] is None and report["mac_reduction"] >= 1.2
@@ -563,8 +564,8 @@ def test_cli_writes_the_model_and_its_report(model_file, capsys):
     "case, message",
     [
         ("missing", "no file at"),
-        ("same", "is the input model; not overwriting"),
-        ("json_is_input", "is IN or OUT"),
+        ("same", "OUT '{model}' is IN '{model}', an input of this command; not overwriting"),
+        ("json_is_input", "--json '{model}' is IN '{model}', an input of this command"),
         ("no_budget", "one of the arguments --beta --target-mac-reduction --n-kernels"),
         ("not_onnx", "is not an ONNX model"),
         ("no_eligible", "no eligible convolution"),
@@ -591,7 +592,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(case, message, model_file, cap
     before = model_file.read_bytes()
     assert gdws(*args) == 2
     captured = capsys.readouterr()
-    assert message in captured.err
+    assert message.format(model=model_file) in captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
     assert captured.err.startswith("gdws")
     assert not out.exists() and not out.with_suffix(".json").exists()

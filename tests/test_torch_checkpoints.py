@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +165,10 @@ def test_converted_model_into_the_wrong_architecture(tmp_path):
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_save(obj, f):
-        f.write(b"half")
+        if isinstance(f, (str, os.PathLike)):
+            Path(f).write_bytes(b"half")
+        else:
+            f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

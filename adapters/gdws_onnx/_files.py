@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
+
+from gdws_approx.files import atomic_output
 
 __all__ = ["load_model", "same_file", "save_model"]
 
@@ -57,16 +58,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     error nothing is left behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as temporary:
+        onnx.save_model(model, temporary)
     return path
 
 

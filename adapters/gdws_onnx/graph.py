@@ -369,6 +369,28 @@ def value_shapes(
     Dynamic input dimensions are fixed from ``input_shape`` (a dynamic batch dimension to
     1) on a copy; ``model`` is not modified. Unknown dimensions are ``None``.
     """
+    graph = inferred_graph(model, input_shape)
+    shapes: dict[str, Shape] = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(_dim_value(d) for d in vi.type.tensor_type.shape.dim)
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
+    return shapes
+
+
+def inferred_graph(
+    model: onnx.ModelProto, input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None
+) -> onnx.GraphProto:
+    """The main graph of a copy of ``model`` after ONNX shape inference, batch size 1.
+
+    Dynamic input dimensions are fixed as :func:`value_shapes` does.
+
+    Raises
+    ------
+    ValueError
+        Shape inference fails on the model.
+    """
     dims_by_name = input_dims(model, input_shape)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -390,14 +412,7 @@ def value_shapes(
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         message = " ".join(str(exc).split())
         raise ValueError(f"ONNX shape inference failed on this model: {message}") from None
-    graph = inferred.graph
-    shapes: dict[str, Shape] = {}
-    for vi in (*graph.input, *graph.value_info, *graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(_dim_value(d) for d in vi.type.tensor_type.shape.dim)
-    for tensor in graph.initializer:
-        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
-    return shapes
+    return inferred.graph
 
 
 # -- names --------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from onnx import helper, numpy_helper
 
 import gdws_approx
 from gdws_approx import LayerPlan, LayerSpec, NetworkPlan, plan_network
+from gdws_approx.cost import check_kernel_multiple
 from gdws_onnx._files import check_model, load_model, same_file, save_model
 from gdws_onnx.graph import ConvNode, all_names, conv_nodes, used_names
+from gdws_onnx.memory import check_memory
 
 __all__ = ["METADATA_KEY", "rewrite", "rewrite_file"]
 
@@ -66,7 +68,8 @@ def rewrite(
     input_shape : sequence of int or mapping of str to sequence of int, optional
         One sample's shape without the batch dimension (``(3, 32, 32)``), or one per graph
         input by name. Needed when the model's spatial dimensions are dynamic: MACs are
-        counted per sample at this shape, from ONNX shape inference (batch size 1).
+        counted per sample at this shape, from ONNX shape inference (batch size 1). A
+        shape whose run would need more memory than is available is refused first.
     skip_first : bool, default=True
         Leave the network's first convolution as it is (the first ``Conv`` in topological
         order whose data input depends on a graph input), as the original work did.
@@ -79,8 +82,10 @@ def rewrite(
         Pad each layer's ``G`` up to a multiple of this with zero kernels (the outputs do
         not change). ONNX Runtime's CPU convolutions were measured 2.2 to 2.4 times slower
         when the depthwise conv's channel count is not a multiple of 4; padding adds at
-        most ``(kernel_multiple - 1) * (Kh * Kw + M)`` MACs per output pixel of a layer,
-        which the report (the plan's ``G``) does not count. ``1``: no padding.
+        most ``(kernel_multiple - 1) * (Kh * Kw + M)`` MACs per output pixel of a layer.
+        The plan (its ``G`` and ``macs``) is the same for any value; the report records
+        ``kernel_multiple`` and the padded counts (``padded_n_kernels``,
+        ``padded_macs``). From 1 (no padding) to 64.
 
     Returns
     -------
@@ -100,16 +105,14 @@ def rewrite(
     ------
     ValueError
         Not a valid model; no eligible conv; an unknown ``exclude`` name; a missing alpha;
-        shapes that inference cannot determine (give ``input_shape``); a budget that keeps
-        no kernel in a layer; an unreachable ``target_mac_reduction``.
+        shapes that inference cannot determine (give ``input_shape``); an ``input_shape``
+        needing more memory than is available; a budget that keeps no kernel in a layer;
+        an unreachable ``target_mac_reduction``; ``kernel_multiple`` outside 1..64.
     """
-    if (
-        isinstance(kernel_multiple, bool)
-        or not isinstance(kernel_multiple, (int, np.integer))
-        or kernel_multiple < 1
-    ):
-        raise ValueError(f"kernel_multiple must be a positive integer; got {kernel_multiple!r}.")
+    kernel_multiple = check_kernel_multiple(kernel_multiple)
     check_model(model)
+    if input_shape is not None:
+        check_memory(model, input_shape, what="run it in onnxruntime")
     work = onnx.ModelProto()
     work.CopyFrom(model)
     convs = conv_nodes(work, input_shape=input_shape, skip_first=skip_first, exclude=exclude)
@@ -147,8 +150,9 @@ def rewrite(
         other_macs=other,
         only_if_cheaper=only_if_cheaper,
         svd_solver=svd_solver,
+        kernel_multiple=kernel_multiple,
     )
-    _apply(work, plan, {c.name: c for c in chosen}, int(kernel_multiple))
+    _apply(work, plan, {c.name: c for c in chosen}, kernel_multiple)
     onnx.checker.check_model(work)  # a failure here is a bug of the rewrite
     return work, plan
 
@@ -184,7 +188,13 @@ def _lookup_alpha(alphas: Mapping[str, Any] | None, conv: ConvNode) -> np.ndarra
             value = alphas[key]
             if hasattr(value, "detach"):  # a torch tensor, without importing torch
                 value = value.detach().cpu().numpy()
-            return np.asarray(value, dtype=np.float64)
+            value = np.asarray(value)
+            if value.dtype.kind not in "fiu":
+                raise TypeError(
+                    f"alphas[{key!r}] must hold real numbers (noise gains); got dtype "
+                    f"{value.dtype}."
+                )
+            return value.astype(np.float64)
     raise ValueError(
         f"alphas has no entry for conv {conv.name!r} (looked for {keys}); it has "
         f"{len(alphas)} entries, for example {sorted(alphas)[:3]}."
@@ -239,6 +249,7 @@ def _apply(
         "dense_macs": plan.dense_macs,
         "macs": plan.macs,
         "kernel_multiple": kernel_multiple,
+        "padded_macs": plan.padded_macs,
     }
     props = {p.key: p.value for p in model.metadata_props}
     props[METADATA_KEY] = json.dumps(summary)

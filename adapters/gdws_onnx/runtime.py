@@ -14,6 +14,7 @@ from onnx import helper
 
 from gdws_onnx._files import load_model
 from gdws_onnx.graph import data_inputs, input_dims
+from gdws_onnx.memory import check_memory
 
 __all__ = ["check", "compare_outputs", "random_inputs", "run"]
 
@@ -37,7 +38,8 @@ def check(
         Seed of the inputs (standard normal for float inputs, 0/1 for integer ones).
     input_shape : sequence of int or mapping of str to sequence of int, optional
         One sample's shape (no batch dimension), or one per input by name; needed for
-        dynamic dimensions other than the batch.
+        dynamic dimensions other than the batch. A shape whose run would need more memory
+        than is available is refused before anything runs.
 
     Returns
     -------
@@ -49,6 +51,9 @@ def check(
     """
     original = _as_model(original, "original")
     rewritten = _as_model(rewritten, "rewritten")
+    _check_n_inputs(n_inputs)
+    for model in (original, rewritten):
+        check_memory(model, input_shape, n_inputs, "compare the models in onnxruntime")
     feeds = random_inputs(original, n_inputs=n_inputs, seed=seed, input_shape=input_shape)
     expected = run(original, feeds, "the original model")
     got = run(rewritten, feeds, "the rewritten model")
@@ -103,8 +108,7 @@ def random_inputs(
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded random arrays for every graph input of ``model``."""
-    if isinstance(n_inputs, bool) or not isinstance(n_inputs, numbers.Integral) or n_inputs < 1:
-        raise ValueError(f"n_inputs must be a positive integer; got {n_inputs!r}.")
+    _check_n_inputs(n_inputs)
     rng = np.random.default_rng(seed)
     dims_by_name = input_dims(model, input_shape)
     feeds = {}
@@ -131,6 +135,11 @@ def random_inputs(
             raise ValueError(f"input {vi.name!r} has type {dtype}: no random input for it.")
         feeds[vi.name] = value
     return feeds
+
+
+def _check_n_inputs(n_inputs: Any) -> None:
+    if isinstance(n_inputs, bool) or not isinstance(n_inputs, numbers.Integral) or n_inputs < 1:
+        raise ValueError(f"n_inputs must be a positive integer; got {n_inputs!r}.")
 
 
 def run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from gdws_approx.cost import check_kernel_multiple
+from gdws_approx.files import atomic_output
 from gdws_onnx.runtime import compare_outputs, run
 
 __all__ = ["export"]
@@ -65,7 +66,7 @@ def export(
     kernel_multiple : int, default=4
         GDWS layers are exported with ``G`` padded to a multiple of this (zero kernels,
         the same outputs; :func:`gdws_torch.pad_kernels`): ONNX Runtime runs them faster.
-        ``torch_model`` itself is not changed. ``1``: as they are.
+        ``torch_model`` itself is not changed. From 1 (as they are) to 64.
 
     Returns
     -------
@@ -76,6 +77,7 @@ def export(
 
     if not isinstance(torch_model, torch.nn.Module):
         raise TypeError(f"torch_model must be a torch.nn.Module; got {type(torch_model).__name__}.")
+    kernel_multiple = check_kernel_multiple(kernel_multiple)
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be one sample's shape, e.g. (3, 32, 32); got {shape}.")
@@ -85,15 +87,6 @@ def export(
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn((1, *shape), generator=generator, dtype=dtype).to(device)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
-    os.close(fd)
-    if (
-        isinstance(kernel_multiple, bool)
-        or not isinstance(kernel_multiple, int)
-        or kernel_multiple < 1
-    ):
-        raise ValueError(f"kernel_multiple must be a positive integer; got {kernel_multiple!r}.")
     modes = [(module, module.training) for module in torch_model.modules()]
     if kernel_multiple > 1:
         from gdws_torch.convert import pad_kernels
@@ -101,38 +94,36 @@ def export(
         torch_model = pad_kernels(copy.deepcopy(torch_model), kernel_multiple)
     torch_model.eval()
     try:
-        with torch.no_grad():
-            outputs = _flat_outputs(torch_model(example))
-        names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-        with warnings.catch_warnings():
-            for message in _QUIET:
-                warnings.filterwarnings("ignore", message=message)
-            torch.onnx.export(
-                torch_model,
-                (example,),
-                tmp,
-                dynamo=False,
-                input_names=["input"],
-                output_names=names,
-                dynamic_axes={name: {0: "batch"} for name in ["input", *names]},
-                opset_version=opset_version,
-            )
-        result = None
-        if check:
-            result = _compare(torch_model, tmp, shape, dtype, device, n_inputs, seed, names)
-            if not result["max_rel_diff"] <= EXPORT_TOLERANCE:
-                raise ValueError(
-                    f"the ONNX export disagrees with torch: max abs difference "
-                    f"{result['max_abs_diff']:.3g}, relative {result['max_rel_diff']:.3g} > "
-                    f"{EXPORT_TOLERANCE:g}; {str(path)!r} not written."
+        with atomic_output(path) as tmp:
+            with torch.no_grad():
+                outputs = _flat_outputs(torch_model(example))
+            names = [f"output_{i}" for i in range(len(outputs))] if len(outputs) > 1 else ["output"]
+            with warnings.catch_warnings():
+                for message in _QUIET:
+                    warnings.filterwarnings("ignore", message=message)
+                torch.onnx.export(
+                    torch_model,
+                    (example,),
+                    tmp,
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=names,
+                    dynamic_axes={name: {0: "batch"} for name in ["input", *names]},
+                    opset_version=opset_version,
                 )
-        os.replace(tmp, path)
+            result = None
+            if check:
+                result = _compare(torch_model, tmp, shape, dtype, device, n_inputs, seed, names)
+                if not result["max_rel_diff"] <= EXPORT_TOLERANCE:
+                    raise ValueError(
+                        f"the ONNX export disagrees with torch: max abs difference "
+                        f"{result['max_abs_diff']:.3g}, relative {result['max_rel_diff']:.3g} > "
+                        f"{EXPORT_TOLERANCE:g}; {str(path)!r} not written."
+                    )
         return result
     finally:
         for module, training in modes:
             module.training = training
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _flat_outputs(out: Any) -> list:

@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "sample_seed"]
+__all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "check_labels", "sample_seed"]
 
 
 def _check_positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
     kind = numbers.Integral if integer else numbers.Real
     low_ok = value >= 0 if allow_zero else value > 0
     if isinstance(value, bool) or not isinstance(value, kind) or not low_ok:
-        what = "integer" if integer else "number"
+        what = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a {what} {bound}; got {value!r}.")
+        raise ValueError(f"{name} must be {what} {bound}; got {value!r}.")
     return int(value) if integer else float(value)
 
 
@@ -40,7 +40,7 @@ class Attack:
     alpha : float
         Step size.
     steps : int
-        Iterations per restart (``0``: the random start only).
+        Iterations per restart, ``>= 1``.
     random_start : bool, default=True
         Start from a random point of the ball (uniform for l_inf, as the original).
     restarts : int, default=1
@@ -80,7 +80,7 @@ class Attack:
         self.model = model
         self.eps = _check_positive(eps, "eps")
         self.alpha = _check_positive(alpha, "alpha")
-        self.steps = _check_positive(steps, "steps", integer=True, allow_zero=True)
+        self.steps = _check_positive(steps, "steps", integer=True)
         self.restarts = _check_positive(restarts, "restarts", integer=True)
         self.random_start = bool(random_start)
         self.early_stop = bool(early_stop)
@@ -103,7 +103,8 @@ class Attack:
 
     # -- shared machinery -------------------------------------------------------------
 
-    def _check(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check(self, images: torch.Tensor, labels: torch.Tensor) -> int:
+        """Validate a batch; return its largest label (``-1`` for an empty batch)."""
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError("images must be a floating-point torch.Tensor of pixels in [0, 1].")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
@@ -119,6 +120,7 @@ class Attack:
                 f"images must be pixels in [0, 1] (normalise inside the model); got values in "
                 f"[{low:.4g}, {high:.4g}]."
             )
+        return check_labels(labels)
 
     def _check_sample_ids(self, sample_ids: Any, n: int) -> torch.Tensor | None:
         if sample_ids is None:
@@ -143,9 +145,12 @@ class Attack:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
 
-    def _loss_and_grad(self, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor):
+    def _loss_and_grad(
+        self, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, top_label: int
+    ):
         delta = delta.detach().requires_grad_(True)
         logits = self.model(x + delta)
+        check_labels(labels, logits.shape[-1], top_label)
         loss = F.cross_entropy(logits, labels, reduction="none")
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         return logits.detach(), loss.detach(), grad
@@ -162,7 +167,13 @@ class Attack:
         return torch.cat(starts)
 
     def _run(
-        self, x: torch.Tensor, labels: torch.Tensor, generator, sample_ids=None, restart: int = 0
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        generator,
+        sample_ids=None,
+        restart: int = 0,
+        top_label: int = -1,
     ) -> torch.Tensor:
         if self.random_start:
             delta = self._start(x, generator, sample_ids, restart)
@@ -172,7 +183,7 @@ class Attack:
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(self.steps):
             with torch.enable_grad():
-                logits, _, grad = self._loss_and_grad(x, delta, labels)
+                logits, _, grad = self._loss_and_grad(x, delta, labels, top_label)
             if self.early_stop:
                 active = logits.argmax(1) == labels
                 if not bool(active.any()):
@@ -201,7 +212,7 @@ class Attack:
             Each sample's index in its dataset: seeds its random start on its own (see
             the class notes). Needs ``seed``.
         """
-        self._check(images, labels)
+        top_label = self._check(images, labels)
         sample_ids = self._check_sample_ids(sample_ids, images.shape[0])
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
@@ -212,7 +223,7 @@ class Attack:
             best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best_loss = torch.full((x.shape[0],), -torch.inf, dtype=x.dtype, device=x.device)
             for restart in range(self.restarts):
-                delta = self._run(x, labels, generator, sample_ids, restart)
+                delta = self._run(x, labels, generator, sample_ids, restart, top_label)
                 if self.restarts == 1:  # nothing to choose from: skip the extra forward
                     best_delta = delta
                     break
@@ -229,6 +240,57 @@ class Attack:
             for module, training in modes:
                 module.training = training
         return (x + best_delta).clamp(0, 1).detach()
+
+
+def check_labels(labels: torch.Tensor, n_classes: int | None = None, top: int | None = None) -> int:
+    """Refuse labels that are not class indices in ``[0, n_classes)``; return the largest.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        Class indices, an integer tensor (a floating-point one must hold integers).
+    n_classes : int, optional
+        The number of classes (the model's logits); without it, only ``>= 0`` is checked.
+    top : int, optional
+        The largest label, when already known: nothing is computed then (no device sync).
+
+    Returns
+    -------
+    int
+        The largest label, ``-1`` when ``labels`` is empty.
+
+    Raises
+    ------
+    TypeError
+        ``labels`` is not a tensor of numbers.
+    ValueError
+        A label is negative, not an integer, or ``>= n_classes``: the message names it.
+    """
+    if top is None:
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dtype == torch.bool
+            or labels.is_complex()
+        ):
+            kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be a tensor of class indices; got {kind}.")
+        if labels.is_floating_point():
+            wrong = labels != labels.round()  # NaN too
+            if bool(wrong.any()):
+                value = float(labels[wrong][0])
+                raise ValueError(f"labels must be integer class indices; got {value!r}.")
+        if labels.numel() == 0:
+            return -1
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0:
+            raise ValueError(f"labels must be class indices >= 0; got {low}.")
+        top = high
+    if n_classes is not None and top >= n_classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {n_classes}) (the model returns {n_classes} "
+            f"logits); got {top}."
+        )
+    return top
 
 
 def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from gdws_approx.files import atomic_output
 from gdws_torch.convert import replace_module
 from gdws_torch.layers import GDWSConv2d
 
 __all__ = [
     "CONVERTED_FORMAT",
+    "check_finite_state",
     "load_alphas",
     "load_checkpoint",
     "load_converted",
@@ -38,34 +39,50 @@ CONVERTED_VERSION = 1
 
 def _safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory, not a torch checkpoint file.")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {str(path)!r}.")
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ValueError(f"{str(path)!r} cannot be read: {exc.strerror or exc}.") from None
+    if not head:
+        raise ValueError(f"{str(path)!r} is not a torch checkpoint (empty file).")
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
+    except MemoryError:
+        raise
+    except Exception as exc:  # junk makes torch.load raise almost anything
+        raise _unreadable(path, head, exc) from None
+
+
+def _unreadable(path: Path, head: bytes, exc: Exception) -> ValueError:
+    """Why ``torch.load`` failed on ``path``, which starts with the bytes ``head``."""
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    # torch writes zip archives, or (before 1.6) pickles: 0x80 then the protocol, 2 to 5.
+    is_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if not (head.startswith(b"PK\x03\x04") or is_pickle):
+        return ValueError(
+            f"{str(path)!r} is not a torch checkpoint (not a zip or pickle file; it starts "
+            f"with {head!r})."
+        )
+    if isinstance(exc, pickle.UnpicklingError):
+        return ValueError(
             f"{str(path)!r} cannot be loaded safely: it needs arbitrary unpickling "
-            f"({str(exc).splitlines()[0]}), which could run code from the file. Re-save it "
-            "as a plain state dict: torch.save(model.state_dict(), path)."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(
-            f"{str(path)!r} is not a readable torch checkpoint (truncated or another format): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+            f"({first_line}), which could run code from the file. Re-save it as a plain "
+            "state dict: torch.save(model.state_dict(), path)."
+        )
+    return ValueError(
+        f"{str(path)!r} is not a readable torch checkpoint (truncated or another format): "
+        f"{first_line}"
+    )
 
 
 def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        try:
-            torch.save(obj, f)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    with atomic_output(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def _robustness_model(state: Mapping) -> Mapping:
@@ -120,7 +137,41 @@ def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
             f"{str(path)!r} holds no state dict: expected {{'state_dict': {{name: tensor}}}}, "
             f"{{'model': {{name: tensor}}}} or {{name: tensor}}; got a {kind} with keys {keys}."
         )
+    check_finite_state(data, repr(str(path)))
     return dict(data)
+
+
+def check_finite_state(state: Mapping[str, Any], source: str) -> None:
+    """Refuse a state dict whose floating-point tensors hold NaN or inf.
+
+    Such weights (a diverged training run, a corrupted file) give meaningless outputs
+    without any error: a network evaluated with them scores chance accuracy.
+
+    Parameters
+    ----------
+    state : mapping of str to torch.Tensor
+        Entries that are not floating-point (or complex) tensors are not checked.
+    source : str
+        Where the state comes from (e.g. the file's name), for the message.
+
+    Raises
+    ------
+    ValueError
+        Naming ``source``, how many tensors are not finite and the first of their keys.
+    """
+    bad = [
+        str(key)
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and (value.is_floating_point() or value.is_complex())
+        and not value.is_meta
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{source} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: these "
+            "weights are not usable (did the training diverge?)."
+        )
 
 
 def _match_prefix(state: dict, expected: Mapping) -> dict:
@@ -141,6 +192,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
 
     Checks keys and shapes before anything is copied, so a failed load leaves the model
     untouched (``nn.Module.load_state_dict`` copies the matching tensors before raising).
+    Tensors holding NaN or inf are refused (:func:`check_finite_state`).
     """
     expected = model.state_dict()
     state = _match_prefix(dict(state), expected)
@@ -163,6 +215,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
             f"{source} does not fit {type(model).__name__}: keys {'; '.join(parts)}. Is it a "
             "checkpoint of this architecture (and number of classes)?"
         )
+    check_finite_state(state, source)
     return state
 
 
@@ -177,8 +230,9 @@ def load_checkpoint(
     Raises
     ------
     ValueError
-        The file needs unpickling, holds no state dict, or its keys or shapes do not fit
-        the model (the message lists them); the model is untouched then.
+        The file is empty or not a torch file, needs unpickling, holds no state dict,
+        holds NaN or inf weights, or its keys or shapes do not fit the model (the message
+        lists them); the model is untouched then.
     """
     state = check_state_dict(model, load_state_dict_file(path, map_location), repr(str(path)))
     model.load_state_dict(state)
@@ -220,6 +274,11 @@ def load_alphas(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
                 f"{str(path)!r}: noise_gains[{name!r}] must be a 1-D tensor (one value per "
                 f"input channel); got {type(value).__name__} "
                 f"{tuple(getattr(value, 'shape', ()))}."
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{str(path)!r}: noise_gains[{name!r}] must hold real numbers; got dtype "
+                f"{value.dtype}."
             )
         if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
             raise ValueError(f"{str(path)!r}: noise_gains[{name!r}] must be finite and >= 0.")

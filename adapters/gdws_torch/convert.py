@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gdws_approx import LayerSpec, NetworkPlan, plan_network
+from gdws_approx import LayerSpec, NetworkPlan, cost, plan_network
 from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
@@ -283,8 +283,15 @@ def _optional_entry(mapping: Mapping[str, Any] | None, name: str, what: str) -> 
     bare = name.removeprefix("module.")
     for key in (bare, f"{bare}.weight", f"module.{bare}", f"module.{bare}.weight"):
         if key in mapping:
-            return torch.as_tensor(mapping[key]).detach().to(torch.float64)
+            return _real(torch.as_tensor(mapping[key]), f"{what}[{key!r}]").to(torch.float64)
     return None
+
+
+def _real(value: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` detached; a ``TypeError`` naming it unless it holds real numbers."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers; got dtype {value.dtype}.")
+    return value.detach()
 
 
 def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch.Tensor:
@@ -297,7 +304,7 @@ def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch
     candidates = (f"{bare}.weight", bare, f"module.{bare}.weight", f"module.{bare}")
     for key in candidates:
         if key in alphas:
-            alpha = torch.as_tensor(alphas[key])
+            alpha = _real(torch.as_tensor(alphas[key]), f"alphas[{key!r}]")
             break
     else:
         raise ValueError(
@@ -325,7 +332,9 @@ def pad_kernels(model: nn.Module, multiple: int = 4) -> nn.Module:
     """Pad every :class:`GDWSConv2d` of ``model`` (in place) to ``G`` a multiple of ``multiple``.
 
     Outputs do not change (zero kernels, see :meth:`GDWSConv2d.padded`); returns ``model``.
+    ``multiple`` is an integer from 1 to 64.
     """
+    multiple = cost.check_kernel_multiple(multiple, "multiple")
     for name, module in list(model.named_modules()):
         if isinstance(module, GDWSConv2d):
             padded = module.padded(multiple)

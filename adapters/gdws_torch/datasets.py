@@ -23,6 +23,7 @@ import io
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,6 +86,33 @@ def _read_pickle(path: Path, what: str) -> dict:
     return data
 
 
+def _labels(values: Any, low: int, high: int, where: str) -> np.ndarray:
+    """``values`` as int64 class labels, all integers in ``[low, high]``, else a ValueError."""
+    try:
+        labels = np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: the labels are not an array of integers ({exc}).") from None
+    if labels.dtype.kind not in "iuf" or labels.ndim != 1:
+        raise ValueError(
+            f"{where}: the labels must be a 1-D sequence of integers; got {labels.dtype} of "
+            f"shape {labels.shape}."
+        )
+    if labels.dtype.kind == "f":
+        wrong = ~np.isfinite(labels) | (labels != np.round(labels))
+        if wrong.any():
+            raise ValueError(
+                f"{where}: label {labels[wrong][0].item()!r} (at index {int(np.argmax(wrong))}) is "
+                f"not an integer; labels are integers from {low} to {high}."
+            )
+    outside = (labels < low) | (labels > high)
+    if outside.any():
+        raise ValueError(
+            f"{where}: label {labels[outside][0].item()!r} (at index {int(np.argmax(outside))}) is "
+            f"outside {low}..{high}."
+        )
+    return labels.astype(np.int64)
+
+
 def _cifar(root: Path, split: str, hundred: bool) -> tuple[np.ndarray, np.ndarray]:
     if hundred:
         folder, files, key, what = root / "cifar-100-python", [split], b"fine_labels", "CIFAR-100"
@@ -106,8 +134,12 @@ def _cifar(root: Path, split: str, hundred: bool) -> tuple[np.ndarray, np.ndarra
                 f"{what}: {str(folder / name)!r} has data {data.dtype} {data.shape}; "
                 "expected uint8 (N, 3072)."
             )
+        where = f"{what}: {str(folder / name)!r}"
+        batch_labels = _labels(batch[key], 0, 99 if hundred else 9, where)
+        if len(batch_labels) != len(data):
+            raise ValueError(f"{where} has {len(data)} images but {len(batch_labels)} labels.")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[key], dtype=np.int64))
+        labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -127,8 +159,13 @@ def _svhn(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"SVHN: {str(path)!r} is not a readable .mat file ({exc}).") from None
     if "X" not in mat or "y" not in mat or mat["X"].ndim != 4 or mat["X"].shape[:3] != (32, 32, 3):
         raise ValueError(f"SVHN: {str(path)!r} needs X (32, 32, 3, N) and y (N, 1).")
-    images = np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8)
-    labels = mat["y"].reshape(-1).astype(np.int64) % 10  # label 10 is the digit 0
+    if mat["X"].dtype != np.uint8:
+        raise ValueError(
+            f"SVHN: {str(path)!r} has X of dtype {mat['X'].dtype}; expected uint8 pixels."
+        )
+    images = np.transpose(mat["X"], (3, 2, 0, 1))
+    y = mat["y"].reshape(-1)
+    labels = _labels(y, 1, 10, f"SVHN: {str(path)!r} (y)") % 10  # 10 is the digit 0
     return images, labels
 
 

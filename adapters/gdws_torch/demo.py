@@ -35,6 +35,7 @@ from gdws_torch.checkpoints import load_checkpoint
 from gdws_torch.convert import convert, set_fused
 from gdws_torch.datasets import load_dataset
 from gdws_torch.evaluate import evaluate
+from gdws_torch.figures import save_figure
 from gdws_torch.macs import count_macs
 from gdws_torch.models import DigitsCNN
 from gdws_torch.noise_gains import noise_gains
@@ -288,9 +289,4 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
         "LEGO sweep (dotted: 1 point below dense)"
     )
     left.legend(loc="lower left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return save_figure(figure, path)

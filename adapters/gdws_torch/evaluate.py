@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from gdws_torch.attacks import Attack
+from gdws_torch.attacks import Attack, check_labels
 from gdws_torch.distributed import Group, shard
-from gdws_torch.resume import ResultStore, describe_attack, model_digest
+from gdws_torch.resume import ResultStore, dataset_digest, describe_attack, model_digest
 
 __all__ = ["batch_outcomes", "evaluate", "evaluate_dataset"]
 
@@ -107,6 +107,7 @@ def evaluate_dataset(
     num_workers: int = 0,
     device: Any = None,
     resume_dir: str | os.PathLike | None = None,
+    resume_description: Mapping[str, Any] | None = None,
     save_every_s: float = 60.0,
     group: Group | None = None,
     progress: bool = True,
@@ -123,7 +124,8 @@ def evaluate_dataset(
       batch sizes).
     - **Resumable**: with ``resume_dir``, each process saves its per-sample outcomes
       there at most every ``save_every_s`` seconds and when it finishes; a later call
-      with the same model, attacks and ``n_samples`` evaluates only what is missing.
+      with the same model weights, data, attacks (and their seeds) and ``n_samples``
+      evaluates only what is missing. Anything else is refused, never mixed.
 
     Parameters
     ----------
@@ -140,7 +142,11 @@ def evaluate_dataset(
     device : optional
         Default: the model's parameters' device.
     resume_dir : path-like, optional
-        Folder of saved per-sample results (see :mod:`gdws_torch.resume`).
+        Folder of saved per-sample results (see :mod:`gdws_torch.resume`): new, empty,
+        or written by an earlier call; it is left in place (remove it with
+        :meth:`gdws_torch.resume.ResultStore.clear` once the results are kept).
+    resume_description : mapping, optional
+        Plain values naming the run (command, files), stored in the folder's manifest.
     save_every_s : float, default=60
         Least time between two saves of a process's results (0: after every batch).
     group : Group, optional
@@ -158,8 +164,9 @@ def evaluate_dataset(
     Raises
     ------
     ValueError
-        Bad arguments; a ``resume_dir`` holding another evaluation's results; processes
-        evaluating different models or attacks.
+        Bad arguments; a ``resume_dir`` holding another evaluation's results, a damaged
+        part or files the project did not write; processes evaluating different models,
+        data or attacks.
     RuntimeError
         Samples missing or counted twice after the processes' results are combined.
     """
@@ -184,10 +191,12 @@ def evaluate_dataset(
         "attacks": [describe_attack(attack) for attack in attacks.values()],
         "model": model_digest(model),
     }
+    if resume_dir is not None:
+        fingerprint["data"] = dataset_digest(dataset)
     for rank, theirs in enumerate(group.all_gather(fingerprint)):
         if theirs != fingerprint:
             raise ValueError(
-                f"process {rank} evaluates a different model or attacks than process "
+                f"process {rank} evaluates a different model, data or attacks than process "
                 f"{group.rank}; every process must build the same ones."
             )
     if not (group.world_size == 1 or all(map(_seeds_per_sample, attacks.values()))):
@@ -196,9 +205,12 @@ def evaluate_dataset(
             "samples are split over processes and batches.",
             stacklevel=2,
         )
-    store = ResultStore(resume_dir, fingerprint) if resume_dir is not None else None
+    store = None
+    if resume_dir is not None:
+        store = ResultStore(resume_dir, fingerprint, resume_description)
     done_ids, done_outcomes = (None, None)
     if group.is_main and store is not None:
+        store.open()
         done_ids, done_outcomes = store.load()
     # Rank 0 decides what is left, so every process shards the same list, and names the run.
     done, run = group.broadcast(
@@ -321,10 +333,13 @@ def batch_outcomes(
     Returns a ``(N, 1 + len(attacks))`` bool tensor on the CPU: column 0 natural, then
     one column per attack. ``sample_ids`` goes to the attacks that seed each sample's
     random start on its own (:class:`~gdws_torch.attacks.Attack` with a seed).
+    Labels must be class indices in ``[0, number of logits)`` (a ``ValueError`` otherwise).
     """
     model.eval()
     with torch.no_grad():
-        columns = [model(images).argmax(1) == labels]
+        logits = model(images)
+    check_labels(labels, logits.shape[-1])
+    columns = [logits.argmax(1) == labels]
     for attack in attacks.values():
         if sample_ids is not None and _seeds_per_sample(attack):
             adversarial = attack(images, labels, sample_ids=sample_ids)

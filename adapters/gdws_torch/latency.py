@@ -120,5 +120,6 @@ def time_layers(
         beta=plan.beta,
         target_mac_reduction=plan.target_mac_reduction,
         other_macs=plan.other_macs,
+        kernel_multiple=plan.kernel_multiple,
     )
     return new_plan, slower

@@ -300,8 +300,7 @@ class GDWSConv2d(nn.Module):
         whose channel count is a multiple of 4 much faster (ONNX Runtime's CPU
         convolutions: 2.2 to 2.4x). Returns ``self`` when nothing needs adding.
         """
-        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-            raise ValueError(f"multiple must be a positive integer; got {multiple!r}.")
+        multiple = cost.check_kernel_multiple(multiple, "multiple")
         extra = -self.n_kernels % multiple
         if extra == 0:
             return self

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from gdws_torch.convert import convert, set_fused
 from gdws_torch.evaluate import evaluate
+from gdws_torch.figures import save_figure
 from gdws_torch.macs import count_macs
 from gdws_torch.recovery import batchnorm_layers, calibration_inputs
 from gdws_torch.throughput import measure_throughput
@@ -287,9 +288,4 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         axis.grid(alpha=0.3)
     figure.legend(loc="outside right center", fontsize=7)
     figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; dashed: no recovery)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    return save_figure(figure, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -110,6 +111,13 @@ def train(
     list of dict
         Per epoch: ``epoch``, ``loss``, ``train_accuracy`` (on the inputs trained on), and
         ``test_accuracy`` when ``test_loader`` is given.
+
+    Raises
+    ------
+    FloatingPointError
+        The loss (or, after the last step, a weight) became NaN or inf: training stops at
+        once, naming the epoch and batch (typically the learning rate is too high). The
+        model is left with the weights of that step.
     """
     for name, value in (("epochs", epochs),):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -137,7 +145,7 @@ def train(
     for epoch in range(1, epochs + 1):
         total_loss = correct = seen = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress)
-        for images, labels in bar:
+        for batch, (images, labels) in enumerate(bar, start=1):
             if augment is not None:
                 images = augment(images)
             images, labels = images.to(device), labels.to(device)
@@ -146,11 +154,18 @@ def train(
             model.train()
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                bar.close()
+                raise FloatingPointError(
+                    f"training diverged: the loss became {value} at epoch {epoch}, batch "
+                    f"{batch}; lower the learning rate (lr={lr!r})."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += float(loss.detach()) * len(labels)
+            total_loss += value * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
         bar.close()
@@ -170,4 +185,10 @@ def train(
             )
     model.eval()
     model.zero_grad(set_to_none=True)
+    broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise FloatingPointError(
+            f"training diverged: the weights became NaN or inf in the last step (e.g. "
+            f"{broken[:3]}); lower the learning rate (lr={lr!r})."
+        )
     return history

@@ -1,5 +1,7 @@
 """``python -m gdws_torch.cli``: the ``gdws`` command."""
 
-from gdws_torch.cli import _console_script
+import sys
 
-_console_script()
+from gdws_torch.cli import main
+
+sys.exit(main())

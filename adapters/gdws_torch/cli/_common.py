@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from gdws_approx._io import write_json_atomic
 from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
 from gdws_torch.checkpoints import check_state_dict, load_alphas, load_state_dict_file
+from gdws_torch.cli._errors import UsageError
+from gdws_torch.cli._outputs import Outputs
 from gdws_torch.datasets import DATASETS, load_dataset, num_classes
 from gdws_torch.distributed import process_group, world_from_environment
 from gdws_torch.models import ARCHITECTURES
@@ -31,10 +31,6 @@ MODEL_ALIASES = {
     "digits": "digits_cnn",
 }
 DIGITS_SIZE = 16  # the demo network's input side
-
-
-class UsageError(ValueError):
-    """A bad command line: reported as one line, exit code 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -231,7 +227,7 @@ def check_common(args: argparse.Namespace) -> None:
     """Range checks argparse's types cannot express."""
     for name in ("batch_size", "attack_iters", "restarts", "threads", "n_samples", "sample_size"):
         value = getattr(args, name, None)
-        if value is not None and value < (0 if name == "attack_iters" else 1):
+        if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
     for name in ("epsilon", "pgd_alpha"):
         values = getattr(args, name, None)
@@ -303,12 +299,19 @@ def in_run_folder(args: argparse.Namespace, name: str | None) -> Path | None:
     return Path(args.fname) / path
 
 
-def check_output(path: Path, inputs: Iterable[Path | None], flag: str) -> Path:
-    """Refuse to write an output over one of the command's input files."""
-    for source in inputs:
-        if source is not None and source.exists() and path.resolve() == source.resolve():
-            raise UsageError(f"{flag} {str(path)!r} is an input of this command; not overwriting.")
-    return path
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (without it, gdws replaces only the files it "
+        "wrote itself in a folder it created)",
+    )
+
+
+def outputs(args: argparse.Namespace) -> Outputs:
+    """The command's :class:`Outputs`, kept on ``args`` so a failure can say what was kept."""
+    args.outputs = Outputs(args.command, overwrite=getattr(args, "overwrite", False))
+    return args.outputs
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -418,7 +421,11 @@ def with_normalization(args: argparse.Namespace, network: nn.Module) -> nn.Modul
 
 
 def dataset(args: argparse.Namespace, split: str):
-    return load_dataset(args.dataset, args.data_dir, split, size=DIGITS_SIZE)
+    """The ``split`` of ``--dataset``, read once per command."""
+    cache = args.__dict__.setdefault("_datasets", {})
+    if split not in cache:
+        cache[split] = load_dataset(args.dataset, args.data_dir, split, size=DIGITS_SIZE)
+    return cache[split]
 
 
 def loader(data, args: argparse.Namespace, n_samples: int | None = None, shuffle=False):
@@ -517,9 +524,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_json_atomic(path, json.loads(json.dumps(data, default=_plain)))
-    print(f"wrote {path}")
+def write_json(args: argparse.Namespace, path: Path, data: Any) -> None:
+    """``data`` (tensors and paths as plain values) to the declared output ``path``."""
+    args.outputs.write_json(path, data, default=_plain)
 
 
 def _plain(value: Any) -> Any:
@@ -530,21 +537,45 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def append_log(path: Path, epsilon: float, accuracy: float) -> None:
-    """The original's log: header ``epsilon<TAB>testacc``, then one line per run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file()
-    with open(path, "a") as f:
-        if new:
-            f.write("epsilon\ttestacc\n")
-        f.write(f"{epsilon:.8f}\t{accuracy:.3f}\n")
-    print(f"appended to {path}")
+def append_log(args: argparse.Namespace, path: Path, lines: Sequence[tuple[float, float]]) -> None:
+    """The original's log: header ``epsilon<TAB>testacc``, then one line per result."""
+    args.outputs.append_lines(path, [f"{eps:.8f}\t{accuracy:.3f}" for eps, accuracy in lines])
+
+
+def check_gdws(args: argparse.Namespace) -> None:
+    """The GDWS and recovery flags, against each other and the training data; before work."""
+    if args.latency_batch_size < 1:
+        raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
+    if args.allocation == "global" and args.target_mac_reduction is None:
+        raise UsageError("--allocation global needs --target-mac-reduction.")
+    if args.weighting != "unit" and getattr(args, "alphas", None) is not None:
+        raise UsageError("--weighting and --alphas-filename exclude each other.")
+    check_recovery(args)
+
+
+def check_recovery(args: argparse.Namespace) -> None:
+    """``--refit``/``--recalibrate-bn``: counts within the training data, their attack."""
+    if args.refit_iterations < 0:
+        raise UsageError(f"--refit-iterations must be >= 0; got {args.refit_iterations}.")
+    for flag, n, adversarial in (
+        ("--refit", args.refit, args.refit_attack),
+        ("--recalibrate-bn", args.recalibrate_bn, args.recalibrate_attack),
+    ):
+        if n < 0:
+            raise UsageError(f"{flag} must be >= 0; got {n}.")
+        if n and n > len(dataset(args, "train")):
+            raise UsageError(
+                f"{flag} {n} exceeds the {len(dataset(args, 'train'))} training inputs."
+            )
+        if n and adversarial and getattr(args, "attack", "none") == "none":
+            raise UsageError(f"{flag}-attack needs --attack pgd (and its flags).")
 
 
 def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[int]):
     """``network`` with GDWS layers per ``--beta/--target-mac-reduction/--n-kernels``.
 
-    Returns ``(converted copy, report, alphas file or None)``; prints the report.
+    The flags were checked by :func:`check_gdws`. Returns ``(converted copy, report,
+    alphas file or None)``; prints the report.
     """
     from gdws_torch.convert import convert
 
@@ -556,18 +587,10 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
         budget["n_kernels"] = args.n_kernels
     else:
         budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
-    if args.recalibrate_bn < 0 or args.refit < 0:
-        raise UsageError("--recalibrate-bn and --refit must be >= 0.")
-    if args.latency_batch_size < 1:
-        raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
-    if args.allocation == "global" and "target_mac_reduction" not in budget:
-        raise UsageError("--allocation global needs --target-mac-reduction.")
     weights = {}
     if args.weighting != "unit":
         from gdws_torch.weightings import weighting
 
-        if alphas is not None:
-            raise UsageError("--weighting and --alphas-filename exclude each other.")
         data = dataset(args, "train")
         weights = weighting(
             args.weighting,
@@ -598,17 +621,9 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
     return converted, report, alphas_path
 
 
-def _recovery_inputs(args: argparse.Namespace, n: int, flag: str, adversarial: bool):
-    """Training data holding ``n`` inputs, and the attack factory of ``--<flag>-attack``."""
-    data = dataset(args, "train")
-    if n > len(data):
-        raise UsageError(f"--{flag} {n} exceeds the {len(data)} training inputs.")
-    attack = None
-    if adversarial:
-        if getattr(args, "attack", "none") == "none":
-            raise UsageError(f"--{flag.split('-')[0]}-attack needs --attack pgd (and its flags).")
-        attack = lambda model: make_attack(args, model)  # noqa: E731
-    return data, attack
+def _recovery_attack(args: argparse.Namespace, adversarial: bool):
+    """The attack factory of ``--refit-attack``/``--recalibrate-attack``, or ``None``."""
+    return (lambda model: make_attack(args, model)) if adversarial else None
 
 
 def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
@@ -621,14 +636,12 @@ def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) ->
         print("no GDWS layer: nothing to refit (--refit ignored)")
         return
     depthwise = getattr(args, "refit_depthwise", False)
-    iterations = getattr(args, "refit_iterations", 3)
-    if iterations < 0:
-        raise UsageError(f"--refit-iterations must be >= 0; got {iterations}.")
-    data, attack = _recovery_inputs(args, args.refit, "refit", args.refit_attack)
+    iterations = args.refit_iterations
+    attack = _recovery_attack(args, args.refit_attack)
     refit_gdws(
         with_normalization(args, network),
         with_normalization(args, converted),
-        loader(data, args, shuffle=True),
+        loader(dataset(args, "train"), args, shuffle=True),
         args.refit,
         depthwise=depthwise,
         iterations=iterations,
@@ -652,13 +665,11 @@ def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:
     if not batchnorm_layers(network):
         print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
         return
-    data, attack = _recovery_inputs(
-        args, args.recalibrate_bn, "recalibrate-bn", args.recalibrate_attack
-    )
+    attack = _recovery_attack(args, args.recalibrate_attack)
     model = with_normalization(args, network)
     recalibrate_batchnorm(
         model,
-        loader(data, args, shuffle=True),
+        loader(dataset(args, "train"), args, shuffle=True),
         args.recalibrate_bn,
         attack=attack,
         inplace=True,

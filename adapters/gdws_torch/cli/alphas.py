@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_torch.checkpoints import save_alphas
 from gdws_torch.cli import _common as common
+from gdws_torch.cli._outputs import report_beside
 from gdws_torch.distributed import WithIndices, shard
 from gdws_torch.noise_gains import noise_gains
 
@@ -32,7 +33,7 @@ def add_parser(subparsers) -> None:
         default="alphas.pth",
         help="output file (relative to FNAME; default alphas.pth)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common.add_overwrite_argument(parser)
     common.add_distributed_arguments(parser, resume=False)
     parser.set_defaults(run=run)
 
@@ -42,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise common.UsageError(f"--chunk-size must be positive; got {args.chunk_size}.")
     checkpoint = common.checkpoint_path(args)
-    out = common.check_output(common.in_run_folder(args, args.out), [checkpoint], "--out")
-    if out.exists() and not args.overwrite:
-        raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    outputs = common.outputs(args)
+    outputs.input("--checkpoint", checkpoint)
+    outputs.input("--data-dir", args.data_dir)
+    out = outputs.file("--out", common.in_run_folder(args, args.out))
+    outputs.file("--out's summary", report_beside(out))
+    outputs.check()
     device = common.device(args)
     with common.distributed(args, device) as group:
         return _run(args, checkpoint, out, device, group)
@@ -105,18 +109,21 @@ def _run(args: argparse.Namespace, checkpoint: Path, out: Path, device, group) -
             ],
         )
     )
-    save_alphas(
+    args.outputs.write(
         out,
-        gains,
-        attack=args.attack,
-        norm=args.norm,
-        epsilon=args.epsilon,
-        **{"attack-iters": args.attack_iters},
-        sample_size=args.sample_size,
-        model=common.architecture_name(args.model),
-        dataset=args.dataset,
+        lambda temporary: save_alphas(
+            temporary,
+            gains,
+            attack=args.attack,
+            norm=args.norm,
+            epsilon=args.epsilon,
+            **{"attack-iters": args.attack_iters},
+            sample_size=args.sample_size,
+            model=common.architecture_name(args.model),
+            dataset=args.dataset,
+        ),
     )
-    print(f"wrote {out}")
-    summary = Path(out).with_suffix(".json")
-    common.write_json(summary, {"command": "alphas", "checkpoint": checkpoint, "layers": rows})
+    common.write_json(
+        args, report_beside(out), {"command": "alphas", "checkpoint": checkpoint, "layers": rows}
+    )
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gdws_torch.checkpoints import save_converted
 from gdws_torch.cli import _common as common
+from gdws_torch.cli._outputs import report_beside
 
 HELP = "replace the convolutions of a checkpoint by GDWS ones and save the result"
 
@@ -23,31 +23,39 @@ def add_parser(subparsers) -> None:
         default="gdws_model.pth",
         help="converted model file (relative to FNAME; its report goes beside it as .json)",
     )
+    common.add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     common.check_common(args)
+    common.check_gdws(args)
     architecture = common.architecture_name(args.model)
     shape = common.input_shape(args.dataset, architecture)
     checkpoint = common.checkpoint_path(args)
-    out = common.in_run_folder(args, args.out)
+    outputs = common.outputs(args)
+    outputs.input("--checkpoint", checkpoint)
+    outputs.input("--alphas-filename", common.in_run_folder(args, args.alphas))
+    outputs.input("--data-dir", args.data_dir)
+    out = outputs.file("--out", common.in_run_folder(args, args.out))
+    report_path = outputs.file("--out's report", report_beside(out))
+    outputs.check()
     network = common.build_network(args, checkpoint)
     converted, report, alphas_path = common.approximate(args, network, shape)
-    inputs = [checkpoint, alphas_path]
-    common.check_output(out, inputs, "--out")
-    report_path = common.check_output(Path(out).with_suffix(".json"), inputs, "report")
-    save_converted(
+    outputs.write(
         out,
-        converted,
-        report,
-        model_name=architecture,
-        dataset=args.dataset,
-        checkpoint=str(checkpoint),
-        alphas=None if alphas_path is None else str(alphas_path),
+        lambda temporary: save_converted(
+            temporary,
+            converted,
+            report,
+            model_name=architecture,
+            dataset=args.dataset,
+            checkpoint=str(checkpoint),
+            alphas=None if alphas_path is None else str(alphas_path),
+        ),
     )
-    print(f"wrote {out}")
     common.write_json(
+        args,
         report_path,
         {"command": "convert", "model": architecture, "checkpoint": checkpoint, **report.to_dict()},
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gdws_torch.cli import _common as common
 
@@ -59,6 +58,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="a small smoke run (tests use it)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
+    common.add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -110,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("n_test", "alpha_samples", "attack_steps", "fps_rounds"):
         if settings[name] is not None and settings[name] < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be positive.")
+    outputs = common.outputs(args)
+    out_dir = outputs.folder("--out-dir", args.out_dir)
+    json_path = outputs.file("--out-dir's results", out_dir / "demo.json")
+    plot_path = outputs.file("--out-dir's plot", out_dir / "demo_sweep.png")
+    outputs.check()
     results = demo.run_demo(progress=not args.no_progress, **settings)
     attack = results["attack"]
     print()
@@ -126,9 +131,7 @@ def run(args: argparse.Namespace) -> int:
         " budgets, no common beta)"
     )
     print(common.format_table(_format(results["sweep"]), SWEEP_COLUMNS))
-    out_dir = Path(args.out_dir)
-    common.write_json(out_dir / "demo.json", results)
-    plot = demo.plot_sweep(results, out_dir / "demo_sweep.png")
-    print(f"wrote {plot}")
+    common.write_json(args, json_path, results)
+    outputs.write(plot_path, lambda temporary: demo.plot_sweep(results, temporary))
     print(f"done in {results['seconds']:.0f} s")
     return 0

@@ -11,7 +11,7 @@ from gdws_torch.cli import _common as common
 from gdws_torch.convert import set_fused
 from gdws_torch.evaluate import evaluate_dataset
 from gdws_torch.macs import count_macs
-from gdws_torch.resume import remove_results
+from gdws_torch.resume import ResultStore, check_results_folder
 
 HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
 
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
         "--logfilename", help="append 'epsilon<TAB>acc' to this file (relative to FNAME)"
     )
     out.add_argument("--json", default="gdws-results/eval.json", help="results file")
+    common.add_overwrite_argument(out)
     common.add_distributed_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -47,47 +48,65 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, device, group) -> int:
     architecture = common.architecture_name(args.model)
     shape = common.input_shape(args.dataset, architecture)
-    report = converted_path = saved_report = None
-    # Every file argument is checked before the (long) evaluation starts.
+    report = converted_path = saved_report = checkpoint = None
+    # Every argument and file is checked before the (long) evaluation starts.
     alphas_path = common.in_run_folder(args, args.alphas) if args.apply_gdws else None
     if alphas_path is not None and not alphas_path.is_file():
         raise common.UsageError(f"--alphas-filename: no file at {str(alphas_path)!r}.")
     if args.converted and args.refit:
         raise common.UsageError("--refit needs the dense model: use --apply-gdws, not --converted.")
+    if args.apply_gdws:
+        common.check_gdws(args)
+    elif args.recalibrate_bn:
+        common.check_recovery(args)
     if args.converted:
         converted_path = common.in_run_folder(args, args.converted)
         if not converted_path.is_file():
             raise common.UsageError(f"--converted: no file at {str(converted_path)!r}.")
-        checkpoint = None
-        network, info = load_converted(converted_path, common.build_network(args, None))
-        saved_report = info.get("report")
-        if args.recalibrate_bn:
-            common.recalibrate(args, network)
-        print(f"loaded the converted {info['architecture']} from {converted_path}")
     else:
         checkpoint = common.checkpoint_path(args)
-        network = common.build_network(args, checkpoint)
-        if args.apply_gdws:
-            network, report, _ = common.approximate(args, network, shape)
-    inputs = [checkpoint, alphas_path, converted_path]
+    outputs = common.outputs(args)
+    outputs.input("--checkpoint", checkpoint)
+    outputs.input("--alphas-filename", alphas_path)
+    outputs.input("--converted", converted_path)
+    outputs.input("--data-dir", args.data_dir)
     log = None
     if args.logfilename:
-        log = common.in_run_folder(args, args.logfilename)
-        common.check_output(log, inputs, "--logfilename")
-    json_path = common.check_output(Path(args.json), inputs, "--json")
+        log = outputs.file(
+            "--logfilename", common.in_run_folder(args, args.logfilename), append=True
+        )
+    json_path = outputs.file("--json", args.json)
     resume_dir = Path(args.resume_dir) if args.resume_dir else json_path.with_suffix(".partial")
-    store_inputs = [p for p in inputs if p is not None]
-    if any(resume_dir.resolve() == p.resolve() for p in store_inputs):
-        raise common.UsageError(f"--resume-dir {str(resume_dir)!r} is an input of this command.")
-    if args.fresh and group.is_main and resume_dir.is_dir():
-        remove_results(resume_dir)
+    outputs.folder("--resume-dir", resume_dir)
+    outputs.check()
+    # The inputs are read and checked (weights, data, saved results) before the work.
+    if args.converted:
+        network, info = load_converted(converted_path, common.build_network(args, None))
+        saved_report = info.get("report")
+        print(f"loaded the converted {info['architecture']} from {converted_path}")
+    else:
+        network = common.build_network(args, checkpoint)
+    data = common.dataset(args, "test")
+    try:
+        check_results_folder(resume_dir)
+    except ValueError as exc:
+        raise common.UsageError(f"--resume-dir: {exc}") from None
+    store = ResultStore(resume_dir, {})
+    if args.fresh and group.is_main:
+        store.discard()
+    if args.converted and args.recalibrate_bn:
+        common.recalibrate(args, network)
+    elif args.apply_gdws:
+        network, report, _ = common.approximate(args, network, shape)
     macs = count_macs(network, shape)
     parameters = common.count_parameters(network)
     # Fused GDWS layers: the same outputs, faster in eager PyTorch.
     model = common.with_normalization(args, set_fused(network, True)).to(device)
-    data = common.dataset(args, "test")
     attacks = common.make_attacks(args, model)
     start = time.perf_counter()
+    args.resume_note = (
+        f"the per-sample results saved so far are in {resume_dir}: the same command resumes"
+    )
     result = evaluate_dataset(
         model,
         data,
@@ -96,6 +115,12 @@ def _run(args: argparse.Namespace, device, group) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         resume_dir=resume_dir,
+        resume_description={
+            "command": "gdws eval",
+            "checkpoint": str(checkpoint or converted_path),
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+        },
         save_every_s=args.save_every,
         group=group,
         progress=not args.no_progress,
@@ -130,9 +155,10 @@ def _run(args: argparse.Namespace, device, group) -> int:
     print()
     print(common.format_table([row], columns))
     if log is not None:  # the original's lines: one per attack, or the natural accuracy
-        for spec in specs or [{"epsilon": 0.0, "accuracy": result["natural"]}]:
-            common.append_log(log, spec["epsilon"], spec["accuracy"])
+        results = specs or [{"epsilon": 0.0, "accuracy": result["natural"]}]
+        common.append_log(args, log, [(spec["epsilon"], spec["accuracy"]) for spec in results])
     common.write_json(
+        args,
         json_path,
         {
             "command": "eval",
@@ -164,5 +190,6 @@ def _run(args: argparse.Namespace, device, group) -> int:
         },
     )
     # The results are safely written: the per-sample results have served their purpose.
-    remove_results(resume_dir)
+    store.clear()
+    args.resume_note = None
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -49,6 +48,7 @@ def add_parser(subparsers) -> None:
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument("--no-progress", action="store_true")
     timing.add_argument("--json", default="gdws-results/fps.json")
+    common.add_overwrite_argument(timing)
     parser.set_defaults(run=run)
 
 
@@ -88,7 +88,15 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(
             f"--backends {missing} cannot run here (is onnxruntime installed?)."
         )
-    json_path = Path(args.json)
+    common.check_gdws(args)
+    outputs = common.outputs(args)
+    if args.model is not None and not args.random_weights:
+        outputs.input("--checkpoint", common.checkpoint_path(args))
+    if args.converted:
+        outputs.input("--converted", common.in_run_folder(args, args.converted))
+    outputs.input("--alphas-filename", common.in_run_folder(args, args.alphas))
+    json_path = outputs.file("--json", args.json)
+    outputs.check()
     dense, converted, shape, description = _models(args)
     dense_macs = count_macs(dense, shape).conv_macs
     gdws_macs = count_macs(converted, shape).conv_macs
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(common.format_table(rows, COLUMNS))
     common.write_json(
+        args,
         json_path,
         {
             "command": "fps",

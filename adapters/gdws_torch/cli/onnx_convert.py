@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gdws_torch.cli import _common as common
+from gdws_torch.cli._outputs import report_beside
 
 HELP = "rewrite the convolutions of an ONNX model (from any framework) as GDWS subgraphs"
 
@@ -56,29 +57,27 @@ def add_parser(subparsers) -> None:
         "--no-check", action="store_true", help="do not compare the models in onnxruntime"
     )
     parser.add_argument("--json", metavar="PATH", help="JSON report (default: OUT with .json)")
+    common.add_overwrite_argument(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         import gdws_onnx
-        from gdws_onnx._files import same_file
     except ImportError as exc:
         raise common.UsageError(
             f"onnx-convert needs the onnx package ({exc}): pip install 'gdws-approx[onnx]'."
         ) from None
-    source, out = Path(args.input), Path(args.output)
+    source = Path(args.input)
     if not source.is_file():
         raise common.UsageError(f"IN: no file at {str(source)!r}.")
-    if same_file(source, out):
-        raise common.UsageError(f"OUT {str(out)!r} is the input model; not overwriting it.")
-    report_path = Path(args.json) if args.json else out.with_suffix(".json")
-    if same_file(source, report_path) or same_file(out, report_path):
-        raise common.UsageError(
-            f"--json {str(report_path)!r} is IN or OUT; give another path for the report."
-        )
     if args.input_shape is not None and any(d < 1 for d in args.input_shape):
         raise common.UsageError(f"--input-shape must be positive; got {args.input_shape}.")
+    outputs = common.outputs(args)
+    outputs.input("IN", source)
+    out = outputs.file("OUT", args.output)
+    report_path = outputs.file("--json", Path(args.json) if args.json else report_beside(out))
+    outputs.check()
     budget: dict[str, Any] = {}
     if args.beta is not None:
         budget["beta"] = args.beta
@@ -118,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
             f"onnxruntime check on {result['n_inputs']} random inputs: max abs difference "
             f"{result['max_abs_diff']:.3g}, max relative difference {result['max_rel_diff']:.3g}"
         )
-    gdws_onnx.save_model(rewritten, out)
-    print(f"wrote {out}")
+    outputs.write(out, lambda temporary: gdws_onnx.save_model(rewritten, temporary))
     common.write_json(
+        args,
         report_path,
         _finite(
             {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -89,6 +88,7 @@ def add_parser(subparsers) -> None:
         choices=("eager", "channels_last", "onnxruntime", "none"),
     )
     sweep.add_argument("--out-dir", default="gdws-results/sweep")
+    common.add_overwrite_argument(sweep)
     parser.set_defaults(run=run, attack="pgd")
 
 
@@ -106,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
             raise common.UsageError(f"--{name.replace('_', '-')} must be positive; got {value}.")
     if args.recalibrate_bn < 0 or args.refit < 0 or args.refit_iterations < 0:
         raise common.UsageError("--recalibrate-bn, --refit and --refit-iterations must be >= 0.")
+    outputs = common.outputs(args)
+    out_dir = outputs.folder("--out-dir", args.out_dir)
+    json_path = outputs.file("--out-dir's results", out_dir / "sweep.json")
+    plot_path = outputs.file("--out-dir's plot", out_dir / "sweep.png")
+    if args.model is not None:
+        outputs.input("--checkpoint", common.checkpoint_path(args))
+        outputs.input("--data-dir", args.data_dir)
+    outputs.check()
     if args.model is None:
         network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
         args.dataset, args.no_norm = "digits", True
@@ -159,13 +167,8 @@ def run(args: argparse.Namespace) -> int:
         f"({args.norm} PGD-{steps}, eps {eps:g}/255)"
     )
     print(common.format_table(results["rows"], COLUMNS))
-    out_dir = Path(args.out_dir)
-    common.write_json(out_dir / "sweep.json", results)
-    plot = plot_frontier(
-        results,
-        out_dir / "sweep.png",
-        f"{description}: {args.norm} PGD-{steps} at eps {eps:g}/255 (dotted: dense - 1 point)",
-    )
-    print(f"wrote {plot}")
+    common.write_json(args, json_path, results)
+    title = f"{description}: {args.norm} PGD-{steps} at eps {eps:g}/255 (dotted: dense - 1 point)"
+    outputs.write(plot_path, lambda temporary: plot_frontier(results, temporary, title))
     print(f"done in {results['seconds']:.0f} s")
     return 0

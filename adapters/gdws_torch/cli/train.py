@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-from pathlib import Path
 
 import torch
 
 from gdws_torch.checkpoints import save_checkpoint
 from gdws_torch.cli import _common as common
+from gdws_torch.cli._outputs import report_beside
 from gdws_torch.training import random_crop_flip, train
 
 HELP = "train a bundled architecture, standard or PGD adversarial (builds the demo model)"
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     group.add_argument(
         "--out", default="model_best.pth", help="checkpoint file (relative to FNAME)"
     )
-    group.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    common.add_overwrite_argument(group)
     parser.set_defaults(run=run)
 
 
@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     common.check_common(args)
     if args.epochs < 1:
         raise common.UsageError(f"--epochs must be positive; got {args.epochs}.")
-    out = common.in_run_folder(args, args.out)
-    if out.exists() and not args.overwrite:
-        raise common.UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it.")
+    outputs = common.outputs(args)
+    outputs.input("--data-dir", args.data_dir)
+    out = outputs.file("--out", common.in_run_folder(args, args.out))
+    outputs.file("--out's history", report_beside(out))
+    outputs.check()
     architecture = common.architecture_name(args.model)
     network = common.build_network(args, None).train().to(common.device(args))
     model = common.with_normalization(args, network).to(common.device(args))
@@ -69,16 +71,18 @@ def run(args: argparse.Namespace) -> int:
         for key, value in vars(args).items()
         if key not in ("run", "command") and isinstance(value, (str, int, float, bool, type(None)))
     }
-    save_checkpoint(
+    outputs.write(
         out,
-        network,
-        epoch=args.epochs,
-        history=history,
-        args=settings,
-        architecture=architecture,
+        lambda temporary: save_checkpoint(
+            temporary,
+            network,
+            epoch=args.epochs,
+            history=history,
+            args=settings,
+            architecture=architecture,
+        ),
     )
-    print(f"wrote {out}")
     common.write_json(
-        Path(out).with_suffix(".json"), {"command": "train", "args": settings, "history": history}
+        args, report_beside(out), {"command": "train", "args": settings, "history": history}
     )
     return 0

@@ -1,0 +1,246 @@
+"""The one output policy of every ``gdws`` command.
+
+- Every output file and folder is declared before the work starts, and checked then:
+  outputs that collide with each other or with an input, a file where a folder is needed
+  (or the reverse), and a folder that cannot be written are refused.
+- An existing file is replaced only with ``--overwrite``, or when it lies in a folder that
+  gdws created (marked by ``.gdws-outputs.json``) and gdws wrote it there, unchanged
+  since. So re-running a command into its own results folder just works, and nothing a
+  person made is ever replaced without being asked.
+- Files are written atomically, with the umask's permissions; a failure leaves the
+  previous file and no temporary (:mod:`gdws_approx.files`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gdws_approx.files import atomic_output, file_digest, write_json_atomic
+from gdws_torch.cli._errors import UsageError
+
+MARKER = ".gdws-outputs.json"
+_MARKER_FORMAT = "gdws-approx/output-folder"
+LOG_HEADER = "epsilon\ttestacc"
+
+
+def report_beside(path: Path) -> Path:
+    """The JSON report beside an output file: ``model.pth`` -> ``model.json``; a file
+    itself named ``.json`` gets ``model.report.json``, never its own name."""
+    if path.suffix.lower() == ".json":
+        return path.with_suffix(".report.json")
+    return path.with_suffix(".json")
+
+
+def _describe(flag: str, path: Path) -> str:
+    return f"{flag} {str(path)!r}"
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            return parent
+    return Path(path.absolute().anchor)
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+        return None
+    return marker if isinstance(marker.get("files"), dict) else None
+
+
+class Outputs:
+    """The files and folders one command writes, checked before its work starts.
+
+    Parameters
+    ----------
+    command : str
+        Recorded in the marker of the folders gdws creates.
+    overwrite : bool
+        ``--overwrite``: existing files may be replaced.
+    """
+
+    def __init__(self, command: str, overwrite: bool = False) -> None:
+        self.command = command
+        self.overwrite = overwrite
+        self.written: list[Path] = []
+        self.checked = False  # set once check() passed: the work starts
+        self._files: list[tuple[str, Path, bool]] = []
+        self._folders: list[tuple[str, Path]] = []
+        self._inputs: list[tuple[str, Path]] = []
+        self._replace: dict[Path, bool] = {}
+        self._new_folders: set[Path] = set()  # output folders missing when checked
+
+    # -- declaring ---------------------------------------------------------------------
+
+    def input(self, flag: str, path: str | os.PathLike | None) -> None:
+        """An input file or folder that no output may replace."""
+        if path is not None:
+            self._inputs.append((flag, Path(path)))
+
+    def file(self, flag: str, path: str | os.PathLike, *, append: bool = False) -> Path:
+        """An output file; ``append`` for a log that runs add lines to."""
+        path = Path(path)
+        self._files.append((flag, path, append))
+        return path
+
+    def folder(self, flag: str, path: str | os.PathLike) -> Path:
+        """A folder the command writes its files into (created if missing)."""
+        path = Path(path)
+        self._folders.append((flag, path))
+        return path
+
+    # -- checking ------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Refuse every output that would lose or mix data; before any work.
+
+        Raises
+        ------
+        UsageError
+            Naming the flag, the path and what is wrong.
+        """
+        for i, (flag, path, append) in enumerate(self._files):
+            for input_flag, source in self._inputs:
+                if _same(path, source):
+                    raise UsageError(
+                        f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
+                        "of this command; not overwriting it."
+                    )
+            others = [(f, p) for f, p, _ in self._files[:i]] + self._folders
+            for other_flag, other in others:
+                if _same(path, other):
+                    raise UsageError(
+                        f"{_describe(flag, path)} and {other_flag} name the same path; give "
+                        "each output its own."
+                    )
+            if path.is_dir():
+                raise UsageError(f"{_describe(flag, path)} is a folder; give a file name.")
+            self._check_writable(flag, path)
+            if append:
+                self._check_log(flag, path)
+            elif path.exists() or path.is_symlink():
+                self._replace[path] = self._may_replace(flag, path)
+            else:
+                self._replace[path] = False
+            if not path.parent.exists():
+                self._new_folders.add(path.parent.absolute())
+        for flag, path in self._folders:
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{_describe(flag, path)} is a file, not a folder.")
+            self._check_writable(flag, path, folder=True)
+            for input_flag, source in self._inputs:
+                if _same(path, source):
+                    raise UsageError(
+                        f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
+                        "of this command."
+                    )
+        self.checked = True
+
+    def _check_writable(self, flag: str, path: Path, folder: bool = False) -> None:
+        existing = path if folder and path.is_dir() else _nearest_existing(path)
+        if not existing.is_dir():
+            raise UsageError(
+                f"{_describe(flag, path)}: {str(existing)!r} is a file, so nothing can be "
+                "written under it."
+            )
+        target = existing if folder else path.parent if path.parent.exists() else existing
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise UsageError(
+                f"{_describe(flag, path)}: cannot write in {str(target)!r} (no permission, or "
+                "a read-only file system)."
+            )
+
+    def _may_replace(self, flag: str, path: Path) -> bool:
+        if path.is_symlink() or not path.is_file():
+            raise UsageError(
+                f"{_describe(flag, path)} exists and is not a plain file; not replacing it."
+            )
+        if self.overwrite:
+            return True
+        marker = _read_marker(path.parent)
+        recorded = marker["files"].get(path.name) if marker else None
+        if recorded is not None and recorded == file_digest(path):
+            return True
+        raise UsageError(
+            f"{_describe(flag, path)} exists; pass --overwrite to replace it (gdws replaces "
+            "on its own only the files it wrote in a folder it created)."
+        )
+
+    def _check_log(self, flag: str, path: Path) -> None:
+        if not path.exists():
+            return
+        if path.is_symlink() or not path.is_file():
+            raise UsageError(f"{_describe(flag, path)} exists and is not a plain file.")
+        with open(path, "rb") as f:
+            first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+        if first != LOG_HEADER:
+            raise UsageError(
+                f"{_describe(flag, path)} exists and is not an accuracy log (its first line is "
+                f"not 'epsilon<TAB>testacc'); not appending to it."
+            )
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, path: Path, write: Callable[[Path], Any]) -> Path:
+        """Write ``path`` (declared and checked) through ``write(temporary path)``.
+
+        Raises
+        ------
+        FileExistsError
+            The file appeared since the check (another process wrote it).
+        """
+        replace = self._replace.get(path)
+        if replace is None:
+            raise RuntimeError(f"{str(path)!r} was not declared and checked as an output.")
+        existed = path.exists()
+        with atomic_output(path, replace=replace) as temporary:
+            write(temporary)
+            digest = file_digest(temporary)
+        self._record(path, digest)
+        self.written.append(path)
+        print(f"{'replaced' if existed else 'wrote'} {path}")
+        return path
+
+    def write_json(self, path: Path, data: Any, default: Callable | None = None) -> Path:
+        text = json.dumps(data, indent=2, default=default) + "\n"  # fails before any write
+        return self.write(path, lambda temporary: temporary.write_text(text))
+
+    def append_lines(self, path: Path, lines: list[str]) -> Path:
+        """Add ``lines`` to a log (declared with ``append=True``), atomically."""
+        old = path.read_bytes() if path.exists() else (LOG_HEADER + "\n").encode()
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        new = old + "".join(f"{line}\n" for line in lines).encode()
+        self._replace[path] = True  # the log: checked to be one by _check_log
+        self.write(path, lambda temporary: temporary.write_bytes(new))
+        return path
+
+    def _record(self, path: Path, digest: str) -> None:
+        """Note ``path`` in its folder's marker, if gdws created that folder."""
+        folder = path.parent
+        marker = _read_marker(folder)
+        if marker is None and folder.absolute() not in self._new_folders:
+            return
+        marker = marker or {"format": _MARKER_FORMAT, "version": 1, "files": {}}
+        marker.setdefault("created_by", f"gdws {self.command}")
+        marker["files"][path.name] = digest
+        with contextlib.suppress(OSError):  # the file is written; a lost note only means
+            write_json_atomic(folder / MARKER, marker)  # --overwrite is needed next time
