@@ -7,6 +7,8 @@ arrays work unchanged) and never imports a deep-learning framework.
 from gdws_approx.cost import break_even_kernels, dense_macs, gdws_macs, mac_reduction
 from gdws_approx.estimator import GDWSApproximator
 from gdws_approx.factors import KernelLayout, kernel_layout, pad_kernels, project, reconstruct
+from gdws_approx.knapsack import choose_options
+from gdws_approx.latency_planning import LayerLatency, plan_latency
 from gdws_approx.planning import LayerPlan, LayerSpec, NetworkPlan, plan_network
 from gdws_approx.selection import (
     channel_errors,
@@ -23,6 +25,7 @@ __all__ = [
     "ChannelSpectra",
     "GDWSApproximator",
     "KernelLayout",
+    "LayerLatency",
     "LayerPlan",
     "LayerSpec",
     "NetworkPlan",
@@ -30,6 +33,7 @@ __all__ = [
     "break_even_kernels",
     "channel_errors",
     "channel_spectra",
+    "choose_options",
     "dense_macs",
     "gdws_macs",
     "keep_order",
@@ -39,6 +43,7 @@ __all__ = [
     "mac_reduction",
     "mego_multipliers",
     "pad_kernels",
+    "plan_latency",
     "plan_network",
     "project",
     "reconstruct",

@@ -59,6 +59,17 @@ def check_solver_budget(solver: str, beta: Any, n_kernels: Any) -> tuple[float, 
     return beta, check_n_kernels(n_kernels)
 
 
+def check_max_multiplier(value: Any) -> int | None:
+    """``None``, or a per-channel kernel cap ``>= 1``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_multiplier must be an integer >= 1 or None; got {value!r}.")
+    if value < 1:
+        raise ValueError(f"max_multiplier must be >= 1 (or None: no cap); got {value!r}.")
+    return int(value)
+
+
 def check_kernel_size(kernel_size: Any) -> tuple[int, int] | None:
     if kernel_size is None:
         return None

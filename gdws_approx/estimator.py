@@ -15,6 +15,7 @@ from gdws_approx._validation import (
     check_finite,
     check_input_transforms,
     check_kernel_size,
+    check_max_multiplier,
     check_output_weights,
     check_solver,
     check_solver_budget,
@@ -66,6 +67,11 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         MEGO's kernel budget ``gamma`` (required with ``solver="mego"``, refused with LEGO).
     kernel_size : int, (int, int) or None, default=None
         ``(Kh, Kw)``; required for a 2-D weight ``(M, C*Kh*Kw)``, checked against a 4-D one.
+    max_multiplier : int or None, default=None
+        At most this many kernels per input channel (``g_c <= max_multiplier``); both
+        solvers stay optimal under the cap (each channel's values beyond it are dropped
+        first, the rest ranked as usual). ``1`` gives the best ordinary
+        depthwise-separable form, which runs without gathering channels.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
         How the per-channel spectra are computed. ``"covariance_eigh"`` eigendecomposes
         the ``K2 x K2`` Gram matrices (fast; exact to float64 Gram precision),
@@ -137,12 +143,14 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         n_kernels: int | None = None,
         kernel_size: int | tuple[int, int] | None = None,
         svd_solver: str = "auto",
+        max_multiplier: int | None = None,
     ) -> None:
         self.solver = solver
         self.beta = beta
         self.n_kernels = n_kernels
         self.kernel_size = kernel_size
         self.svd_solver = svd_solver
+        self.max_multiplier = max_multiplier
 
     def fit(
         self,
@@ -183,6 +191,7 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         """
         solver = check_solver(self.solver)
         beta, n_kernels = check_solver_budget(solver, self.beta, self.n_kernels)
+        cap = check_max_multiplier(self.max_multiplier)
         svd_solver = check_svd_solver(self.svd_solver)
         weight = check_weight(W, check_kernel_size(self.kernel_size))
         xp, W3 = weight.xp, weight.W3
@@ -200,10 +209,17 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         spectra = weighted_channel_spectra(W3, output_weights, transforms, svd_solver)
         values = alpha[:, None] * spectra.squared_singular_values
         check_spectrum_range(xp, values, out_dtype)
+        ranked = values if cap is None else values[:, :cap]
         if solver == "lego":
-            multipliers = lego_multipliers(values, beta)
+            beyond = 0.0 if cap is None else float(xp.sum(values[:, cap:]))
+            if beyond > beta:
+                raise ValueError(
+                    f"max_multiplier={cap} alone drops a weighted squared error of "
+                    f"{beyond:.6g} > beta={beta!r}: raise beta or max_multiplier."
+                )
+            multipliers = lego_multipliers(ranked, beta - beyond)
         else:
-            multipliers = mego_multipliers(values, n_kernels)
+            multipliers = mego_multipliers(ranked, n_kernels)
 
         layout = kernel_layout(multipliers)
         directions = spectra.right_singular_vectors[:, : layout.n_slots, :]  # V_c^T rows

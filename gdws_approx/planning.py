@@ -189,6 +189,10 @@ class NetworkPlan:
     kernel_multiple : int, default=1
         Every replaced layer's ``G`` is padded up to a multiple of this when deployed
         (set on each layer); :attr:`padded_macs` counts the padding.
+    latency : dict or None, default=None
+        For a plan made for a speed-up (:func:`gdws_approx.plan_latency`): the target,
+        the dense and predicted network latencies (ms), each layer's form, and what the
+        adapter records (backend, device, batch size, the measured speed-up).
     """
 
     layers: list[LayerPlan]
@@ -197,6 +201,7 @@ class NetworkPlan:
     target_mac_reduction: float | None
     other_macs: int
     kernel_multiple: int = 1
+    latency: dict[str, Any] | None = None
     dense_macs: int = field(init=False)
     macs: int = field(init=False)
 
@@ -250,6 +255,7 @@ class NetworkPlan:
             "padded_mac_reduction": _finite_or_none(
                 cost.mac_reduction(self.dense_macs, self.padded_macs)
             ),
+            "latency": self.latency,
         }
 
     def format_table(self) -> str:
@@ -319,10 +325,27 @@ class NetworkPlan:
                 f"G padded to a multiple of {self.kernel_multiple} when deployed (zero kernels, "
                 f"same outputs): {self.padded_macs:,} MACs, {reduction:.2f}x fewer."
             )
+        if self.latency:
+            lines.append(_latency_summary(self.latency))
         return "\n".join(line.rstrip() for line in lines)
 
     def __str__(self) -> str:
         return self.format_table()
+
+
+def _latency_summary(latency: Mapping[str, Any]) -> str:
+    where = ", ".join(
+        f"{key} {latency[key]}" for key in ("backend", "device", "batch_size") if key in latency
+    )
+    where = f" ({where})" if where else ""
+    text = (
+        f"latency plan{where}: target {latency['target_speedup']:.3g}x"
+        f", predicted {latency['predicted_speedup']:.3g}x ({latency['network_dense_ms']:.4g} ms "
+        f"dense -> {latency['predicted_ms']:.4g} ms)"
+    )
+    if latency.get("realised_speedup") is not None:
+        text += f", measured {latency['realised_speedup']:.3g}x"
+    return text + "."
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -622,12 +645,21 @@ def _to_numpy(x: Any) -> Any:
 
 
 def _plan_layer(
-    spec: LayerSpec, solver: str, budget: float | int, only_if_cheaper: bool, svd_solver: str
+    spec: LayerSpec,
+    solver: str,
+    budget: float | int,
+    only_if_cheaper: bool,
+    svd_solver: str,
+    max_multiplier: int | None = None,
 ) -> LayerPlan:
     if solver == "lego":
-        estimator = GDWSApproximator(solver="lego", beta=budget, svd_solver=svd_solver)
+        estimator = GDWSApproximator(
+            solver="lego", beta=budget, svd_solver=svd_solver, max_multiplier=max_multiplier
+        )
     else:
-        estimator = GDWSApproximator(solver="mego", n_kernels=budget, svd_solver=svd_solver)
+        estimator = GDWSApproximator(
+            solver="mego", n_kernels=budget, svd_solver=svd_solver, max_multiplier=max_multiplier
+        )
     try:
         estimator.fit(
             spec.weight,
