@@ -330,7 +330,7 @@ def test_fps_of_the_demo_model_on_every_backend(tmp_path, capsys):
     assert "FPS x vs dense" in capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = result["rows"]
-    backends = {"eager", "channels_last", "onnxruntime"}
+    backends = {"eager", "channels_last", "onnxruntime", "openvino"}  # the dev extra has all
     assert {(r["model"], r["backend"], r["batch_size"]) for r in rows} == {
         (m, b, n) for m in ("dense", "GDWS") for b in backends for n in (1, 3)
     }

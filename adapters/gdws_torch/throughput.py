@@ -7,7 +7,10 @@ Backends:
 - ``"onnxruntime"``: the model exported to ONNX (in memory, GDWS layers padded to ``G`` a
   multiple of 4, see :func:`gdws_torch.pad_kernels`) and run by ONNX Runtime with as many
   intra-op threads as torch uses (CUDA execution provider when ``device`` is CUDA and it
-  is available, else CPU).
+  is available, else CPU);
+- ``"openvino"``: the same ONNX export (GDWS layers padded alike), compiled by OpenVINO for
+  the CPU with as many inference threads as torch uses, the latency hint and float32
+  precision (CPU only; one compiled model per batch size, static shapes).
 
 On CUDA, torch backends synchronise the device around every timed block.
 """
@@ -28,7 +31,7 @@ from torch import nn
 
 __all__ = ["BACKENDS", "available_backends", "make_runner", "measure_fps", "measure_throughput"]
 
-BACKENDS = ("eager", "channels_last", "onnxruntime")
+BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino")
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -48,7 +51,10 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def available_backends(device: Any = "cpu") -> tuple[str, ...]:
-    """The backends of :data:`BACKENDS` that can run here (ONNX Runtime if installed)."""
+    """The backends of :data:`BACKENDS` that can run here.
+
+    ONNX Runtime if installed; OpenVINO if installed and ``device`` is the CPU.
+    """
     out = ["eager", "channels_last"]
     try:
         import onnxruntime  # noqa: F401
@@ -56,12 +62,18 @@ def available_backends(device: Any = "cpu") -> tuple[str, ...]:
         pass
     else:
         out.append("onnxruntime")
+    if torch.device(device).type == "cpu":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            out.append("openvino")
     return tuple(out)
 
 
-def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.device):
-    import onnxruntime as ort
-
+def _onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> bytes:
+    """``model`` exported to ONNX, input ``"input"`` and output ``"output"``, axis 0 dynamic."""
     buffer = io.BytesIO()
     example = torch.rand((1, *input_shape), device=device)
     # The legacy TorchScript exporter (the dynamo one needs onnxscript); its deprecation
@@ -77,6 +89,12 @@ def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.
             output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
         )
+    return buffer.getvalue()
+
+
+def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.device):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -86,7 +104,38 @@ def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(buffer.getvalue(), options, providers=providers)
+    return ort.InferenceSession(
+        _onnx_bytes(model, input_shape, device), options, providers=providers
+    )
+
+
+def _openvino_runner(model: nn.Module, input_shape: tuple[int, ...]):
+    """``runner(batch_size) -> run()`` for ``model`` compiled by OpenVINO for the CPU."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    core = ov.Core()
+    onnx = _onnx_bytes(model, input_shape, torch.device("cpu"))
+    config = dict(
+        [
+            props.inference_num_threads(torch.get_num_threads()),
+            hints.performance_mode(hints.PerformanceMode.LATENCY),
+            # The CPU plugin otherwise computes in bfloat16 where the CPU has it (AMX,
+            # AVX512 BF16): other figures than torch's, other work than other backends do.
+            hints.inference_precision(ov.Type.f32),
+        ]
+    )
+
+    def runner(batch_size: int) -> Callable[[], Any]:
+        # A static batch size: the CPU plugin's fastest path, as a deployment would run it.
+        network = core.read_model(model=onnx, weights=b"")
+        network.reshape([batch_size, *input_shape])
+        request = core.compile_model(network, "CPU", config).create_infer_request()
+        x = torch.rand((batch_size, *input_shape)).numpy()
+        return lambda: request.infer({0: x}, share_inputs=True)
+
+    return runner
 
 
 def make_runner(
@@ -100,6 +149,13 @@ def make_runner(
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
     shape = _check_shape(input_shape)
     device = torch.device(device)
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise ValueError(f"the openvino backend runs on the CPU only; got device {device}.")
+        from gdws_torch.convert import pad_kernels
+
+        # Padded as for ONNX Runtime: the outputs are the same.
+        return _openvino_runner(pad_kernels(copy.deepcopy(model).eval(), 4), shape)
     if backend == "onnxruntime":
         from gdws_torch.convert import pad_kernels
 

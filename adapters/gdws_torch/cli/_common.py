@@ -150,7 +150,7 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
     group.add_argument(
         "--backend",
         default="eager",
-        choices=("eager", "channels_last", "onnxruntime"),
+        choices=("eager", "channels_last", "onnxruntime", "openvino"),
         help="where --latency-aware times the layers (default eager)",
     )
     group.add_argument(

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     missing = sorted(set(backends) - set(available_backends(device)))
     if missing:
         raise common.UsageError(
-            f"--backends {missing} cannot run here (is onnxruntime installed?)."
+            f"--backends {missing} cannot run here (is onnxruntime or openvino installed? "
+            "openvino runs on the CPU only)."
         )
     common.check_gdws(args)
     outputs = common.outputs(args)
