@@ -118,8 +118,11 @@ def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
         raise FileExistsError(errno.EEXIST, "exists; not replacing it", str(path))
     name = f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMPORARY_SUFFIX}{path.suffix}"
     temporary = path.parent / name
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    os.close(handle)
+    try:
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.close(handle)
+    except OSError as exc:
+        raise _naming(exc, path, temporary) from exc
     try:
         yield temporary
         with open(temporary, "rb+") as f:
@@ -129,9 +132,21 @@ def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
             os.replace(temporary, path)
         else:
             _create_exclusively(temporary, path)
+    except OSError as exc:
+        raise _naming(exc, path, temporary) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def _naming(exc: OSError, path: Path, temporary: Path) -> OSError:
+    """``exc`` naming the destination (not the temporary, nor nothing) as its file."""
+    if exc.filename not in (None, str(temporary), temporary):
+        return exc
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    if exc.errno is None:
+        return type(exc)(f"{path}: {reason}")
+    return type(exc)(exc.errno, reason, str(path))
 
 
 def _create_exclusively(temporary: Path, path: Path) -> None:

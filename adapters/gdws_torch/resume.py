@@ -198,7 +198,8 @@ class ResultStore:
         manifest = _read_manifest(self.folder)
         if manifest is not None and manifest.get("fingerprint") is None:  # discarded
             self._write_manifest(bool(manifest.get("created_folder")))
-        elif manifest is not None:
+            return
+        if manifest is not None:
             if manifest.get("fingerprint") != self.fingerprint:
                 raise ValueError(
                     f"resume folder {str(self.folder)!r} holds the results of another "
@@ -320,11 +321,13 @@ class ResultStore:
 
     def clear(self) -> None:
         """Remove the parts and the manifest, then the folder if the project created it
-        and nothing else is in it (after the final results are safely written)."""
+        and nothing else is in it (after the final results are safely written). Files
+        that someone else put there stay, and so does the folder then."""
         if not self.folder.is_dir():
             return
-        check_results_folder(self.folder)
         manifest = _read_manifest(self.folder)
+        if manifest is None:
+            return  # not marked: nothing here is known to be ours
         for path in self._parts():
             path.unlink()
         with contextlib.suppress(FileNotFoundError):

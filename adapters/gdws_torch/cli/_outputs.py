@@ -4,9 +4,9 @@
   outputs that collide with each other or with an input, a file where a folder is needed
   (or the reverse), and a folder that cannot be written are refused.
 - An existing file is replaced only with ``--overwrite``, or when it lies in a folder that
-  gdws created (marked by ``.gdws-outputs.json``) and gdws wrote it there, unchanged
-  since. So re-running a command into its own results folder just works, and nothing a
-  person made is ever replaced without being asked.
+  gdws created (marked by ``.gdws-outputs.json``) and the same command and option wrote
+  it there, unchanged since. So re-running a command into its own results folder just
+  works, and nothing a person made is ever replaced without being asked.
 - Files are written atomically, with the umask's permissions; a failure leaves the
   previous file and no temporary (:mod:`gdws_approx.files`).
 """
@@ -87,6 +87,7 @@ class Outputs:
         self._inputs: list[tuple[str, Path]] = []
         self._replace: dict[Path, bool] = {}
         self._new_folders: set[Path] = set()  # output folders missing when checked
+        self._exclusive: list[tuple[str, Path]] = []
 
     # -- declaring ---------------------------------------------------------------------
 
@@ -101,10 +102,13 @@ class Outputs:
         self._files.append((flag, path, append))
         return path
 
-    def folder(self, flag: str, path: str | os.PathLike) -> Path:
-        """A folder the command writes its files into (created if missing)."""
+    def folder(self, flag: str, path: str | os.PathLike, *, exclusive: bool = False) -> Path:
+        """A folder the command writes files into (created if missing); ``exclusive``: a
+        folder of its own (a resume folder) that no other output may lie in."""
         path = Path(path)
         self._folders.append((flag, path))
+        if exclusive:
+            self._exclusive.append((flag, path))
         return path
 
     # -- checking ------------------------------------------------------------------------
@@ -130,6 +134,12 @@ class Outputs:
                     raise UsageError(
                         f"{_describe(flag, path)} and {other_flag} name the same path; give "
                         "each output its own."
+                    )
+            for folder_flag, folder in self._exclusive:
+                if folder.resolve() in path.resolve().parents:
+                    raise UsageError(
+                        f"{_describe(flag, path)} lies inside {_describe(folder_flag, folder)}, "
+                        "which holds only gdws's saved results; write it elsewhere."
                     )
             if path.is_dir():
                 raise UsageError(f"{_describe(flag, path)} is a folder; give a file name.")
@@ -177,12 +187,20 @@ class Outputs:
             return True
         marker = _read_marker(path.parent)
         recorded = marker["files"].get(path.name) if marker else None
-        if recorded is not None and recorded == file_digest(path):
+        if (
+            isinstance(recorded, dict)
+            and recorded.get("writer") == self._writer(flag)
+            and recorded.get("sha256") == file_digest(path)
+        ):
             return True
         raise UsageError(
             f"{_describe(flag, path)} exists; pass --overwrite to replace it (gdws replaces "
-            "on its own only the files it wrote in a folder it created)."
+            "on its own only a file that the same command and option wrote, unchanged since, "
+            "in a folder gdws created)."
         )
+
+    def _writer(self, flag: str) -> str:
+        return f"gdws {self.command} {flag}"
 
     def _check_log(self, flag: str, path: Path) -> None:
         if not path.exists():
@@ -214,7 +232,8 @@ class Outputs:
         with atomic_output(path, replace=replace) as temporary:
             write(temporary)
             digest = file_digest(temporary)
-        self._record(path, digest)
+        flag = next(f for f, p, _ in self._files if p == path)
+        self._record(path, {"sha256": digest, "writer": self._writer(flag)})
         self.written.append(path)
         print(f"{'replaced' if existed else 'wrote'} {path}")
         return path
@@ -233,7 +252,7 @@ class Outputs:
         self.write(path, lambda temporary: temporary.write_bytes(new))
         return path
 
-    def _record(self, path: Path, digest: str) -> None:
+    def _record(self, path: Path, entry: dict[str, str]) -> None:
         """Note ``path`` in its folder's marker, if gdws created that folder."""
         folder = path.parent
         marker = _read_marker(folder)
@@ -241,6 +260,6 @@ class Outputs:
             return
         marker = marker or {"format": _MARKER_FORMAT, "version": 1, "files": {}}
         marker.setdefault("created_by", f"gdws {self.command}")
-        marker["files"][path.name] = digest
+        marker["files"][path.name] = entry
         with contextlib.suppress(OSError):  # the file is written; a lost note only means
             write_json_atomic(folder / MARKER, marker)  # --overwrite is needed next time

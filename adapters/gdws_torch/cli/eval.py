@@ -77,7 +77,12 @@ def _run(args: argparse.Namespace, device, group) -> int:
         )
     json_path = outputs.file("--json", args.json)
     resume_dir = Path(args.resume_dir) if args.resume_dir else json_path.with_suffix(".partial")
-    outputs.folder("--resume-dir", resume_dir)
+    flag = "--resume-dir" if args.resume_dir else "the resume folder (--json with .partial)"
+    outputs.folder(flag, resume_dir, exclusive=True)
+    try:
+        check_results_folder(resume_dir)
+    except ValueError as exc:
+        raise common.UsageError(f"--resume-dir: {exc}") from None
     outputs.check()
     # The inputs are read and checked (weights, data, saved results) before the work.
     if args.converted:
@@ -87,10 +92,6 @@ def _run(args: argparse.Namespace, device, group) -> int:
     else:
         network = common.build_network(args, checkpoint)
     data = common.dataset(args, "test")
-    try:
-        check_results_folder(resume_dir)
-    except ValueError as exc:
-        raise common.UsageError(f"--resume-dir: {exc}") from None
     store = ResultStore(resume_dir, {})
     if args.fresh and group.is_main:
         store.discard()
@@ -107,24 +108,28 @@ def _run(args: argparse.Namespace, device, group) -> int:
     args.resume_note = (
         f"the per-sample results saved so far are in {resume_dir}: the same command resumes"
     )
-    result = evaluate_dataset(
-        model,
-        data,
-        attacks,
-        n_samples=args.n_samples,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        resume_dir=resume_dir,
-        resume_description={
-            "command": "gdws eval",
-            "checkpoint": str(checkpoint or converted_path),
-            "dataset": args.dataset,
-            "data_dir": args.data_dir,
-        },
-        save_every_s=args.save_every,
-        group=group,
-        progress=not args.no_progress,
-    )
+    try:
+        result = evaluate_dataset(
+            model,
+            data,
+            attacks,
+            n_samples=args.n_samples,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            resume_dir=resume_dir,
+            resume_description={
+                "command": "gdws eval",
+                "checkpoint": str(checkpoint or converted_path),
+                "dataset": args.dataset,
+                "data_dir": args.data_dir,
+            },
+            save_every_s=args.save_every,
+            group=group,
+            progress=not args.no_progress,
+        )
+    except ValueError:  # refused before evaluating: the saved results are not this run's
+        args.resume_note = None
+        raise
     seconds = time.perf_counter() - start  # the slowest process's: the results wait for it
     if not group.is_main:
         return 0
