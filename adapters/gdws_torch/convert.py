@@ -14,6 +14,7 @@ from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
+from gdws_torch.module_tree import replace_module
 from gdws_torch.recovery import recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
@@ -48,6 +49,9 @@ def convert(
     output_weights: Mapping[str, Any] | None = None,
     input_transforms: Mapping[str, Any] | None = None,
     allocation: str = "common_beta",
+    target_speedup: float | None = None,
+    latency_table: Any = None,
+    progress: bool = False,
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
 
@@ -127,6 +131,21 @@ def convert(
     allocation : {"common_beta", "global"}, default="common_beta"
         How ``target_mac_reduction`` is met (see :func:`gdws_approx.plan_network`):
         one LEGO ``beta`` for all layers, or the least total error for the MACs.
+    target_speedup : float, optional
+        A budget of its own: the measured speed-up (``> 1``) to reach on ``backend``,
+        ``device`` and ``latency_batch_size``. Every eligible layer's latency is taken
+        from ``latency_table`` (timed and cached when missing), each layer becomes dense,
+        depthwise-separable or GDWS at the ``G`` of least total error whose predicted
+        network latency meets the target (:func:`gdws_approx.plan_latency`); then the
+        converted network is timed against the dense one and, if it misses the target
+        by more than 5 %, planned again for the shortfall (3 attempts at most).
+        ``report.latency`` records the prediction, the measurement and whether the
+        target was reached (:mod:`gdws_torch.speed_target`).
+    latency_table : LatencyTable, path-like or None, default=None
+        With ``target_speedup``: the table to use and extend, or the JSON file of one;
+        ``None``: the user's cache (:func:`gdws_torch.latency_tables.default_cache`).
+    progress : bool, default=False
+        Progress bars while timing layers for ``target_speedup``.
 
     Returns
     -------
@@ -162,7 +181,20 @@ def convert(
         raise ValueError(
             f"refit_iterations must be a non-negative integer; got {refit_iterations!r}."
         )
-    if latency_aware:
+    if target_speedup is not None:
+        given = [n for n, v in (("beta", beta), ("n_kernels", n_kernels)) if v is not None]
+        if target_mac_reduction is not None:
+            given.append("target_mac_reduction")
+        if given or latency_aware or allocation != "common_beta":
+            extra = (
+                given
+                + ["latency_aware"] * latency_aware
+                + ["allocation"] * (allocation != "common_beta")
+            )
+            raise ValueError(
+                f"target_speedup is a budget of its own; it excludes {', '.join(extra)}."
+            )
+    if latency_aware or target_speedup is not None:
         from gdws_torch.throughput import BACKENDS
 
         if backend not in BACKENDS:
@@ -209,6 +241,24 @@ def convert(
             "none of the eligible convolutions runs in a forward pass at input_size "
             f"{tuple(input_size)}; nothing to convert."
         )
+    if target_speedup is not None:
+        return _convert_for_speedup(
+            model,
+            specs,
+            other,
+            input_size=input_size,
+            target_speedup=target_speedup,
+            table=latency_table,
+            backend=backend,
+            batch_size=latency_batch_size,
+            device=device,
+            svd_solver=svd_solver,
+            fused=fused,
+            inplace=inplace,
+            progress=progress,
+            recovery=(refit, refit_samples, refit_attack, refit_depthwise, refit_iterations),
+            recalibration=(recalibrate, recalibrate_samples),
+        )
     plan = plan_network(
         specs,
         beta=beta,
@@ -244,22 +294,65 @@ def convert(
         )
         for name in slower:
             replace_module(converted, name, originals[name])
-    if refit is not None and built:
+    _recover(
+        model,
+        converted,
+        originals if built else {},
+        inplace=inplace,
+        recovery=(refit, refit_samples, refit_attack, refit_depthwise, refit_iterations),
+        recalibration=(recalibrate, recalibrate_samples),
+    )
+    return converted, plan
+
+
+def _recover(model, converted, originals, *, inplace, recovery, recalibration) -> None:
+    """The refit (if any GDWS layer was built), then the BatchNorm recalibration."""
+    refit, samples, attack, depthwise, iterations = recovery
+    if refit is not None and originals:
         refit_gdws(
             model if not inplace else _dense_twin(converted, originals),
             converted,
             refit,
-            refit_samples,
-            depthwise=refit_depthwise,
-            iterations=refit_iterations,
-            attack=refit_attack,
+            samples,
+            depthwise=depthwise,
+            iterations=iterations,
+            attack=attack,
             inplace=True,
             progress=False,
         )
-    if recalibrate is not None:
-        recalibrate_batchnorm(
-            converted, recalibrate, recalibrate_samples, inplace=True, progress=False
+    loader, n = recalibration
+    if loader is not None:
+        recalibrate_batchnorm(converted, loader, n, inplace=True, progress=False)
+
+
+def _convert_for_speedup(
+    model, specs, other, *, table, backend, batch_size, device, recovery, recalibration, **kw
+):
+    from gdws_torch.latency_tables import LatencyTable, default_cache
+    from gdws_torch.speed_target import convert_for_speedup
+
+    if not isinstance(table, LatencyTable):
+        table = LatencyTable(
+            backend, batch_size, device, default_cache() if table is None else table
         )
+    elif (table.backend, table.batch_size) != (backend, batch_size):
+        raise ValueError(
+            f"latency_table is for {table.backend} at batch {table.batch_size}, not "
+            f"backend={backend!r} at latency_batch_size={batch_size}."
+        )
+    names = [spec.name for spec in specs]
+    input_shapes = layer_input_shapes(model, names, kw["input_size"])
+    converted, plan, originals = convert_for_speedup(
+        model, specs, input_shapes, table=table, other_macs=other, **kw
+    )
+    _recover(
+        model,
+        converted,
+        originals,
+        inplace=kw["inplace"],
+        recovery=recovery,
+        recalibration=recalibration,
+    )
     return converted, plan
 
 
@@ -319,13 +412,6 @@ def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch
             f"got shape {tuple(alpha.shape)}."
         )
     return alpha.to(device=conv.weight.device, dtype=torch.float64)
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Set the submodule at dotted path ``name`` of ``model`` to ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def pad_kernels(model: nn.Module, multiple: int = 4) -> nn.Module:

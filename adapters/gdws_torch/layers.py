@@ -56,6 +56,10 @@ class GDWSConv2d(nn.Module):
         ``G -> M`` channels, ``1 x 1``: weight of shape ``(M, G, 1, 1)``, the bias.
     kernel_channels : torch.LongTensor of shape (G,)
         Buffer: input channel of each depthwise kernel.
+    gathers : bool
+        Whether the forward pass gathers input channels; ``False`` when every channel
+        has exactly one kernel, in channel order (an ordinary depthwise-separable layer,
+        which runs without the gather).
 
     Examples
     --------
@@ -122,6 +126,8 @@ class GDWSConv2d(nn.Module):
             n_kernels, out_channels, 1, bias=bias, device=device, dtype=dtype
         )
         self.register_buffer("kernel_channels", kernel_channels.to(torch.long))
+        self._note_gather()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._note_gather())
 
     # -- construction -------------------------------------------------------------------
 
@@ -270,9 +276,20 @@ class GDWSConv2d(nn.Module):
         dense = dense.index_add(1, self.kernel_channels, pointwise * depthwise)
         return dense.reshape(self.out_channels, self.in_channels, kh, kw)
 
+    def _note_gather(self) -> None:
+        # One kernel per channel, in channel order (ordinary depthwise-separable): the
+        # gather is the identity, and skipping it saves a copy of the input.
+        channels = self.kernel_channels
+        self.gathers = not (
+            channels.numel() == self.in_channels
+            and bool((channels == torch.arange(self.in_channels, device=channels.device)).all())
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self._dense_forward(x)
+        if not self.gathers:
+            return self.pointwise(self.depthwise(x))
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             # NHWC: gather along the contiguous channel axis of a (N*H*W, C) view, which
             # stays channels-last for the convs (no layout copies). Measured on

@@ -17,7 +17,16 @@ __all__ = ["main"]
 
 def build_parser():
     from gdws_torch.cli import _common as common
-    from gdws_torch.cli import alphas, convert, demo, fps, onnx_convert, sweep, train
+    from gdws_torch.cli import (
+        alphas,
+        convert,
+        demo,
+        fps,
+        latency_table,
+        onnx_convert,
+        sweep,
+        train,
+    )
     from gdws_torch.cli import eval as evaluate
 
     parser = common.OneLineParser(
@@ -31,7 +40,8 @@ def build_parser():
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=common.OneLineParser
     )
-    for module in (demo, evaluate, alphas, convert, train, fps, sweep, onnx_convert):
+    modules = (demo, evaluate, alphas, convert, train, fps, latency_table, sweep, onnx_convert)
+    for module in modules:
         module.add_parser(subparsers)
     return parser
 

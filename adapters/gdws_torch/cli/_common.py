@@ -111,8 +111,11 @@ def add_attack_arguments(
     )
 
 
-def add_budget_arguments(group, required: bool = False, target_help: str = "") -> None:
-    """The mutually exclusive ``--beta | --target-mac-reduction | --n-kernels``."""
+def add_budget_arguments(
+    group, required: bool = False, target_help: str = "", speedup: bool = False
+) -> None:
+    """The mutually exclusive ``--beta | --target-mac-reduction | --n-kernels`` (and
+    ``--target-speedup`` with ``speedup``)."""
     budget = group.add_mutually_exclusive_group(required=required)
     budget.add_argument("--beta", type=float, help="LEGO error budget of every layer")
     budget.add_argument(
@@ -121,11 +124,18 @@ def add_budget_arguments(group, required: bool = False, target_help: str = "") -
         help=target_help or "overall conv MAC reduction to reach (see --allocation)",
     )
     budget.add_argument("--n-kernels", type=int, help="MEGO: depthwise kernels per layer")
+    if speedup:
+        budget.add_argument(
+            "--target-speedup",
+            type=float,
+            help="measured speed-up to reach on --backend at --latency-batch-size: layers "
+            "planned from latency tables, the result timed (docs/fps.md)",
+        )
 
 
 def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = True) -> None:
     group = parser.add_argument_group("GDWS approximation")
-    add_budget_arguments(group)
+    add_budget_arguments(group, speedup=True)
     group.add_argument(
         "--alphas-filename",
         "--alphas",
@@ -151,10 +161,19 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         "--backend",
         default="eager",
         choices=("eager", "channels_last", "onnxruntime", "openvino"),
-        help="where --latency-aware times the layers (default eager)",
+        help="where --target-speedup and --latency-aware time the layers (default eager)",
     )
     group.add_argument(
-        "--latency-batch-size", type=int, default=1, help="batch size of --latency-aware"
+        "--latency-batch-size",
+        type=int,
+        default=1,
+        help="batch size of --target-speedup and --latency-aware",
+    )
+    group.add_argument(
+        "--latency-table",
+        metavar="JSON",
+        help="latency table of --target-speedup, read and extended (default: the user cache, "
+        "$GDWS_CACHE_DIR or ~/.cache/gdws-approx/latency-tables.json)",
     )
     group.add_argument(
         "--allocation",
@@ -274,6 +293,7 @@ def check_gdws_flags(args: argparse.Namespace) -> None:
         for flag, value in (
             ("--beta", args.beta),
             ("--target-mac-reduction", args.target_mac_reduction),
+            ("--target-speedup", args.target_speedup),
             ("--n-kernels", args.n_kernels),
             ("--alphas-filename", args.alphas),
             ("--weighting", None if args.weighting == "unit" else args.weighting),
@@ -548,6 +568,14 @@ def check_gdws(args: argparse.Namespace) -> None:
         raise UsageError(f"--latency-batch-size must be positive; got {args.latency_batch_size}.")
     if args.allocation == "global" and args.target_mac_reduction is None:
         raise UsageError("--allocation global needs --target-mac-reduction.")
+    speedup = getattr(args, "target_speedup", None)
+    if speedup is not None:
+        if not (math.isfinite(speedup) and speedup > 1):
+            raise UsageError(f"--target-speedup must be a number > 1; got {speedup}.")
+        if args.latency_aware:
+            raise UsageError(
+                "--target-speedup already plans from measured latencies; drop --latency-aware."
+            )
     if args.weighting != "unit" and getattr(args, "alphas", None) is not None:
         raise UsageError("--weighting and --alphas-filename exclude each other.")
     check_recovery(args)
@@ -581,7 +609,13 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
 
     alphas, alphas_path = load_alpha_file(args)
     budget = {}
-    if args.target_mac_reduction is not None:
+    if getattr(args, "target_speedup", None) is not None:
+        budget.update(
+            target_speedup=args.target_speedup,
+            latency_table=args.latency_table,
+            progress=not getattr(args, "no_progress", False),
+        )
+    elif args.target_mac_reduction is not None:
         budget["target_mac_reduction"] = args.target_mac_reduction
     elif args.n_kernels is not None:
         budget["n_kernels"] = args.n_kernels

@@ -1,0 +1,119 @@
+"""``gdws latency-table``: time every eligible layer of a model, dense and as GDWS."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gdws_torch.cli import _common as common
+from gdws_torch.datasets import DATASETS
+from gdws_torch.eligibility import eligible_convs
+from gdws_torch.latency import layer_input_shapes
+from gdws_torch.latency_tables import LatencyTable, default_cache
+from gdws_torch.throughput import BACKENDS, available_backends
+
+HELP = "time each eligible layer dense and as GDWS on a backend: the table --target-speedup uses"
+
+COLUMNS = [
+    ("layer", "layer"),
+    ("shape", "shape"),
+    ("input", "input"),
+    ("dense", "dense ms"),
+    ("depthwise", "1/channel ms"),
+    ("curve", "GDWS ms at G"),
+    ("best", "best x"),
+]
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "latency-table", help=HELP, description=HELP[0].upper() + HELP[1:] + "."
+    )
+    group = parser.add_argument_group("model (default: the embedded demo model)")
+    group.add_argument("--model", help="architecture; with --fname/--checkpoint")
+    group.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    group.add_argument("--fname", help="run folder holding model_best.pth")
+    group.add_argument("--checkpoint", help="checkpoint file (default: FNAME/model_best.pth)")
+    group.add_argument(
+        "--random-weights", action="store_true", help="no checkpoint: timings need shapes only"
+    )
+    group.add_argument("--include-first", action="store_true", help="time the first conv too")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument("--backend", default="eager", choices=BACKENDS)
+    timing.add_argument("--batch-size", type=int, default=1)
+    timing.add_argument("--rounds", type=int, default=9, help="interleaved rounds per layer")
+    timing.add_argument("--device", default="cpu")
+    timing.add_argument("--threads", type=int)
+    timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument("--no-progress", action="store_true")
+    timing.add_argument(
+        "--out",
+        help="the table's JSON file, created or extended (default: the user cache, "
+        f"{default_cache()})",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_common(args)
+    if args.rounds < 1:
+        raise common.UsageError(f"--rounds must be positive; got {args.rounds}.")
+    device = torch.device(args.device) if args.device != "auto" else common.device(args)
+    if args.backend not in available_backends(device):
+        raise common.UsageError(
+            f"--backend {args.backend} cannot run here (is onnxruntime or openvino installed? "
+            "openvino runs on the CPU only)."
+        )
+    out = Path(args.out) if args.out else default_cache()
+    if out.is_dir():
+        raise common.UsageError(f"--out {str(out)!r} is a folder; give a JSON file name.")
+    try:
+        table = LatencyTable(args.backend, args.batch_size, device, out)
+    except ValueError as exc:
+        raise common.UsageError(f"--out: {exc} Give another file.") from None
+    if args.model is None:
+        from gdws_torch import demo
+
+        network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
+    else:
+        architecture = common.architecture_name(args.model)
+        shape = common.input_shape(args.dataset, architecture)
+        checkpoint = None if args.random_weights else common.checkpoint_path(args)
+        network, description = common.build_network(args, checkpoint), architecture
+    convs = dict(eligible_convs(network, skip_first=not args.include_first))
+    shapes = layer_input_shapes(network, list(convs), shape)
+    convs = {name: conv for name, conv in convs.items() if name in shapes}
+    before = len(table)
+    latencies = table.layers(convs, shapes, rounds=args.rounds, progress=not args.no_progress)
+    rows = []
+    for name, latency in latencies.items():
+        fastest = min((*latency.gdws_ms, latency.depthwise_ms))
+        rows.append(
+            {
+                "layer": name,
+                "shape": "x".join(map(str, convs[name].weight.shape)),
+                "input": "x".join(map(str, shapes[name])),
+                "dense": f"{latency.dense_ms:.4g}",
+                "depthwise": f"{latency.depthwise_ms:.4g}",
+                "curve": " ".join(
+                    f"{g}:{ms:.3g}"
+                    for g, ms in zip(latency.kernel_counts, latency.gdws_ms, strict=True)
+                ),
+                "best": f"{latency.dense_ms / fastest:.2f}",
+            }
+        )
+    machine = table.machine
+    print()
+    print(
+        f"{description}, input {tuple(shape)}, batch {args.batch_size}, {machine['device']}, "
+        f"{machine['backend_version']}, {machine['threads']} threads"
+    )
+    print(common.format_table(rows, COLUMNS))
+    timed = table.measured
+    print(
+        f"{timed} layer(s) timed, {len(latencies) - timed} from the table; "
+        f"{'wrote' if len(table) != before or timed else 'unchanged:'} {out}"
+    )
+    return 0

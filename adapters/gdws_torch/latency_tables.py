@@ -1,0 +1,350 @@
+"""Per-layer latency tables: what each eligible layer costs, dense and as GDWS, where it runs.
+
+For a layer (its convolution and input shape), a backend, a device and a batch size, the
+table holds the latency of the dense convolution, of the ordinary depthwise-separable form
+(one kernel per channel, no channel gather) and of the GDWS form at a grid of kernel
+counts ``G``, from one kernel per channel up to the break-even count (where GDWS would
+need as many MACs as the dense conv), on multiples of the backend's preferred padding.
+All forms of a layer are timed interleaved (:func:`gdws_torch.throughput.measure_throughput`,
+medians), with random weights: latency depends on the shapes, not the values.
+
+Tables are cached as JSON, keyed by everything a timing depends on: the machine (processor
+or GPU name), the backend and its version, torch's version and thread count, the batch
+size, and the layer (shape, stride, padding, dilation, padding mode, bias, input size).
+A second conversion on the same machine times nothing; a table built on another device
+(an embedded board, say) can be copied here and planned for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gdws_approx import LayerLatency, cost
+from gdws_approx.files import write_json_atomic
+from gdws_torch.layers import GDWSConv2d
+from gdws_torch.throughput import BACKENDS, measure_throughput
+
+__all__ = [
+    "LatencyTable",
+    "default_cache",
+    "kernel_grid",
+    "layer_description",
+    "machine_description",
+    "measure_layer",
+]
+
+_FORMAT = "gdws-approx/latency-table"
+# Kernel counts timed per layer (the planner interpolates between them).
+GRID_POINTS = 8
+# The multiple each backend runs depthwise convs fastest at (ONNX Runtime pads G to 4).
+PREFERRED_MULTIPLE = {"eager": 1, "channels_last": 1, "onnxruntime": 4, "openvino": 4}
+
+
+def default_cache() -> Path:
+    """``$GDWS_CACHE_DIR/latency-tables.json``, else the user's cache folder."""
+    root = os.environ.get("GDWS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "gdws-approx"
+    )
+    return Path(root) / "latency-tables.json"
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _backend_version(backend: str) -> str:
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    if backend == "openvino":
+        import openvino
+
+        return f"openvino {openvino.__version__}"
+    return f"torch {torch.__version__} ({backend})"
+
+
+def machine_description(backend: str, device: Any = "cpu") -> dict[str, Any]:
+    """What a timing depends on besides the layer: device, backend and version, threads."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _processor()
+    return {
+        "device": f"{device.type}: {name}",
+        "backend": backend,
+        "backend_version": _backend_version(backend),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def layer_description(conv: nn.Conv2d, input_shape: Sequence[int]) -> dict[str, Any]:
+    """The layer's shape and options and its input shape (one sample)."""
+    return {
+        "weight": list(conv.weight.shape),
+        "input": [int(s) for s in input_shape],
+        "stride": list(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else list(conv.padding),
+        "dilation": list(conv.dilation),
+        "padding_mode": conv.padding_mode,
+        "bias": conv.bias is not None,
+    }
+
+
+def kernel_grid(conv: nn.Conv2d, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
+    """Kernel counts to time: geometric from one per channel (``C``) to below break-even,
+    rounded up to ``multiple``."""
+    m, c, kh, kw = conv.weight.shape
+    top = cost.break_even_kernels(m, c, kh * kw)
+    low = max(1, c)
+    if top <= low:
+        return [_round_up(low, multiple)]
+    ratio = (top / low) ** (1 / max(points - 1, 1))
+    grid = {_round_up(round(low * ratio**i), multiple) for i in range(points)}
+    return sorted(g for g in grid if g <= max(top, _round_up(low, multiple)))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def _gdws_layer(conv: nn.Conv2d, n_kernels: int) -> GDWSConv2d:
+    """A GDWS layer with ``n_kernels`` random kernels spread over the channels, gathering
+    (the form any allocation runs as); its latency does not depend on the values."""
+    c = conv.in_channels
+    per_channel = torch.full((c,), n_kernels // c, dtype=torch.long)
+    per_channel[: n_kernels % c] += 1
+    if n_kernels == c:  # not the identity order, which would skip the gather
+        per_channel[0], per_channel[-1] = 2, 0
+    channels = torch.repeat_interleave(torch.arange(c), per_channel)
+    return _random_layer(conv, channels)
+
+
+def _random_layer(conv: nn.Conv2d, channels: torch.Tensor) -> GDWSConv2d:
+    g = channels.numel()
+    kh, kw = conv.kernel_size
+    layer = GDWSConv2d.from_factors(
+        conv,
+        torch.randn(g, kh, kw, dtype=conv.weight.dtype),
+        channels,
+        torch.randn(conv.out_channels, g, dtype=conv.weight.dtype),
+    )
+    return layer.eval()
+
+
+def measure_layer(
+    conv: nn.Conv2d,
+    input_shape: Sequence[int],
+    *,
+    backend: str = "eager",
+    batch_size: int = 1,
+    device: Any = "cpu",
+    kernel_counts: Sequence[int] | None = None,
+    rounds: int = 9,
+) -> LayerLatency:
+    """Time one layer dense, depthwise-separable and as GDWS at ``kernel_counts``.
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv2d
+        The layer (``groups=1``); a float32 copy with random weights is timed.
+    input_shape : sequence of int
+        Its input, one sample ``(C, H, W)``.
+    backend, batch_size, device
+        Where and how (:func:`gdws_torch.throughput.measure_throughput`).
+    kernel_counts : sequence of int, optional
+        Default :func:`kernel_grid` on the backend's preferred multiple.
+    rounds : int, default=9
+        Interleaved timing rounds (medians).
+
+    Returns
+    -------
+    gdws_approx.LayerLatency
+    """
+    dense = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    ).eval()
+    counts = list(kernel_counts or kernel_grid(dense, PREFERRED_MULTIPLE.get(backend, 1)))
+    models = {"dense": dense, "depthwise": _random_layer(dense, torch.arange(dense.in_channels))}
+    models.update({f"gdws-{g}": _gdws_layer(dense, g) for g in counts})
+    rows = measure_throughput(
+        models,
+        input_shape,
+        backends=(backend,),
+        batch_sizes=(batch_size,),
+        rounds=rounds,
+        device=device,
+    )
+    ms = {row["model"]: row["latency_ms"] for row in rows}
+    return LayerLatency(
+        dense_ms=ms["dense"],
+        kernel_counts=tuple(counts),
+        gdws_ms=tuple(ms[f"gdws-{g}"] for g in counts),
+        depthwise_ms=ms["depthwise"],
+    )
+
+
+class LatencyTable:
+    """Latency curves of layers on one machine, backend and batch size, cached as JSON.
+
+    Parameters
+    ----------
+    backend : str
+        From :data:`gdws_torch.throughput.BACKENDS`.
+    batch_size : int, default=1
+    device : default="cpu"
+    path : path-like or None, default=None
+        The JSON cache (:func:`default_cache` by default); ``False``-y paths are allowed
+        only through :meth:`in_memory`. Entries of other machines and batch sizes in the
+        same file are kept.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        batch_size: int = 1,
+        device: Any = "cpu",
+        path: str | os.PathLike | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+        self.machine = machine_description(backend, device)
+        self.backend, self.batch_size, self.device = backend, batch_size, torch.device(device)
+        self.path = None if path is None else Path(path)
+        self._entries: dict[str, dict] = {}
+        self.measured = 0  # layers timed by this object (0 when all came from the cache)
+        if self.path is not None and self.path.exists():
+            self._entries = self._read(self.path)
+
+    @classmethod
+    def default(cls, backend: str, batch_size: int = 1, device: Any = "cpu") -> LatencyTable:
+        """A table cached in :func:`default_cache`."""
+        return cls(backend, batch_size, device, default_cache())
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"latency table {str(path)!r} is not readable JSON ({exc}).") from None
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a gdws latency table (no format entry).")
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            raise ValueError(f"latency table {str(path)!r} has no entries.")
+        return entries
+
+    def _key(self, layer: Mapping[str, Any]) -> str:
+        text = json.dumps(
+            {"machine": self.machine, "batch_size": self.batch_size, "layer": dict(layer)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def get(self, conv: nn.Conv2d, input_shape: Sequence[int]) -> LayerLatency | None:
+        """The cached latencies of this layer here, or ``None``."""
+        entry = self._entries.get(self._key(layer_description(conv, input_shape)))
+        if entry is None:
+            return None
+        try:
+            return LayerLatency(
+                entry["dense_ms"],
+                tuple(entry["kernel_counts"]),
+                tuple(entry["gdws_ms"]),
+                entry.get("depthwise_ms"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"latency table {str(self.path)!r}: a damaged entry ({exc}); delete the file "
+                "to time the layers again."
+            ) from None
+
+    def layer(
+        self, conv: nn.Conv2d, input_shape: Sequence[int], *, rounds: int = 9
+    ) -> LayerLatency:
+        """The latencies of this layer: from the table, or timed now and added to it."""
+        found = self.get(conv, input_shape)
+        if found is not None:
+            return found
+        latency = measure_layer(
+            conv,
+            input_shape,
+            backend=self.backend,
+            batch_size=self.batch_size,
+            device=self.device,
+            rounds=rounds,
+        )
+        self.add(conv, input_shape, latency)
+        self.measured += 1
+        return latency
+
+    def add(self, conv: nn.Conv2d, input_shape: Sequence[int], latency: LayerLatency) -> None:
+        """Record latencies of this layer measured elsewhere (replacing any entry)."""
+        if not isinstance(latency, LayerLatency):
+            raise TypeError(f"latency must be a LayerLatency; got {type(latency).__name__}.")
+        layer = layer_description(conv, input_shape)
+        self._entries[self._key(layer)] = {
+            "machine": self.machine,
+            "batch_size": self.batch_size,
+            "layer": layer,
+            "dense_ms": latency.dense_ms,
+            "depthwise_ms": latency.depthwise_ms,
+            "kernel_counts": list(latency.kernel_counts),
+            "gdws_ms": list(latency.gdws_ms),
+        }
+
+    def layers(
+        self,
+        convs: Mapping[str, nn.Conv2d],
+        input_shapes: Mapping[str, Sequence[int]],
+        *,
+        rounds: int = 9,
+        progress: bool = False,
+    ) -> dict[str, LayerLatency]:
+        """:meth:`layer` for every named conv; the table is saved if anything was timed."""
+        from tqdm.auto import tqdm
+
+        out = {}
+        names = list(convs)
+        for name in tqdm(names, desc="latency table", unit="layer", disable=not progress):
+            out[name] = self.layer(convs[name], input_shapes[name], rounds=rounds)
+        if self.measured and self.path is not None:
+            self.save()
+        return out
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the table (atomically) to ``path`` or its own path."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError("this latency table has no path: give one to save it.")
+        entries = dict(self._read(target)) if target.exists() else {}
+        entries.update(self._entries)
+        write_json_atomic(target, {"format": _FORMAT, "version": 1, "entries": entries})
+        return target
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,166 @@
+"""Conversion for a measured speed-up: plan from latency tables, build, time, re-plan.
+
+1. Every eligible layer's latencies (dense, depthwise-separable, GDWS at a grid of ``G``)
+   come from a :class:`~gdws_torch.latency_tables.LatencyTable` (cached, or timed now) on
+   the backend, device and batch size the model will run on; the dense network is timed
+   whole.
+2. :func:`gdws_approx.plan_latency` chooses each layer's form for the least total error
+   whose predicted latency is ``dense / target_speedup``.
+3. The converted network is timed against the dense one (interleaved, medians). If the
+   measured speed-up misses the target by more than ``tolerance``, the planned target is
+   raised by the shortfall and the plan made again, at most ``attempts`` times in all.
+   The plan records what was predicted and what was measured at every attempt.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from gdws_approx import LayerSpec, NetworkPlan, plan_latency
+from gdws_torch.latency_tables import PREFERRED_MULTIPLE, LatencyTable
+from gdws_torch.layers import GDWSConv2d
+from gdws_torch.module_tree import replace_module
+from gdws_torch.throughput import measure_throughput
+
+__all__ = ["convert_for_speedup", "measure_speedup"]
+
+
+def measure_speedup(
+    dense: nn.Module,
+    converted: nn.Module,
+    input_size: Sequence[int],
+    *,
+    backend: str,
+    batch_size: int,
+    device: Any,
+    rounds: int = 15,
+) -> dict[str, float]:
+    """Both models timed interleaved: ``{"dense_ms", "gdws_ms", "speedup"}`` (medians)."""
+    rows = measure_throughput(
+        {"dense": dense, "gdws": converted},
+        input_size,
+        backends=(backend,),
+        batch_sizes=(batch_size,),
+        rounds=rounds,
+        device=device,
+    )
+    ms = {row["model"]: row["latency_ms"] for row in rows}
+    return {"dense_ms": ms["dense"], "gdws_ms": ms["gdws"], "speedup": ms["dense"] / ms["gdws"]}
+
+
+def convert_for_speedup(
+    model: nn.Module,
+    specs: Sequence[LayerSpec],
+    input_shapes: Mapping[str, Sequence[int]],
+    *,
+    target_speedup: float,
+    input_size: Sequence[int],
+    table: LatencyTable,
+    other_macs: int = 0,
+    svd_solver: str = "auto",
+    fused: bool = False,
+    inplace: bool = False,
+    attempts: int = 3,
+    tolerance: float = 0.05,
+    rounds: int = 15,
+    progress: bool = False,
+) -> tuple[nn.Module, NetworkPlan, dict[str, nn.Module]]:
+    """``model`` converted for ``target_speedup`` on ``table``'s backend (see module notes).
+
+    Returns
+    -------
+    converted : torch.nn.Module
+    plan : gdws_approx.NetworkPlan
+        ``plan.latency`` adds to the planner's record: ``backend``, ``device``,
+        ``batch_size``, ``measured_dense_ms``, ``measured_ms``, ``realised_speedup``,
+        ``reached`` (realised within ``tolerance`` of the target or above),
+        ``attempts`` (planned target, predicted and measured speed-up of each) and
+        ``layers_timed`` (0 when every layer came from the cache).
+    originals : dict of str to torch.nn.Module
+        The dense convolutions that were replaced, by name.
+    """
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        raise ValueError(f"attempts must be a positive integer; got {attempts!r}.")
+    modules = dict(model.named_modules())
+    convs = {spec.name: modules[spec.name] for spec in specs}
+    latencies = table.layers(convs, input_shapes, progress=progress)
+    reference = copy.deepcopy(model).float().eval()
+    network_ms = measure_speedup(
+        reference,
+        reference,
+        input_size,
+        backend=table.backend,
+        batch_size=table.batch_size,
+        device=table.device,
+        rounds=rounds,
+    )["dense_ms"]
+    planned, history = target_speedup, []
+    for _ in range(attempts):
+        plan = plan_latency(
+            specs,
+            latencies,
+            target_speedup=planned,
+            network_dense_ms=network_ms,
+            other_macs=other_macs,
+            svd_solver=svd_solver,
+            kernel_multiple=PREFERRED_MULTIPLE.get(table.backend, 1),
+        )
+        converted, originals = _build(model, plan, fused=False, inplace=False)
+        measured = measure_speedup(
+            reference,
+            copy.deepcopy(converted).float().eval(),
+            input_size,
+            backend=table.backend,
+            batch_size=table.batch_size,
+            device=table.device,
+            rounds=rounds,
+        )
+        history.append(
+            {
+                "planned_target": planned,
+                "predicted_speedup": plan.latency["predicted_speedup"],
+                "measured_speedup": measured["speedup"],
+            }
+        )
+        if measured["speedup"] >= target_speedup * (1 - tolerance):
+            break
+        shortfall = target_speedup / measured["speedup"]
+        if planned * shortfall > plan.latency["best_predicted_speedup"]:
+            break  # the fastest plan is already predicted slower than needed
+        planned *= shortfall
+    plan.latency.update(
+        backend=table.backend,
+        backend_version=table.machine["backend_version"],
+        device=table.machine["device"],
+        threads=table.machine["threads"],
+        batch_size=table.batch_size,
+        target_speedup=target_speedup,
+        measured_dense_ms=measured["dense_ms"],
+        measured_ms=measured["gdws_ms"],
+        realised_speedup=measured["speedup"],
+        reached=measured["speedup"] >= target_speedup * (1 - tolerance),
+        tolerance=tolerance,
+        attempts=history,
+        layers_timed=table.measured,
+    )
+    if fused or inplace:
+        converted, originals = _build(model, plan, fused=fused, inplace=inplace)
+    return converted, plan, originals
+
+
+def _build(
+    model: nn.Module, plan: NetworkPlan, *, fused: bool, inplace: bool
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    converted = model if inplace else copy.deepcopy(model)
+    modules = dict(converted.named_modules())
+    originals = {}
+    for layer in plan.layers:
+        if layer.replaced:
+            originals[layer.name] = modules[layer.name]
+            built = GDWSConv2d.from_estimator(layer.estimator, modules[layer.name], fused=fused)
+            replace_module(converted, layer.name, built)
+    return converted, originals

@@ -1,0 +1,178 @@
+"""Converting for a measured speed-up: realised vs target, and error vs MAC-targeted plans.
+
+For PreActResNet-18 (CIFAR shape, random weights with a fixed seed: latency and the error
+ranking depend on shapes and spectra, not on training) and the embedded digits CNN, on a
+backend (default: the one where the dense model is fastest here, at the batch size):
+
+1. ``convert(target_speedup=t)`` for each target (default 1.5 and 2): the latency tables
+   are built (or read from ``--table``), the plan made and checked by the conversion
+   itself; then the dense and converted models are timed again in a separate run
+   (interleaved, medians of ``--rounds``), which gives the realised speed-up.
+2. The MAC-targeted conversions (``allocation="global"``, the least error for the MACs)
+   at a range of MAC reductions are timed the same way, and their weighted error at the
+   realised speed-up of step 1 is interpolated (error against measured speed-up).
+
+Printed per model and target: realised speed-up (and whether it is within 10 % of the
+target), the latency plan's weighted error, the MAC-targeted error at the same speed-up,
+and their ratio. The last line: ``RESULT latency_target: <ratio>x (...)``, the
+MAC-targeted error over the latency-planned error for PreActResNet-18 at the first
+target (above 1: the latency plan is better at the same measured speed).
+Run: ``python bench/latency_target.py [--backend B] [--batch-size N] [--targets ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdws_approx.files import write_json_atomic
+from gdws_torch import convert
+from gdws_torch.models import PreActResNet18
+from gdws_torch.speed_target import measure_speedup
+from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
+
+MAC_TARGETS = (1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def preact_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    dense = PreActResNet18().eval()
+    with torch.no_grad():
+        for module in dense.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+    return dense
+
+
+def fastest_backend(models, batch_size: int, rounds: int) -> str:
+    """The backend where the dense models run fastest in total."""
+    backends = [b for b in available_backends() if b in BACKENDS]
+    total = dict.fromkeys(backends, 0.0)
+    for dense, shape in models:
+        for row in measure_throughput(
+            {"dense": dense}, shape, backends=backends, batch_sizes=(batch_size,), rounds=rounds
+        ):
+            total[row["backend"]] += row["latency_ms"]
+    return min(total, key=total.get)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, help="default: the fastest dense one")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--table", type=Path, help="latency table JSON (default: a fresh one)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (the tests use it)")
+    parser.add_argument("--out", type=Path, default=Path("gdws-results/latency_target.json"))
+    args = parser.parse_args(argv)
+    from gdws_torch import demo
+
+    models = {"PreActResNet-18": (preact_resnet18(), (3, 32, 32))}
+    if not args.quick:
+        models["digits CNN (demo)"] = (demo.demo_network(), demo.INPUT_SHAPE)
+    mac_targets = (1.5, 3.0) if args.quick else MAC_TARGETS
+    if args.quick:
+        args.rounds, args.targets = 3, args.targets[:1]
+    backend = args.backend or fastest_backend(models.values(), args.batch_size, args.rounds)
+    folder = tempfile.TemporaryDirectory()
+    table = args.table or Path(folder.name) / "latency-tables.json"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores "
+        f"({platform.machine()}); backend {backend}, batch {args.batch_size}; medians of "
+        f"{args.rounds} interleaved rounds"
+    )
+    header = (
+        f"{'model':18s} {'target':>6s} {'realised':>8s} {'within 10%':>10s} {'error':>10s} "
+        f"{'MAC-plan error':>14s} {'ratio':>6s}"
+    )
+    print(header)
+    print("-" * len(header))
+    results = []
+    for label, (dense, shape) in models.items():
+        timing = {"backend": backend, "batch_size": args.batch_size, "device": "cpu"}
+        curve = []  # (measured speed-up, error) of the MAC-targeted plans
+        for mac_target in mac_targets:
+            try:
+                converted, report = convert(
+                    dense, target_mac_reduction=mac_target, allocation="global", input_size=shape
+                )
+            except ValueError:
+                continue
+            speed = measure_speedup(dense, converted, shape, rounds=args.rounds, **timing)
+            curve.append((speed["speedup"], report.error, mac_target))
+        curve.sort()
+        for target in args.targets:
+            try:
+                converted, report = convert(
+                    dense,
+                    target_speedup=target,
+                    backend=backend,
+                    latency_batch_size=args.batch_size,
+                    latency_table=table,
+                    input_size=shape,
+                )
+            except ValueError as exc:
+                print(f"{label:18s} {target:6.2f} out of reach: {exc}")
+                results.append({"model": label, "target": target, "out_of_reach": str(exc)})
+                continue
+            again = measure_speedup(
+                dense, copy.deepcopy(converted), shape, rounds=args.rounds, **timing
+            )
+            realised = again["speedup"]
+            speeds = np.array([s for s, _, _ in curve])
+            errors = np.array([e for _, e, _ in curve])
+            inside = speeds.size and speeds.min() <= realised <= speeds.max()
+            mac_error = float(np.interp(realised, speeds, errors)) if inside else None
+            ratio = mac_error / report.error if mac_error and report.error > 0 else None
+            within = abs(realised / target - 1) <= 0.10
+            print(
+                f"{label:18s} {target:6.2f} {realised:8.2f} {str(within):>10s} "
+                f"{report.error:10.4g} {mac_error if mac_error is not None else float('nan'):14.4g} "
+                f"{ratio if ratio is not None else float('nan'):6.2f}"
+            )
+            results.append(
+                {
+                    "model": label,
+                    "target": target,
+                    "realised_speedup": realised,
+                    "within_10_percent": within,
+                    "conversion_record": report.latency,
+                    "error": report.error,
+                    "mac_targeted_error_at_same_speedup": mac_error,
+                    "error_ratio": ratio,
+                    "mac_curve": [
+                        {"mac_target": t, "measured_speedup": s, "error": e} for s, e, t in curve
+                    ],
+                    "mac_reduction": report.mac_reduction,
+                }
+            )
+    folder.cleanup()
+    write_json_atomic(
+        args.out,
+        {"backend": backend, "batch_size": args.batch_size, "rounds": args.rounds, "rows": results},
+    )
+    print(f"\nJSON: {args.out}")
+    first = next((r for r in results if "error_ratio" in r), None)
+    if first is None or first["error_ratio"] is None:
+        print("RESULT latency_target: n/a (no comparable MAC-targeted plan)")
+        return 0
+    print(
+        f"RESULT latency_target: {first['error_ratio']:.2f}x (MAC-targeted error vs "
+        f"target_speedup error at the same measured speed-up {first['realised_speedup']:.2f}x, "
+        f"{first['model']}, {backend}, batch {args.batch_size})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
