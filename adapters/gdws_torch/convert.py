@@ -138,7 +138,8 @@ def convert(
         depthwise-separable or GDWS at the ``G`` of least total error whose predicted
         network latency meets the target (:func:`gdws_approx.plan_latency`); then the
         converted network is timed against the dense one and, if it misses the target
-        by more than 5 %, planned again for the shortfall (3 attempts at most).
+        by more than 5 % either way, planned again for the measured ratio (3 attempts at
+        most; the least-error attempt that reached the target is kept).
         ``report.latency`` records the prediction, the measurement and whether the
         target was reached (:mod:`gdws_torch.speed_target`).
     latency_table : LatencyTable, path-like or None, default=None
