@@ -146,3 +146,17 @@ def test_eval_scaling_bench_quick_run_agrees_and_prints_its_result(tmp_path, cap
         result["summary"]["2x1"]["samples_per_s"] / result["summary"]["1x2"]["samples_per_s"]
     )
     assert "identical" in "\n".join(lines)
+
+
+def test_latency_target_bench_quick_run_prints_its_result(tmp_path, capsys):
+    bench = _load_bench("latency_target")
+    out = tmp_path / "lt.json"
+    assert bench.main(["--quick", "--backend", "eager", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT latency_target: ")
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "PreActResNet-18" and row["target"] == 1.5
+    if "out_of_reach" not in row:
+        record = row["conversion_record"]
+        assert record["backend"] == "eager" and record["attempts"]
+        assert row["realised_speedup"] > 0 and len(row["mac_curve"]) == 2
