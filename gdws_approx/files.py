@@ -29,6 +29,7 @@ __all__ = [
     "file_digest",
     "is_temporary",
     "remove_stale_temporaries",
+    "same_file",
     "user_umask",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -187,6 +188,17 @@ def write_json_atomic(
     """
     text = json.dumps(data, indent=2, default=default) + "\n"
     return write_bytes_atomic(path, text.encode(), replace=replace)
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file (same path, a link, a hard link)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def file_digest(path: str | os.PathLike) -> str:

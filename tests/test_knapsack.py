@@ -24,9 +24,7 @@ def brute_force(costs, errors, budget):
 
 
 groups = st.lists(
-    st.lists(
-        st.tuples(st.integers(0, 12), st.integers(0, 40)), min_size=1, max_size=4
-    ),
+    st.lists(st.tuples(st.integers(0, 12), st.integers(0, 40)), min_size=1, max_size=4),
     min_size=1,
     max_size=4,
 )

@@ -34,9 +34,7 @@ def test_mego_under_a_channel_cap_is_optimal(problem, fraction):
     est = GDWSApproximator(solver="mego", n_kernels=n_kernels, max_multiplier=cap).fit(W)
     assert int(np.max(est.multipliers_)) <= cap and est.n_kernels_ <= n_kernels
     best = min(
-        err
-        for g, count, err in all_allocations(values)
-        if count <= n_kernels and max(g) <= cap
+        err for g, count, err in all_allocations(values) if count <= n_kernels and max(g) <= cap
     )
     tol = 1e-9 * (1 + values.sum())
     assert est.error_ <= best + tol
@@ -50,9 +48,7 @@ def test_lego_under_a_channel_cap_keeps_the_fewest_kernels(problem, fraction):
     W, cap = problem
     values = channel_singular_values(W) ** 2
     beta = fraction * float(values.sum())
-    feasible = [
-        count for g, count, err in all_allocations(values) if err <= beta and max(g) <= cap
-    ]
+    feasible = [count for g, count, err in all_allocations(values) if err <= beta and max(g) <= cap]
     estimator = GDWSApproximator(beta=beta, max_multiplier=cap)
     if not feasible:
         with pytest.raises(ValueError, match="max_multiplier"):

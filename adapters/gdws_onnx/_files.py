@@ -9,7 +9,7 @@ import onnx
 
 from gdws_approx.files import atomic_output
 
-__all__ = ["load_model", "same_file", "save_model"]
+__all__ = ["load_model", "save_model"]
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -61,17 +61,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     with atomic_output(path) as temporary:
         onnx.save_model(model, temporary)
     return path
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether ``a`` and ``b`` name the same file (same path, a link, a hard link)."""
-    a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 import gdws_approx
 from gdws_approx import LayerPlan, LayerSpec, NetworkPlan, plan_network
 from gdws_approx.cost import check_kernel_multiple
-from gdws_onnx._files import check_model, load_model, same_file, save_model
+from gdws_approx.files import same_file
+from gdws_onnx._files import check_model, load_model, save_model
 from gdws_onnx.graph import ConvNode, all_names, conv_nodes, used_names
 from gdws_onnx.memory import check_memory
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gdws_approx.files import atomic_output, file_digest, write_json_atomic
+from gdws_approx.files import atomic_output, file_digest, same_file, write_json_atomic
 from gdws_torch.cli._errors import UsageError
 
 MARKER = ".gdws-outputs.json"
@@ -38,15 +38,6 @@ def report_beside(path: Path) -> Path:
 
 def _describe(flag: str, path: Path) -> str:
     return f"{flag} {str(path)!r}"
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -123,14 +114,14 @@ class Outputs:
         """
         for i, (flag, path, append) in enumerate(self._files):
             for input_flag, source in self._inputs:
-                if _same(path, source):
+                if same_file(path, source):
                     raise UsageError(
                         f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
                         "of this command; not overwriting it."
                     )
             others = [(f, p) for f, p, _ in self._files[:i]] + self._folders
             for other_flag, other in others:
-                if _same(path, other):
+                if same_file(path, other):
                     raise UsageError(
                         f"{_describe(flag, path)} and {other_flag} name the same path; give "
                         "each output its own."
@@ -157,7 +148,7 @@ class Outputs:
                 raise UsageError(f"{_describe(flag, path)} is a file, not a folder.")
             self._check_writable(flag, path, folder=True)
             for input_flag, source in self._inputs:
-                if _same(path, source):
+                if same_file(path, source):
                     raise UsageError(
                         f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
                         "of this command."
