@@ -170,3 +170,23 @@ def test_cli_latency_table_and_convert_for_a_speedup(tmp_path, capsys):
     assert report["solver"] == "latency" and report["latency"]["layers_timed"] == 0
     assert main([*args, "--latency-aware", "--out", tmp_path / "x.pth"]) == 2
     assert "drop --latency-aware" in capsys.readouterr().err
+
+
+def test_sweep_adds_rows_converted_for_a_speedup(tmp_path, capsys):
+    from gdws_torch import demo
+
+    table = tmp_path / "planned.json"
+    planned_table(table, demo.demo_network(), demo.INPUT_SHAPE)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--strategies", "unit", "--targets", "2", "--target-speedup", "1.1"]
+    args += ["--latency-table", table, "--recalibrate-bn", "0", "--n-test", "20"]
+    args += ["--attack-iters", "1", "--fps-backend", "none", "--no-progress", "--out-dir", out]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert {(r["allocation"], r["target"]) for r in rows} == {
+        ("common_beta", 2.0),
+        ("latency", 1.1),
+    }
+    (latency,) = [r for r in rows if r["allocation"] == "latency"]
+    assert latency["mac_reduction"] > 1 and 0 <= latency["robust"] <= 100
+    assert (out / "sweep.png").stat().st_size > 0

@@ -39,6 +39,8 @@ def run_sweep(
     strategies: Sequence[str] = STRATEGIES,
     targets: Sequence[float] = (1.5, 2.0, 2.5),
     allocations: Sequence[str] = ("common_beta",),
+    speedup_targets: Sequence[float] = (),
+    latency: dict[str, Any] | None = None,
     recalibration_samples: int = 1000,
     weighting_samples: int = 256,
     refit_samples: int = 0,
@@ -68,6 +70,12 @@ def run_sweep(
     targets : sequence of float
         Conv MAC reductions.
     allocations : sequence of {"common_beta", "global"}
+    speedup_targets : sequence of float
+        Measured speed-ups: each strategy is also converted with ``target_speedup``
+        (rows with ``allocation="latency"``, ``target`` the speed-up).
+    latency : dict, optional
+        Keyword arguments of those conversions: ``backend``, ``latency_batch_size``,
+        ``latency_table`` (see :func:`gdws_torch.convert`).
     recalibration_samples : int
         ``0``: no recovery rows; otherwise every model also gets a recalibrated twin.
     weighting_samples : int
@@ -131,14 +139,16 @@ def run_sweep(
     models: dict[str, nn.Module] = {"dense": wrap(network)}
     rows = []
     jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
+    jobs += [(s, "latency", t) for s in strategies for t in speedup_targets]
     for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
+        budget = (
+            {"target_speedup": target, **(latency or {})}
+            if allocation == "latency"
+            else {"target_mac_reduction": target, "allocation": allocation}
+        )
         try:
             converted, report = convert(
-                network,
-                target_mac_reduction=target,
-                input_size=input_shape,
-                allocation=allocation,
-                **weights[strategy],
+                network, input_size=input_shape, **budget, **weights[strategy]
             )
         except ValueError as exc:
             log(f"{strategy}, {allocation}, {target:g}x: skipped ({exc})")
@@ -259,7 +269,7 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         style = {
             "color": colours[strategy],
             "linestyle": {"none": "--", "BN": "-", "refit+BN": "-."}.get(recovery, ":"),
-            "marker": "o" if allocation == "common_beta" else "s",
+            "marker": {"common_beta": "o", "global": "s"}.get(allocation, "^"),
         }
         axes[0].plot(
             [r["mac_reduction"] for r in line], [r["robust"] for r in line], label=label, **style

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from torch.utils.data import DataLoader
@@ -53,6 +54,22 @@ def add_parser(subparsers) -> None:
         "--allocation", choices=("common_beta", "global", "both"), default="common_beta"
     )
     sweep.add_argument(
+        "--target-speedup",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="X",
+        help="also convert for these measured speed-ups (rows 'latency'; docs/fps.md)",
+    )
+    sweep.add_argument(
+        "--backend",
+        default="eager",
+        choices=("eager", "channels_last", "onnxruntime", "openvino"),
+        help="where --target-speedup times the layers and the models (default eager)",
+    )
+    sweep.add_argument("--latency-batch-size", type=int, default=1, metavar="N")
+    sweep.add_argument("--latency-table", metavar="JSON", help="as gdws convert's")
+    sweep.add_argument(
         "--recalibrate-bn",
         type=int,
         default=1000,
@@ -100,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if any(not t > 1 for t in args.targets):
         raise common.UsageError(f"--targets must be > 1; got {args.targets}.")
+    if any(not (math.isfinite(t) and t > 1) for t in args.target_speedup):
+        raise common.UsageError(f"--target-speedup must be > 1; got {args.target_speedup}.")
+    if args.latency_batch_size < 1:
+        raise common.UsageError(
+            f"--latency-batch-size must be positive; got {args.latency_batch_size}."
+        )
     for name in ("batch_size", "weighting_samples", "n_test", "attack_iters"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -146,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
         strategies=args.strategies,
         targets=args.targets,
         allocations=allocations,
+        speedup_targets=args.target_speedup,
+        latency={
+            "backend": args.backend,
+            "latency_batch_size": args.latency_batch_size,
+            "latency_table": args.latency_table,
+        },
         recalibration_samples=min(args.recalibrate_bn, len(train)),
         weighting_samples=min(args.weighting_samples, len(train)),
         refit_samples=min(args.refit, len(train)),
