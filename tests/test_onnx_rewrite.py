@@ -597,3 +597,26 @@ def test_cli_errors_are_one_line_with_exit_code_2(case, message, model_file, cap
     assert captured.err.startswith("gdws")
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert model_file.read_bytes() == before
+
+
+def test_one_kernel_per_channel_in_order_needs_no_gather(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, padding=1)
+    ).eval()
+    with torch.no_grad():  # rank one per input channel: MEGO keeps one kernel in each
+        u, v = torch.randn(8, 16), torch.randn(8, 9)
+        model[2].weight.copy_(torch.einsum("cm,ck->mck", u, v).reshape(16, 8, 3, 3))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(1, 3, 6, 6),), path, dynamo=False)
+    onnx_model = gdws_onnx.load_model(path)
+    rewritten, report = gdws_onnx.rewrite(onnx_model, n_kernels=8, kernel_multiple=1)
+    assert report.layers[0].multiplier_histogram == {1: 8}
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert "Gather" not in ops and ops.count("Conv") == 3
+    assert gdws_onnx.check(onnx_model, rewritten)["max_rel_diff"] <= 1e-5
+    gathered, _ = gdws_onnx.rewrite(onnx_model, n_kernels=7, kernel_multiple=1)
+    assert "Gather" in [node.op_type for node in gathered.graph.node]  # a channel dropped
+    assert gdws_onnx.check(onnx_model, gathered)["n_inputs"] == 2

@@ -48,6 +48,8 @@ def rewrite(
                                                          # pads, dilations, auto_pad
         Conv(W=(M, G, 1, 1), B=the original bias)        # pointwise; the original output name
 
+    (without the ``Gather`` where every channel keeps exactly one kernel, in order).
+
     planned by the core (:func:`gdws_approx.plan_network`) on the float64 weights, written
     back in the weight's type (float32, float16 or float64).
 
@@ -289,7 +291,8 @@ def _gdws_nodes(
     fresh,
     kernel_multiple: int = 1,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """``Gather -> depthwise Conv -> pointwise Conv`` for one planned conv."""
+    """``Gather -> depthwise Conv -> pointwise Conv`` for one planned conv (no ``Gather``
+    when every channel has one kernel, in order)."""
     estimator = layer.estimator
     m, _, kh, kw = layer.shape
     kernel_channels, depthwise_kernels, pointwise_weights = padded_factors(
@@ -309,15 +312,22 @@ def _gdws_nodes(
         pointwise_weights.reshape(m, g, 1, 1).astype(dtype),
         fresh(f"{base}.gdws.pointwise.weight"),
     )
-    gathered = fresh(f"{base}/gdws/gather_output_0")
     filtered = fresh(f"{base}/gdws/depthwise_output_0")
-    gather = helper.make_node(
-        "Gather",
-        [node.input[0], channels.name],
-        [gathered],
-        name=fresh(f"{base}/gdws/Gather"),
-        axis=1,
-    )
+    nodes, initializers = [], [depthwise_weight, pointwise_weight]
+    if np.array_equal(kernel_channels, np.arange(layer.shape[1])):
+        gathered = node.input[0]  # one kernel per channel in order: no gather needed
+    else:
+        gathered = fresh(f"{base}/gdws/gather_output_0")
+        nodes.append(
+            helper.make_node(
+                "Gather",
+                [node.input[0], channels.name],
+                [gathered],
+                name=fresh(f"{base}/gdws/Gather"),
+                axis=1,
+            )
+        )
+        initializers.insert(0, channels)
     depthwise = helper.make_node(
         "Conv", [gathered, depthwise_weight.name], [filtered], name=fresh(f"{base}/gdws/depthwise")
     )
@@ -328,4 +338,4 @@ def _gdws_nodes(
     pointwise = helper.make_node(
         "Conv", inputs, [node.output[0]], name=fresh(f"{base}/gdws/pointwise"), kernel_shape=[1, 1]
     )
-    return [gather, depthwise, pointwise], [channels, depthwise_weight, pointwise_weight]
+    return [*nodes, depthwise, pointwise], initializers

@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
     try:
         check_results_folder(resume_dir)
     except ValueError as exc:
-        raise common.UsageError(f"--resume-dir: {exc}") from None
+        raise common.UsageError(f"{flag}: {exc}") from None
     outputs.check()
     # The inputs are read and checked (weights, data, saved results) before the work.
     if args.converted:
