@@ -1,6 +1,6 @@
 """Noise-gain speed: the batched computation against the per-sample, per-class loop.
 
-Computes the noise gains ``alpha`` (DESIGN section 4) of the 16 eligible 3x3 convolutions
+Computes the noise gains ``alpha`` (docs/noise_gains.md) of the 16 eligible 3x3 convolutions
 of PreActResNet-18 (32x32 inputs, 10 classes, float32; random weights with a fixed seed,
 non-trivial BatchNorm statistics, eval mode) on random images (fixed seed), three ways:
 

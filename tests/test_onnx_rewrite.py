@@ -178,7 +178,7 @@ def gdws_factors(model, layer_name: str):
 
 
 def dense_from_factors(channels, d, p, n_in):
-    """``What[:, c] = sum_{j: c_j = c} P[:, j] D_j`` (DESIGN section 1)."""
+    """``What[:, c] = sum_{j: c_j = c} P[:, j] D_j`` (docs/algorithms.md)."""
     m, (kh, kw) = p.shape[0], d.shape[1:]
     W = np.zeros((m, n_in, kh, kw), dtype=np.float64)
     for j, c in enumerate(channels):

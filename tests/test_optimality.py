@@ -1,4 +1,4 @@
-"""MEGO and LEGO against brute-force enumeration of every allocation (DESIGN.md section 2)."""
+"""MEGO and LEGO against brute-force enumeration of every allocation (docs/algorithms.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which convolutions of a model GDWS replaces (DESIGN section 3).
+"""Which convolutions of a model GDWS replaces (docs/torch.md, "Eligible by default").
 
 Eligible by default: every ``nn.Conv2d`` with ``groups=1`` and a kernel larger than
 ``1 x 1``, except the network's first convolution (the first in ``model.named_modules()``

@@ -1,7 +1,7 @@
 """Noise gains: the per-input-channel error weights ``alpha`` of every eligible layer.
 
 For a classifier with logits ``z(x)``, predicted class ``t = argmax z(x)``, and a layer
-with weight ``W`` of shape ``(M, C, Kh, Kw)``, over ``N`` inputs (DESIGN section 4)::
+with weight ``W`` of shape ``(M, C, Kh, Kw)``, over ``N`` inputs (docs/noise_gains.md)::
 
     alpha_c = (1/N) sum_x sum_{j != t} ||d(z_t - z_j)/dW[:, c]||_F^2 / (2 (z_t - z_j)^2 M Kh Kw)
 
