@@ -58,7 +58,8 @@ def _models(args: argparse.Namespace):
         from gdws_torch import demo
 
         network = demo.demo_network()
-        if args.beta is None and args.target_mac_reduction is None and args.n_kernels is None:
+        budgets = (args.beta, args.target_mac_reduction, args.n_kernels, args.target_speedup)
+        if all(budget is None for budget in budgets):
             args.target_mac_reduction = demo.DEFAULT_TARGET  # the demo's GDWS model
         converted, _, _ = common.approximate(args, network, demo.INPUT_SHAPE)
         return network, converted, demo.INPUT_SHAPE, "the embedded digits CNN"
