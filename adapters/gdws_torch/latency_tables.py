@@ -131,7 +131,7 @@ def _gdws_layer(conv: nn.Conv2d, n_kernels: int) -> GDWSConv2d:
     c = conv.in_channels
     per_channel = torch.full((c,), n_kernels // c, dtype=torch.long)
     per_channel[: n_kernels % c] += 1
-    if n_kernels == c:  # not the identity order, which would skip the gather
+    if n_kernels == c > 1:  # not the identity order, which would skip the gather
         per_channel[0], per_channel[-1] = 2, 0
     channels = torch.repeat_interleave(torch.arange(c), per_channel)
     return _random_layer(conv, channels)
