@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # scikit-learn runs its array-API estimator checks (array-api-strict, torch) only when
 # SciPy's array-API mode is on; it must be set before SciPy is first imported.
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
+# Latency tables a test does not place itself go to a throw-away folder, not ~/.cache.
+os.environ["GDWS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdws-test-cache-")
 
 import numpy as np
 from hypothesis import HealthCheck, settings

@@ -218,9 +218,9 @@ class LatencyTable:
     batch_size : int, default=1
     device : default="cpu"
     path : path-like or None, default=None
-        The JSON cache (:func:`default_cache` by default); ``False``-y paths are allowed
-        only through :meth:`in_memory`. Entries of other machines and batch sizes in the
-        same file are kept.
+        The JSON file the table is read from and saved to; ``None``: in memory only (use
+        :meth:`default` for the user cache, :func:`default_cache`). Entries of other
+        machines and batch sizes in the same file are kept.
     """
 
     def __init__(
