@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # scikit-learn runs its array-API estimator checks (array-api-strict, torch) only when
@@ -10,6 +12,7 @@ import tempfile
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 # Latency tables a test does not place itself go to a throw-away folder, not ~/.cache.
 os.environ["GDWS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdws-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GDWS_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np
 from hypothesis import HealthCheck, settings
