@@ -12,10 +12,11 @@ import tempfile
 os.environ.setdefault("SCIPY_ARRAY_API", "1")
 # Latency tables a test does not place itself go to a throw-away folder, not ~/.cache.
 os.environ["GDWS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdws-test-cache-")
-atexit.register(shutil.rmtree, os.environ["GDWS_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np
 from hypothesis import HealthCheck, settings
+
+atexit.register(shutil.rmtree, os.environ["GDWS_CACHE_DIR"], ignore_errors=True)
 
 # Property tests run derandomized, without deadline, with a bounded number of examples, so
 # the suite is reproducible and its time predictable on a 2-core CI machine.
