@@ -34,7 +34,7 @@ import gdws_approx.files as files
 import gdws_torch.cli.eval as eval_command
 from gdws_torch import load_alphas, load_converted
 from gdws_torch.cli import main
-from gdws_torch.models import DigitsCNN
+from gdws_torch.models import DigitsCNN, PreActResNet18
 from gdws_torch.resume import MANIFEST, ResultStore
 
 DIGITS = ["--model", "digits_cnn", "--dataset", "digits"]
@@ -851,3 +851,98 @@ def test_any_output_paths_lose_nothing(weights, json_, log, resume, overwrite):
                 assert not (folder / POOL[resume]).exists()
             assert not (folder / POOL[json_]).with_suffix(".partial").exists()
         assert not temporaries(folder)
+
+
+# -- 13. wrong numbers and tracebacks become refusals, through the command line ----------
+
+
+def _inputs(folder: Path, weights: Path, onnx_model: Path) -> dict[str, Path]:
+    """Bad input files of every kind, made in ``folder``."""
+    import pickle
+
+    from test_datasets import write_cifar10
+
+    run = folder / "run"
+    copy_checkpoint(weights, run)
+    state = torch.load(weights, weights_only=True)["state_dict"]
+    nan_state = {k: v.clone() for k, v in state.items()}
+    next(v for v in nan_state.values() if v.is_floating_point())[0] = float("nan")
+    torch.save({"state_dict": nan_state}, folder / "nan.pth")
+    (folder / "empty.pth").write_bytes(b"")
+    complex_gains = {"noise_gains": {"features.1.0.weight": torch.ones(32, dtype=torch.cfloat)}}
+    torch.save(complex_gains, run / "complex.pth")
+    copy_checkpoint(weights, run)
+    run18 = folder / "run18"
+    run18.mkdir()
+    torch.save({"state_dict": PreActResNet18().state_dict()}, run18 / "model_best.pth")
+    write_cifar10(folder / "cifar")
+    batch = folder / "cifar" / "cifar-10-batches-py" / "test_batch"
+    data = pickle.loads(batch.read_bytes())
+    data[b"labels"][1] = 0.5
+    batch.write_bytes(pickle.dumps(data, protocol=2))
+    (folder / "afile").write_text("a person's file\n")
+    shutil.copyfile(onnx_model, folder / "in.onnx")
+    return {"run": run}
+
+
+CIFAR = ["--data-dir", "cifar", "--fname", "run18"]
+CASES = {
+    "diverging training": (
+        ["train", *DIGITS, *TRAIN, "--lr", "1e6", "--out", "new/m.pth"],
+        1,
+        "training diverged",
+    ),
+    "NaN weights": (["eval", *DIGITS, "--checkpoint", "nan.pth", *QUICK], 2, "NaN or inf"),
+    "empty checkpoint": (
+        ["eval", *DIGITS, "--checkpoint", "empty.pth", *QUICK],
+        2,
+        "not a torch checkpoint (empty file)",
+    ),
+    "empty converted model": (
+        ["eval", *DIGITS, "--converted", "empty.pth", *QUICK],
+        2,
+        "not a torch checkpoint (empty file)",
+    ),
+    "no attack iterations": (
+        ["eval", *DIGITS, "--fname", "run", "--attack-iters", "0", "--no-progress"],
+        2,
+        "--attack-iters must be positive",
+    ),
+    "complex alphas": (
+        ["eval", *DIGITS, "--fname", "run", *QUICK, "--apply-gdws", "--alphas", "complex.pth"],
+        2,
+        "real numbers",
+    ),
+    "label 0.5": (
+        ["eval", "--model", "preactresnet18", "--dataset", "cifar10", *CIFAR, *QUICK],
+        2,
+        "label 0.5",
+    ),
+    "refit beyond the training data": (
+        ["eval", *DIGITS, "--fname", "run", *QUICK, "--apply-gdws", "--refit", "1000000"],
+        2,
+        "--refit 1000000 exceeds",
+    ),
+    "convert over its input": (
+        ["convert", *DIGITS, "--fname", "run", "--beta", "0", "--out", "model_best.pth"],
+        2,
+        "an input of this command",
+    ),
+    "demo into a file": (["demo", "--quick", "--out-dir", "afile"], 2, "is a file, not a folder"),
+    "huge kernel multiple": (
+        ["onnx-convert", "in.onnx", "out.onnx", "--beta", "0", "--kernel-multiple", "1000000"],
+        2,
+        "--kernel-multiple must be an integer from 1 to 64; got 1000000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(
+    tmp_path, weights, onnx_model, capsys, monkeypatch, case
+):
+    _inputs(tmp_path, weights, onnx_model)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    args, code, fragment = CASES[case]
+    assert_refused(gdws(*args), code, capsys, tmp_path, before, fragment)

@@ -112,6 +112,9 @@ class Outputs:
         UsageError
             Naming the flag, the path and what is wrong.
         """
+        for flag, path in self._folders:
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{_describe(flag, path)} is a file, not a folder.")
         for i, (flag, path, append) in enumerate(self._files):
             for input_flag, source in self._inputs:
                 if same_file(path, source):
@@ -144,8 +147,6 @@ class Outputs:
             if not path.parent.exists():
                 self._new_folders.add(path.parent.absolute())
         for flag, path in self._folders:
-            if path.exists() and not path.is_dir():
-                raise UsageError(f"{_describe(flag, path)} is a file, not a folder.")
             self._check_writable(flag, path, folder=True)
             for input_flag, source in self._inputs:
                 if same_file(path, source):

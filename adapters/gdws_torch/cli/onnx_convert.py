@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gdws_approx.cost import MAX_KERNEL_MULTIPLE
 from gdws_torch.cli import _common as common
 from gdws_torch.cli._outputs import report_beside
 
@@ -73,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise common.UsageError(f"IN: no file at {str(source)!r}.")
     if args.input_shape is not None and any(d < 1 for d in args.input_shape):
         raise common.UsageError(f"--input-shape must be positive; got {args.input_shape}.")
+    if not 1 <= args.kernel_multiple <= MAX_KERNEL_MULTIPLE:
+        raise common.UsageError(
+            f"--kernel-multiple must be an integer from 1 to {MAX_KERNEL_MULTIPLE}; got "
+            f"{args.kernel_multiple}."
+        )
     outputs = common.outputs(args)
     outputs.input("IN", source)
     out = outputs.file("OUT", args.output)
