@@ -91,15 +91,15 @@ def convert_for_speedup(
     convs = {spec.name: modules[spec.name] for spec in specs}
     latencies = table.layers(convs, input_shapes, progress=progress)
     reference = copy.deepcopy(model).float().eval()
-    network_ms = measure_speedup(
-        reference,
-        reference,
+    (row,) = measure_throughput(
+        {"dense": reference},
         input_size,
-        backend=table.backend,
-        batch_size=table.batch_size,
-        device=table.device,
+        backends=(table.backend,),
+        batch_sizes=(table.batch_size,),
         rounds=rounds,
-    )["dense_ms"]
+        device=table.device,
+    )
+    network_ms = row["latency_ms"]
     planned, history, tried = target_speedup, [], []
     for _ in range(attempts):
         plan = plan_latency(
