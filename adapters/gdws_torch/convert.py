@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gdws_approx import LayerSpec, NetworkPlan, cost, plan_network
+from gdws_approx import LayerSpec, NetworkPlan, plan_network
 from gdws_torch.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.latency import layer_input_shapes, time_layers
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import count_macs
-from gdws_torch.module_tree import replace_module
+from gdws_torch.module_tree import pad_kernels, replace_module, set_fused
 from gdws_torch.recovery import recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
@@ -413,26 +413,3 @@ def lookup_alpha(alphas: Mapping[str, Any], name: str, conv: nn.Conv2d) -> torch
             f"got shape {tuple(alpha.shape)}."
         )
     return alpha.to(device=conv.weight.device, dtype=torch.float64)
-
-
-def pad_kernels(model: nn.Module, multiple: int = 4) -> nn.Module:
-    """Pad every :class:`GDWSConv2d` of ``model`` (in place) to ``G`` a multiple of ``multiple``.
-
-    Outputs do not change (zero kernels, see :meth:`GDWSConv2d.padded`); returns ``model``.
-    ``multiple`` is an integer from 1 to 64.
-    """
-    multiple = cost.check_kernel_multiple(multiple, "multiple")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GDWSConv2d):
-            padded = module.padded(multiple)
-            if padded is not module:
-                replace_module(model, name, padded)
-    return model
-
-
-def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
-    """Switch every :class:`GDWSConv2d` of ``model`` to fused (or explicit) mode; returns it."""
-    for module in model.modules():
-        if isinstance(module, GDWSConv2d):
-            module.fused = bool(fused)
-    return model

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["replace_module"]
+from gdws_approx import cost
+from gdws_torch.layers import GDWSConv2d
+
+__all__ = ["pad_kernels", "replace_module", "set_fused"]
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -12,3 +15,26 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def pad_kernels(model: nn.Module, multiple: int = 4) -> nn.Module:
+    """Pad every :class:`GDWSConv2d` of ``model`` (in place) to ``G`` a multiple of ``multiple``.
+
+    Outputs do not change (zero kernels, see :meth:`GDWSConv2d.padded`); returns ``model``.
+    ``multiple`` is an integer from 1 to 64.
+    """
+    multiple = cost.check_kernel_multiple(multiple, "multiple")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GDWSConv2d):
+            padded = module.padded(multiple)
+            if padded is not module:
+                replace_module(model, name, padded)
+    return model
+
+
+def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch every :class:`GDWSConv2d` of ``model`` to fused (or explicit) mode; returns it."""
+    for module in model.modules():
+        if isinstance(module, GDWSConv2d):
+            module.fused = bool(fused)
+    return model

@@ -152,12 +152,12 @@ def make_runner(
     if backend == "openvino":
         if device.type != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU only; got device {device}.")
-        from gdws_torch.convert import pad_kernels
+        from gdws_torch.module_tree import pad_kernels
 
         # Padded as for ONNX Runtime: the outputs are the same.
         return _openvino_runner(pad_kernels(copy.deepcopy(model).eval(), 4), shape)
     if backend == "onnxruntime":
-        from gdws_torch.convert import pad_kernels
+        from gdws_torch.module_tree import pad_kernels
 
         # G a multiple of 4: ONNX Runtime's CPU convolutions run 2.2-2.4x faster so.
         session = _onnx_session(pad_kernels(copy.deepcopy(model).eval(), 4), shape, device)
