@@ -9,11 +9,11 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 import pytest
-from conftest import STRUCTURES, structured_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gdws_approx import GDWSApproximator, channel_spectra, lego_multipliers, mego_multipliers
+from gdws_approx.testing import STRUCTURES, structured_weight
 
 xps = pytest.importorskip("array_api_strict")
 torch = pytest.importorskip("torch")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _reference import channel_singular_values, weighted_error
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from gdws_approx import GDWSApproximator, break_even_kernels, dense_macs, gdws_macs
+from gdws_approx.testing import channel_singular_values, weighted_error
 
 
 @pytest.fixture

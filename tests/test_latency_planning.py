@@ -7,12 +7,17 @@ import itertools
 
 import numpy as np
 import pytest
-from _reference import all_allocations, channel_singular_values, weighted_error
-from conftest import STRUCTURES, structured_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdws_approx import GDWSApproximator, LayerLatency, LayerSpec, plan_latency
+from gdws_approx.testing import (
+    STRUCTURES,
+    all_allocations,
+    channel_singular_values,
+    structured_weight,
+    weighted_error,
+)
 
 
 @st.composite

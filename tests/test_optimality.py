@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from _reference import (
-    brute_force_lego,
-    brute_force_mego,
-    channel_singular_values,
-    weighted_error,
-)
-from conftest import STRUCTURES, structured_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gdws_approx import GDWSApproximator
+from gdws_approx.testing import (
+    STRUCTURES,
+    all_allocations,
+    brute_force_lego,
+    brute_force_mego,
+    channel_singular_values,
+    conv_weights,
+    structured_weight,
+    weighted_error,
+)
 
 
 @st.composite
@@ -129,3 +132,19 @@ def test_fitting_twice_gives_the_same_allocation(problem, beta_fraction):
     second = GDWSApproximator(beta=beta, svd_solver=svd_solver).fit(W.copy(), alpha=alpha)
     np.testing.assert_array_equal(first.multipliers_, second.multipliers_)
     np.testing.assert_array_equal(first.depthwise_kernels_, second.depthwise_kernels_)
+
+
+@given(conv_weights(), st.integers(0, 8))
+def test_the_public_testing_kit_checks_mego(W, n_kernels):
+    values = channel_singular_values(W) ** 2
+    est = GDWSApproximator(solver="mego", n_kernels=n_kernels).fit(W)
+    assert est.error_ <= brute_force_mego(values, n_kernels) + 1e-9 * (1 + values.sum())
+    assert W.ndim == 4 and W.shape[0] <= 6 and W.shape[1] <= 3
+
+
+def test_the_oracles_on_a_case_worked_by_hand():
+    values = np.array([[4.0, 1.0], [3.0, 0.0]])  # channel errors: tails of each row
+    assert brute_force_mego(values, 1) == 4.0  # keep the 4: drop 1 + 3
+    assert brute_force_mego(values, 2) == 1.0  # keep 4 and 3
+    assert brute_force_lego(values, 1.0) == 2 and brute_force_lego(values, 0.0) == 3
+    assert len(list(all_allocations(values))) == 9

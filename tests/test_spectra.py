@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _reference import channel_singular_values
 
 from gdws_approx import channel_spectra
+from gdws_approx.testing import channel_singular_values
 
 
 @pytest.mark.parametrize("method", ["full", "covariance_eigh"])

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _reference import brute_force_lego, brute_force_mego
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gdws_approx import GDWSApproximator
+from gdws_approx.testing import brute_force_lego, brute_force_mego
 
 
 @st.composite
