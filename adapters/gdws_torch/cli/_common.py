@@ -22,6 +22,7 @@ from gdws_torch.datasets import DATASETS, load_dataset, num_classes
 from gdws_torch.distributed import process_group, world_from_environment
 from gdws_torch.models import ARCHITECTURES
 from gdws_torch.normalization import normalized
+from gdws_torch.throughput import BACKENDS
 
 # The original's model names (its get_architecture) and other spellings users type.
 MODEL_ALIASES = {
@@ -133,6 +134,30 @@ def add_budget_arguments(
         )
 
 
+def add_latency_arguments(group, users: str = "--target-speedup") -> None:
+    """``--backend``, ``--latency-batch-size`` and ``--latency-table``: where and how
+    ``users`` time layers and models."""
+    group.add_argument(
+        "--backend",
+        default="eager",
+        choices=BACKENDS,
+        help=f"where the layers and models are timed for {users} (default eager)",
+    )
+    group.add_argument(
+        "--latency-batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"batch size they are timed at for {users}",
+    )
+    group.add_argument(
+        "--latency-table",
+        metavar="JSON",
+        help="latency table of --target-speedup, read and extended (default: the user cache, "
+        "$GDWS_CACHE_DIR or ~/.cache/gdws-approx/latency-tables.json)",
+    )
+
+
 def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = True) -> None:
     group = parser.add_argument_group("GDWS approximation")
     add_budget_arguments(group, speedup=True)
@@ -157,24 +182,7 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         action="store_true",
         help="time each layer dense vs GDWS on --backend; keep dense where GDWS is not faster",
     )
-    group.add_argument(
-        "--backend",
-        default="eager",
-        choices=("eager", "channels_last", "onnxruntime", "openvino"),
-        help="where --target-speedup and --latency-aware time the layers (default eager)",
-    )
-    group.add_argument(
-        "--latency-batch-size",
-        type=int,
-        default=1,
-        help="batch size of --target-speedup and --latency-aware",
-    )
-    group.add_argument(
-        "--latency-table",
-        metavar="JSON",
-        help="latency table of --target-speedup, read and extended (default: the user cache, "
-        "$GDWS_CACHE_DIR or ~/.cache/gdws-approx/latency-tables.json)",
-    )
+    add_latency_arguments(group, "--target-speedup and --latency-aware")
     group.add_argument(
         "--allocation",
         choices=("common_beta", "global"),

@@ -61,14 +61,7 @@ def add_parser(subparsers) -> None:
         metavar="X",
         help="also convert for these measured speed-ups (rows 'latency'; docs/fps.md)",
     )
-    sweep.add_argument(
-        "--backend",
-        default="eager",
-        choices=("eager", "channels_last", "onnxruntime", "openvino"),
-        help="where --target-speedup times the layers and the models (default eager)",
-    )
-    sweep.add_argument("--latency-batch-size", type=int, default=1, metavar="N")
-    sweep.add_argument("--latency-table", metavar="JSON", help="as gdws convert's")
+    common.add_latency_arguments(sweep)
     sweep.add_argument(
         "--recalibrate-bn",
         type=int,
