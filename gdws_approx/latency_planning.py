@@ -25,7 +25,6 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -36,6 +35,7 @@ from gdws_approx.planning import (
     LayerSpec,
     NetworkPlan,
     _check_specs,
+    _check_target,
     _layer_values,
     _plan_layer,
     _to_numpy,
@@ -89,14 +89,6 @@ class LayerLatency:
         """The GDWS latency at ``n_kernels``, interpolated between the measured counts
         (the nearest measurement outside them)."""
         return float(np.interp(n_kernels, self.kernel_counts, self.gdws_ms))
-
-
-def _check_target(target: Any) -> float:
-    if isinstance(target, bool) or not isinstance(target, numbers.Real):
-        raise TypeError(f"target_speedup must be a number > 1; got {target!r}.")
-    if not math.isfinite(target) or target <= 1:
-        raise ValueError(f"target_speedup must be a finite number > 1; got {target!r}.")
-    return float(target)
 
 
 def _options(values: np.ndarray, latency: LayerLatency, kernel_multiple: int) -> list[dict]:
@@ -166,7 +158,7 @@ def plan_latency(
         predicted speed-up).
     """
     specs = _check_specs(layers)
-    target = _check_target(target_speedup)
+    target = _check_target(target_speedup, "target_speedup", "1.5 for 1.5 times the speed")
     if not (isinstance(network_dense_ms, numbers.Real) and network_dense_ms > 0):
         raise ValueError(f"network_dense_ms must be a positive number; got {network_dense_ms!r}.")
     kernel_multiple = cost.check_kernel_multiple(kernel_multiple)

@@ -496,13 +496,14 @@ def _check_count(x: Any, name: str) -> int:
     return int(x)
 
 
-def _check_target(target: Any) -> float:
+def _check_target(
+    target: Any, name: str = "target_mac_reduction", example: str = "3.0 for three times fewer MACs"
+) -> float:
     if isinstance(target, bool) or not isinstance(target, numbers.Real):
-        raise TypeError(f"target_mac_reduction must be a number > 1; got {target!r}.")
+        raise TypeError(f"{name} must be a number > 1; got {target!r}.")
     if not math.isfinite(target) or target <= 1:
         raise ValueError(
-            f"target_mac_reduction must be a finite number > 1 (for example 3.0 for three "
-            f"times fewer MACs); got {target!r}."
+            f"{name} must be a finite number > 1 (for example {example}); got {target!r}."
         )
     return float(target)
 
