@@ -195,15 +195,7 @@ def plan_latency(
     predicted = network_dense_ms - sum(
         latencies[p.name].dense_ms - p.timings_ms["gdws"] for p in plans
     )
-    plan = NetworkPlan(
-        layers=plans,
-        solver="latency",
-        beta=None,
-        target_mac_reduction=None,
-        other_macs=other_macs,
-        kernel_multiple=kernel_multiple,
-    )
-    plan.latency = {
+    latency = {
         "target_speedup": target,
         "network_dense_ms": float(network_dense_ms),
         "predicted_ms": float(predicted),
@@ -211,7 +203,7 @@ def plan_latency(
         "best_predicted_speedup": float(best),
         "forms": forms,
     }
-    return plan
+    return NetworkPlan(plans, "latency", None, None, other_macs, kernel_multiple, latency)
 
 
 def _layer_plan(spec: LayerSpec, option: dict, latency: LayerLatency, svd_solver: str) -> LayerPlan:
