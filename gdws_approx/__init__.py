@@ -6,7 +6,14 @@ arrays work unchanged) and never imports a deep-learning framework.
 
 from gdws_approx.cost import break_even_kernels, dense_macs, gdws_macs, mac_reduction
 from gdws_approx.estimator import GDWSApproximator
-from gdws_approx.factors import KernelLayout, kernel_layout, pad_kernels, project, reconstruct
+from gdws_approx.factors import (
+    KernelLayout,
+    kernel_layout,
+    pad_kernels,
+    project,
+    reconstruct,
+    uniform_multiplier,
+)
 from gdws_approx.knapsack import choose_options
 from gdws_approx.latency_planning import LayerLatency, plan_latency
 from gdws_approx.planning import LayerPlan, LayerSpec, NetworkPlan, plan_network
@@ -47,4 +54,5 @@ __all__ = [
     "plan_network",
     "project",
     "reconstruct",
+    "uniform_multiplier",
 ]

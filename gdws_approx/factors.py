@@ -16,7 +16,14 @@ import array_api_compat
 
 from gdws_approx._namespace import get_namespace, index_dtype
 
-__all__ = ["KernelLayout", "kernel_layout", "pad_kernels", "project", "reconstruct"]
+__all__ = [
+    "KernelLayout",
+    "kernel_layout",
+    "pad_kernels",
+    "project",
+    "reconstruct",
+    "uniform_multiplier",
+]
 
 
 class KernelLayout(NamedTuple):
@@ -60,6 +67,34 @@ def kernel_layout(multipliers: Any) -> KernelLayout:
     kernel_slots = xp.astype(kernel_slots, integer)
     kernel_channels = kernel_slots // max(n_slots, 1)
     return KernelLayout(n_slots, xp.reshape(slot_kernel, (-1,)), kernel_slots, kernel_channels)
+
+
+def uniform_multiplier(kernel_channels: Any, n_channels: int) -> int | None:
+    """``m`` when every channel has exactly ``m`` kernels, in channel order, else ``None``.
+
+    Kernels laid out as ``[0]*m + [1]*m + ... + [C-1]*m`` need no channel gather: a
+    convolution with ``groups=C`` and ``C*m`` outputs (the depthwise conv with a channel
+    multiplier) reads exactly those channels.
+
+    Parameters
+    ----------
+    kernel_channels : array of shape (G,), integer
+        The input channel of every kernel.
+    n_channels : int
+        ``C``.
+
+    Returns
+    -------
+    int or None
+    """
+    xp = get_namespace(kernel_channels)
+    n_kernels = int(kernel_channels.shape[0])
+    if n_channels < 1 or n_kernels == 0 or n_kernels % n_channels:
+        return None
+    m = n_kernels // n_channels
+    device = array_api_compat.device(kernel_channels)
+    order = xp.arange(n_kernels, dtype=kernel_channels.dtype, device=device) // m
+    return m if bool(xp.all(kernel_channels == order)) else None
 
 
 def _append_zero_row(xp: Any, rows: Any) -> Any:

@@ -1,9 +1,14 @@
 """Planning for a measured speed-up: least error under a latency budget.
 
 An adapter measures, on the device and runtime the model will be deployed on, every
-eligible layer's latency dense and as GDWS at a grid of kernel counts ``G`` (and, where
-it pays, as an ordinary depthwise-separable layer: one kernel per channel, no channel
-gather), plus the whole dense network. :func:`plan_latency` then chooses each layer's
+eligible layer's latency in each form it can run as, plus the whole dense network:
+
+- dense;
+- GDWS at a grid of kernel counts ``G`` (channel gather, depthwise conv, ``1 x 1`` conv);
+- *grouped* at channel multipliers ``m``: every channel keeps ``m`` kernels, the
+  depthwise stage is one grouped conv over the input (``groups=C``, no gather);
+  ``m = 1`` is the ordinary depthwise-separable layer.
+ :func:`plan_latency` then chooses each layer's
 form so that the total weighted error is least while the predicted network latency,
 
     network dense latency - sum over layers of (layer dense latency - chosen latency),
@@ -12,9 +17,9 @@ is at most ``network dense latency / target_speedup``. This is a multiple-choice
 knapsack over the per-layer options (:func:`gdws_approx.knapsack.choose_options`).
 
 Each option's error is exact: keeping ``G`` kernels, MEGO's least error is the sum of
-all but the ``G`` largest weighted squared singular values of the layer; one kernel per
-channel keeps each channel's largest. Latencies between two measured kernel counts are
-interpolated linearly.
+all but the ``G`` largest weighted squared singular values of the layer; ``m`` kernels
+per channel keep each channel's ``m`` largest. Latencies between two measured kernel
+counts are interpolated linearly.
 """
 
 from __future__ import annotations
@@ -59,30 +64,37 @@ class LayerLatency:
         Increasing ``G`` at which the GDWS form was timed.
     gdws_ms : sequence of float
         Its latency at each of ``kernel_counts``.
-    depthwise_ms : float or None, default=None
-        The depthwise-separable form (one kernel per channel, no channel gather), when
-        timed.
+    multipliers : sequence of int, default=()
+        Increasing channel multipliers ``m`` at which the grouped form (``m`` kernels
+        per channel, no gather) was timed; ``1`` is the depthwise-separable layer.
+    grouped_ms : sequence of float, default=()
+        Its latency at each of ``multipliers``.
     """
 
     dense_ms: float
     kernel_counts: tuple[int, ...]
     gdws_ms: tuple[float, ...]
-    depthwise_ms: float | None = None
+    multipliers: tuple[int, ...] = ()
+    grouped_ms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        counts = tuple(int(g) for g in self.kernel_counts)
-        times = tuple(float(t) for t in self.gdws_ms)
-        object.__setattr__(self, "kernel_counts", counts)
-        object.__setattr__(self, "gdws_ms", times)
-        if not counts or len(counts) != len(times):
-            raise ValueError(
-                "kernel_counts and gdws_ms must be non-empty and of equal length; got "
-                f"{len(counts)} and {len(times)}."
-            )
-        if any(b <= a for a, b in itertools.pairwise(counts)) or counts[0] < 1:
-            raise ValueError(f"kernel_counts must be increasing and >= 1; got {counts}.")
-        extra = [] if self.depthwise_ms is None else [self.depthwise_ms]
-        if not all(math.isfinite(t) and t > 0 for t in map(float, [self.dense_ms, *times, *extra])):
+        for counts_name, times_name, empty_ok in (
+            ("kernel_counts", "gdws_ms", False),
+            ("multipliers", "grouped_ms", True),
+        ):
+            counts = tuple(int(g) for g in getattr(self, counts_name))
+            times = tuple(float(t) for t in getattr(self, times_name))
+            object.__setattr__(self, counts_name, counts)
+            object.__setattr__(self, times_name, times)
+            if (not counts and not empty_ok) or len(counts) != len(times):
+                raise ValueError(
+                    f"{counts_name} and {times_name} must be {'' if empty_ok else 'non-empty and '}"
+                    f"of equal length; got {len(counts)} and {len(times)}."
+                )
+            if any(b <= a for a, b in itertools.pairwise(counts)) or (counts and counts[0] < 1):
+                raise ValueError(f"{counts_name} must be increasing and >= 1; got {counts}.")
+        every = [self.dense_ms, *self.gdws_ms, *self.grouped_ms]
+        if not all(math.isfinite(t) and t > 0 for t in map(float, every)):
             raise ValueError("latencies must be finite and > 0 (milliseconds).")
 
     def gdws_at(self, n_kernels: int) -> float:
@@ -92,15 +104,16 @@ class LayerLatency:
 
 
 def _options(values: np.ndarray, latency: LayerLatency, kernel_multiple: int) -> list[dict]:
-    """Dense, depthwise-separable and GDWS-at-``G`` options with their cost and error."""
+    """Dense, grouped-at-``m`` and GDWS-at-``G`` options with their cost and error."""
     ordered = np.sort(values[values > 0])[::-1]
     total = float(ordered.sum())
     kept = np.concatenate([[0.0], np.cumsum(ordered)])  # kept[G]: the G largest values
     options = [{"form": "dense", "ms": latency.dense_ms, "error": 0.0}]
-    nonzero_channels = int((values[:, :1] > 0).sum())
-    if latency.depthwise_ms is not None and nonzero_channels:
-        error = total - float(values[:, 0].sum())
-        options.append({"form": "depthwise", "ms": latency.depthwise_ms, "error": error})
+    by_channel = np.sort(values, axis=1)[:, ::-1]
+    for m, ms in zip(latency.multipliers, latency.grouped_ms, strict=True):
+        if ordered.size:  # m beyond a channel's rank keeps all of it (zero kernels padded)
+            error = total - float(by_channel[:, :m].sum())
+            options.append({"form": "grouped", "multiplier": m, "ms": ms, "error": error})
     low, high = latency.kernel_counts[0], min(latency.kernel_counts[-1], ordered.size)
     if ordered.size and low <= high:
         step = max(kernel_multiple, math.ceil((high - low) / _OPTIONS_PER_LAYER))
@@ -148,8 +161,9 @@ def plan_latency(
     -------
     NetworkPlan
         ``solver="latency"``; :attr:`NetworkPlan.latency` holds the target, the dense and
-        predicted network latencies and each layer's form; each layer's ``timings_ms``
-        holds its dense and chosen latencies.
+        predicted network latencies and each layer's form (``"dense"``, ``"gdws"`` or
+        ``"grouped xm"``); each layer's ``timings_ms`` holds its dense and chosen
+        latencies; grouped layers have :attr:`LayerPlan.grouped_multiplier`.
 
     Raises
     ------
@@ -170,11 +184,18 @@ def plan_latency(
         values, _ = _layer_values(spec, svd_solver)
         per_layer.append(_options(_to_numpy(values), latencies[spec.name], kernel_multiple))
     dense_sum = sum(latencies[s.name].dense_ms for s in specs)
+    if dense_sum >= network_dense_ms:
+        raise ValueError(
+            f"the layers' dense latencies add up to {dense_sum:.4g} ms, no less than the whole "
+            f"network's network_dense_ms={network_dense_ms:.4g} ms: they were not timed on the "
+            "same device, backend and batch size (build the latency table where the network "
+            "is timed)."
+        )
     # predicted = network - sum(dense_i - chosen_i) <= network / target
     budget = dense_sum - network_dense_ms * (1 - 1 / target)
     fastest = sum(min(o["ms"] for o in options) for options in per_layer)
     best = network_dense_ms / max(network_dense_ms - dense_sum + fastest, 1e-12)
-    if budget < fastest:
+    if budget < fastest - 1e-9 * network_dense_ms:  # tolerance: a target set to `best`
         raise ValueError(
             f"target_speedup={target!r} is out of reach: with the fastest measured form of "
             f"every layer the predicted speed-up is {best:.3g}x (the layers that can change "
@@ -191,7 +212,9 @@ def plan_latency(
     for spec, options, k in zip(specs, per_layer, chosen, strict=True):
         option = options[k]
         plans.append(_layer_plan(spec, option, latencies[spec.name], svd_solver))
-        forms[spec.name] = option["form"]
+        forms[spec.name] = (
+            f"grouped x{option['multiplier']}" if option["form"] == "grouped" else option["form"]
+        )
     predicted = network_dense_ms - sum(
         latencies[p.name].dense_ms - p.timings_ms["gdws"] for p in plans
     )
@@ -220,9 +243,12 @@ def _layer_plan(spec: LayerSpec, option: dict, latency: LayerLatency, svd_solver
             macs=plan.dense_macs,
             timings_ms=timings,
         )
-    if option["form"] == "depthwise":
+    if option["form"] == "grouped":
+        m = option["multiplier"]
         channels = int(spec.weight.shape[1])
-        plan = _plan_layer(spec, "mego", channels, False, svd_solver, max_multiplier=1)
+        plan = _plan_layer(spec, "mego", channels * m, False, svd_solver, max_multiplier=m)
+        # Channels with fewer than m nonzero values keep fewer kernels: padded to m.
+        plan = dataclasses.replace(plan, grouped_multiplier=m)
     else:
         plan = _plan_layer(spec, "mego", option["n_kernels"], False, svd_solver)
     return dataclasses.replace(plan, timings_ms=timings)

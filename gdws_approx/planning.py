@@ -113,6 +113,10 @@ class LayerPlan:
     kernel_multiple : int, default=1
         The deployed layer's ``G`` is padded up to a multiple of this with zero kernels
         (same outputs, more MACs): see :attr:`padded_n_kernels` and :attr:`padded_macs`.
+    grouped_multiplier : int or None, default=None
+        ``m`` when the layer is deployed without a channel gather, as a depthwise conv
+        with the uniform channel multiplier ``m`` (every channel padded with zero kernels
+        to ``m``): ``padded_n_kernels = C * m``.
     """
 
     name: str
@@ -128,6 +132,7 @@ class LayerPlan:
     macs: int
     timings_ms: dict[str, float] | None = None
     kernel_multiple: int = 1
+    grouped_multiplier: int | None = None
 
     @property
     def mac_reduction(self) -> float:
@@ -136,9 +141,12 @@ class LayerPlan:
 
     @property
     def padded_n_kernels(self) -> int:
-        """``G`` as deployed: rounded up to ``kernel_multiple`` when replaced."""
+        """``G`` as deployed: rounded up to ``kernel_multiple`` when replaced (``C * m``
+        when :attr:`grouped`)."""
         if not self.replaced:
             return self.n_kernels
+        if self.grouped_multiplier is not None:
+            return self.shape[1] * self.grouped_multiplier
         return -(-self.n_kernels // self.kernel_multiple) * self.kernel_multiple
 
     @property
@@ -164,6 +172,7 @@ class LayerPlan:
             "mac_reduction": _finite_or_none(self.mac_reduction),
             "timings_ms": self.timings_ms,
             "kernel_multiple": self.kernel_multiple,
+            "grouped_multiplier": self.grouped_multiplier,
             "padded_n_kernels": self.padded_n_kernels,
             "padded_macs": self.padded_macs,
         }
@@ -261,8 +270,10 @@ class NetworkPlan:
     def format_table(self) -> str:
         """The per-layer report as a text table, with the network totals.
 
-        With ``kernel_multiple > 1`` the ``G`` column reads ``G->padded G`` where they
-        differ, and a "MACs padded" column gives the MACs as deployed.
+        With ``kernel_multiple > 1`` or grouped layers the ``G`` column reads
+        ``G->padded G`` where they differ (``grouped xm`` for a layer deployed as a
+        depthwise conv with channel multiplier ``m``), and a "MACs padded" column gives
+        the MACs as deployed.
         """
         header = (
             "layer",
@@ -274,7 +285,9 @@ class NetworkPlan:
             "MACs after",
             "fewer",
         )
-        padded = self.kernel_multiple > 1
+        padded = self.kernel_multiple > 1 or any(
+            lp.grouped_multiplier and lp.replaced for lp in self.layers
+        )
         timed = any(layer.timings_ms for layer in self.layers)
         extra = ("MACs padded",) * padded + ("ms dense / GDWS",) * timed
         rows = []
@@ -283,6 +296,8 @@ class NetworkPlan:
             kernels = str(layer.n_kernels)
             if layer.padded_n_kernels != layer.n_kernels:
                 kernels += f"->{layer.padded_n_kernels}"
+            if layer.grouped_multiplier is not None:
+                kernels += f" grouped x{layer.grouped_multiplier}"
             row = (
                 layer.name,
                 "x".join(map(str, layer.shape)),
@@ -321,9 +336,14 @@ class NetworkPlan:
         lines.insert(1, "  ".join("-" * w for w in widths))
         if padded:
             reduction = cost.mac_reduction(self.dense_macs, self.padded_macs)
+            how = (
+                f"G padded to a multiple of {self.kernel_multiple}"
+                if self.kernel_multiple > 1
+                else "Grouped layers padded to a uniform multiplier"
+            )
             lines.append(
-                f"G padded to a multiple of {self.kernel_multiple} when deployed (zero kernels, "
-                f"same outputs): {self.padded_macs:,} MACs, {reduction:.2f}x fewer."
+                f"{how} when deployed (zero kernels, same outputs): {self.padded_macs:,} MACs, "
+                f"{reduction:.2f}x fewer."
             )
         if self.latency:
             lines.append(_latency_summary(self.latency))

@@ -79,24 +79,29 @@ def _layers(seed, n_layers):
         specs.append(LayerSpec(f"l{i}", rng.standard_normal((m, c, 2, 2)), 16))
         counts = tuple(sorted(rng.choice(np.arange(1, c * min(m, 4) + 1), 3, replace=False)))
         ms = tuple(np.sort(rng.uniform(0.1, 1.0, 3)))
+        multipliers = tuple(sorted(rng.choice([1, 2, 3], int(rng.integers(1, 3)), replace=False)))
         latencies[f"l{i}"] = LayerLatency(
             float(rng.uniform(0.5, 1.5)),
             counts,
             ms,
-            depthwise_ms=float(rng.uniform(0.05, 0.5)),
+            multipliers=multipliers,
+            grouped_ms=tuple(rng.uniform(0.05, 0.8, len(multipliers))),
         )
     return specs, latencies
 
 
 def _brute_force(specs, latencies, budget_ms):
-    """Least error over every combination of each layer's options (dense, depthwise, or
-    GDWS at every kernel count), computed from the spectra alone."""
+    """Least error over every combination of each layer's options (dense, grouped at each
+    timed multiplier, or GDWS at every kernel count), computed from the spectra alone."""
     per_layer = []
     for spec in specs:
         values = channel_singular_values(spec.weight) ** 2
         ordered = np.sort(values[values > 0])[::-1]
         lat = latencies[spec.name]
-        options = [(lat.dense_ms, 0.0), (lat.depthwise_ms, values.sum() - values[:, 0].sum())]
+        options = [(lat.dense_ms, 0.0)]
+        for m, ms in zip(lat.multipliers, lat.grouped_ms, strict=True):
+            top_m = sum(sum(sorted(channel, reverse=True)[:m]) for channel in values)
+            options.append((ms, float(values.sum() - top_m)))
         for g in range(lat.kernel_counts[0], min(lat.kernel_counts[-1], ordered.size) + 1):
             options.append((lat.gdws_at(g), float(ordered[g:].sum())))
         per_layer.append(options)
@@ -135,8 +140,13 @@ def test_the_latency_plan_is_least_error_within_the_budget(seed, n_layers, targe
             assert not layer.replaced and layer.error == 0
         else:
             assert layer.replaced and layer.error == pytest.approx(layer.estimator.error_)
-        if form == "depthwise":
-            assert int(np.max(layer.estimator.multipliers_)) == 1
+        if form.startswith("grouped"):
+            m = int(form.removeprefix("grouped x"))
+            assert layer.grouped_multiplier == m
+            assert int(np.max(layer.estimator.multipliers_)) <= m
+            assert layer.padded_n_kernels == layer.shape[1] * m
+        else:
+            assert layer.grouped_multiplier is None
 
 
 def test_an_unreachable_target_says_the_best_predicted_speedup():
@@ -145,6 +155,9 @@ def test_an_unreachable_target_says_the_best_predicted_speedup():
         plan_latency(specs, latencies, target_speedup=50.0, network_dense_ms=10.0)
     with pytest.raises(ValueError, match="no entry for layer"):
         plan_latency(specs, {}, target_speedup=1.5, network_dense_ms=10.0)
+    dense_sum = sum(lat.dense_ms for lat in latencies.values())
+    with pytest.raises(ValueError, match="not timed on the same device"):
+        plan_latency(specs, latencies, target_speedup=1.1, network_dense_ms=dense_sum * 0.9)
 
 
 def test_layer_latency_is_validated_and_interpolates():
@@ -154,3 +167,7 @@ def test_layer_latency_is_validated_and_interpolates():
         LayerLatency(1.0, (8, 4), (0.2, 0.4))
     with pytest.raises(ValueError, match="finite and > 0"):
         LayerLatency(float("nan"), (4,), (0.2,))
+    with pytest.raises(ValueError, match="multipliers and grouped_ms"):
+        LayerLatency(1.0, (4,), (0.2,), multipliers=(1, 2), grouped_ms=(0.1,))
+    with pytest.raises(ValueError, match="multipliers must be increasing"):
+        LayerLatency(1.0, (4,), (0.2,), multipliers=(2, 1), grouped_ms=(0.1, 0.2))

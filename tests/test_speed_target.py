@@ -16,7 +16,8 @@ from gdws_approx import LayerLatency
 from gdws_torch import GDWSConv2d, convert, replace_module
 from gdws_torch.cli import main
 from gdws_torch.latency import layer_input_shapes
-from gdws_torch.latency_tables import LatencyTable, kernel_grid, measure_layer
+from gdws_torch.latency_tables import LatencyTable, kernel_grid, measure_layer, multiplier_grid
+from gdws_torch.throughput import measure_throughput
 
 
 def small_net() -> nn.Module:
@@ -84,22 +85,48 @@ def test_a_table_times_each_layer_once_and_keys_by_machine_and_layer(tmp_path):
 
 
 def test_measure_layer_gives_positive_latencies_at_the_grid():
-    latency = measure_layer(nn.Conv2d(8, 8, 3), (8, 6, 6), kernel_counts=[8, 16], rounds=2)
+    latency = measure_layer(
+        nn.Conv2d(8, 8, 3), (8, 6, 6), kernel_counts=[8, 16], multipliers=[1, 3], rounds=2
+    )
     assert latency.kernel_counts == (8, 16) and latency.dense_ms > 0
-    assert latency.depthwise_ms > 0 and all(t > 0 for t in latency.gdws_ms)
+    assert latency.multipliers == (1, 3) and all(t > 0 for t in latency.grouped_ms)
+    assert all(t > 0 for t in latency.gdws_ms)
 
 
-def planned_table(path, model, input_size, backend="eager", batch_size=1):
-    """A table with made-up latencies where GDWS is 4x faster than dense at one kernel per
-    channel, so that a plan exists whatever this machine's speed (the plan is tested
-    against brute force elsewhere; here the conversion around it)."""
+def test_multiplier_grid_stops_at_the_rank_and_break_even():
+    # Break-even G * (9 + M) < M * C * 9, per channel: 7.9 for M = 64, 5.8 for M = 16.
+    assert multiplier_grid(nn.Conv2d(64, 64, 3)) == [1, 2, 3, 4, 6]
+    assert multiplier_grid(nn.Conv2d(4, 16, 3)) == [1, 2, 3, 4]
+    assert multiplier_grid(nn.Conv2d(8, 2, 3)) == [1]  # rank 2, break-even 1.6
+    assert multiplier_grid(nn.Conv2d(8, 64, (1, 2))) == [1]  # break-even 1.9
+
+
+def planned_table(
+    path,
+    model,
+    input_size,
+    backend="eager",
+    batch_size=1,
+    gdws_from=0.25,
+    grouped=(0.2, 0.22),
+):
+    """A table with made-up latencies where the convs take 80 % of the network's time
+    (timed here), GDWS is 4x faster than dense at one kernel per channel (``gdws_from``
+    of dense) and grouped at ``m = 1, 2`` takes ``grouped`` of dense, so that a plan
+    exists whatever this machine's speed (the plan is tested against brute force
+    elsewhere; here the conversion around it)."""
     table = LatencyTable(backend, batch_size, "cpu", path)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     shapes = layer_input_shapes(model, list(convs), input_size)
+    (row,) = measure_throughput(
+        {"dense": model}, input_size, backends=(backend,), batch_sizes=(batch_size,), rounds=3
+    )
+    dense_ms = 0.8 * row["latency_ms"] / len(convs)
     for name, conv in convs.items():
         grid = kernel_grid(conv)
-        ms = [0.25 * g / grid[0] for g in grid]
-        table.add(conv, shapes[name], LayerLatency(1.0, grid, ms, depthwise_ms=0.2))
+        ms = [dense_ms * gdws_from * g / grid[0] for g in grid]
+        forms = {"multipliers": (1, 2), "grouped_ms": tuple(dense_ms * t for t in grouped)}
+        table.add(conv, shapes[name], LayerLatency(dense_ms, grid, ms, **forms))
     table.save()
     return table
 
@@ -108,7 +135,8 @@ def test_convert_for_a_speedup_records_the_plan_and_the_measurement(tmp_path):
     net = small_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     table = tmp_path / "t.json"
-    planned_table(table, net, (3, 16, 16))
+    # GDWS slower than dense, grouped fast: every plan has a grouped layer.
+    planned_table(table, net, (3, 16, 16), gdws_from=1.05, grouped=(0.05, 0.06))
     converted, report = convert(
         net, target_speedup=1.1, input_size=(3, 16, 16), latency_table=table
     )
@@ -123,8 +151,9 @@ def test_convert_for_a_speedup_records_the_plan_and_the_measurement(tmp_path):
         assert layer.timings_ms["dense"] > 0
         module = dict(converted.named_modules())[layer.name]
         assert isinstance(module, GDWSConv2d) == layer.replaced
-        if record["forms"][layer.name] == "depthwise":
-            assert not module.gathers
+        if record["forms"][layer.name].startswith("grouped"):
+            assert not module.gathers and module.multiplier == layer.grouped_multiplier
+    assert any(form.startswith("grouped") for form in record["forms"].values())
     reference = copy.deepcopy(converted)  # every GDWS layer as its dense equivalent
     for name, module in list(reference.named_modules()):
         if isinstance(module, GDWSConv2d):

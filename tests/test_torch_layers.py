@@ -239,3 +239,63 @@ def test_channels_last_input_takes_the_nhwc_path_with_the_same_output(options):
         got = layer(nhwc)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     assert got.is_contiguous(memory_format=torch.channels_last)  # no copy back to NCHW
+
+
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: str(o))
+def test_uniform_layer_runs_grouped_without_gather_and_equals_the_dense_conv(options):
+    conv = make_conv(options, seed=3)
+    kh, kw = conv.kernel_size
+    # Unequal multipliers, kernels out of channel order: uniform() must sort and pad them.
+    channels = torch.tensor([5, 0, 3, 0, 2, 3, 3, 1, 4, 0, 5])
+    shuffled = GDWSConv2d.from_factors(
+        conv, torch.randn(11, kh, kw, dtype=torch.float64), channels, torch.randn(10, 11)
+    ).train(False)
+    assert shuffled.gathers and len(set(shuffled.multipliers.tolist())) > 1
+    uniform = shuffled.uniform()
+    m = int(shuffled.multipliers.max())
+    assert uniform.grouped and not uniform.gathers and uniform.multiplier == m
+    assert uniform.n_kernels == 6 * m
+    assert torch.equal(uniform.kernel_channels, torch.arange(6).repeat_interleave(m))
+    x = torch.randn(2, 6, 13, 11, dtype=torch.float64)
+    reference = conv._conv_forward(x, shuffled.dense_weight().detach(), conv.bias)
+    with torch.no_grad():
+        assert relative(uniform(x), reference) < 1e-10
+        torch.testing.assert_close(uniform.dense_weight(), shuffled.dense_weight())
+    assert uniform.uniform() is uniform and uniform.padded(4) is uniform
+    assert "grouped=True" in repr(uniform)
+
+
+def test_grouped_layer_round_trips_and_exports_to_onnx_without_gather():
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    conv = make_conv({"kernel_size": 3, "padding": 1}, dtype=torch.float32)
+    layer = gdws_of(conv).uniform().eval()
+    rebuilt = GDWSConv2d(**layer.config())
+    rebuilt.load_state_dict(layer.state_dict())
+    assert rebuilt.grouped and not rebuilt.gathers
+    x = torch.randn(2, 6, 12, 12)
+    torch.testing.assert_close(rebuilt(x), layer(x))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(layer, (x,), buffer, dynamo=False, input_names=["x"])
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    assert "Gather" not in {n.op_type for n in graph.node}
+    groups = [a.i for n in graph.node for a in n.attribute if a.name == "group"]
+    assert groups[0] == 6 and set(groups[1:]) <= {1}
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, layer(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    scripted = torch.jit.script(layer)
+    torch.testing.assert_close(scripted(x), layer(x))
+
+
+def test_grouped_needs_uniform_kernel_channels():
+    with pytest.raises(ValueError, match="grouped=True"):
+        GDWSConv2d(3, 4, 3, kernel_channels=[0, 0, 1, 2], grouped=True)
+    layer = GDWSConv2d(3, 4, 3, kernel_channels=[0, 0, 1, 1, 2, 2], grouped=True)
+    assert layer.multiplier == 2 and not layer.gathers
+    # Two kernels per channel without `grouped` still gather (often the faster form).
+    assert GDWSConv2d(3, 4, 3, kernel_channels=[0, 0, 1, 1, 2, 2]).gathers
+    assert not GDWSConv2d(3, 4, 3, kernel_channels=[0, 1, 2]).gathers

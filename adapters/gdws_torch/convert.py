@@ -279,9 +279,7 @@ def convert(
     for layer in plan.layers:
         if layer.replaced:
             originals[layer.name] = modules[layer.name]
-            built[layer.name] = GDWSConv2d.from_estimator(
-                layer.estimator, modules[layer.name], fused=fused
-            )
+            built[layer.name] = GDWSConv2d.from_plan(layer, modules[layer.name], fused=fused)
             replace_module(converted, layer.name, built[layer.name])
     if latency_aware:
         plan, slower = time_layers(

@@ -1,10 +1,12 @@
 """Per-layer latency tables: what each eligible layer costs, dense and as GDWS, where it runs.
 
 For a layer (its convolution and input shape), a backend, a device and a batch size, the
-table holds the latency of the dense convolution, of the ordinary depthwise-separable form
-(one kernel per channel, no channel gather) and of the GDWS form at a grid of kernel
-counts ``G``, from one kernel per channel up to the break-even count (where GDWS would
-need as many MACs as the dense conv), on multiples of the backend's preferred padding.
+table holds the latency of the dense convolution, of the GDWS form (channel gather,
+depthwise conv, ``1 x 1`` conv) at a grid of kernel counts ``G``, from one kernel per
+channel up to the break-even count (where GDWS would need as many MACs as the dense
+conv), on multiples of the backend's preferred padding, and of the grouped form (``m``
+kernels per channel, one grouped conv with ``groups=C``, no gather) at a grid of
+multipliers ``m`` (``m = 1``: the ordinary depthwise-separable layer).
 All forms of a layer are timed interleaved (:func:`gdws_torch.throughput.measure_throughput`,
 medians), with random weights: latency depends on the shapes, not the values.
 
@@ -41,9 +43,12 @@ __all__ = [
     "layer_description",
     "machine_description",
     "measure_layer",
+    "multiplier_grid",
 ]
 
 _FORMAT = "gdws-approx/latency-table"
+# Entries of another version (other forms timed) are never matched: they are re-timed.
+_VERSION = 2
 # Kernel counts timed per layer (the planner interpolates between them).
 GRID_POINTS = 8
 # The multiple each backend runs depthwise convs fastest at (ONNX Runtime pads G to 4).
@@ -121,6 +126,15 @@ def kernel_grid(conv: nn.Conv2d, multiple: int = 1, points: int = GRID_POINTS) -
     return sorted(g for g in grid if g <= max(top, _round_up(low, multiple)))
 
 
+def multiplier_grid(conv: nn.Conv2d) -> list[int]:
+    """Channel multipliers to time the grouped form at: 1, 2, 3, 4, 6, 8 up to the
+    largest that keeps fewer MACs than the dense conv and at most ``min(Kh*Kw, M)``
+    kernels per channel (the rank of a channel's kernels)."""
+    m, c, kh, kw = conv.weight.shape
+    top = min(kh * kw, m, max(1, cost.break_even_kernels(m, c, kh * kw) // c))
+    return [g for g in (1, 2, 3, 4, 6, 8) if g <= top]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
@@ -137,7 +151,7 @@ def _gdws_layer(conv: nn.Conv2d, n_kernels: int) -> GDWSConv2d:
     return _random_layer(conv, channels)
 
 
-def _random_layer(conv: nn.Conv2d, channels: torch.Tensor) -> GDWSConv2d:
+def _random_layer(conv: nn.Conv2d, channels: torch.Tensor, grouped: bool = False) -> GDWSConv2d:
     g = channels.numel()
     kh, kw = conv.kernel_size
     layer = GDWSConv2d.from_factors(
@@ -146,7 +160,7 @@ def _random_layer(conv: nn.Conv2d, channels: torch.Tensor) -> GDWSConv2d:
         channels,
         torch.randn(conv.out_channels, g, dtype=conv.weight.dtype),
     )
-    return layer.eval()
+    return (layer.uniform() if grouped else layer).eval()
 
 
 def measure_layer(
@@ -157,9 +171,10 @@ def measure_layer(
     batch_size: int = 1,
     device: Any = "cpu",
     kernel_counts: Sequence[int] | None = None,
+    multipliers: Sequence[int] | None = None,
     rounds: int = 9,
 ) -> LayerLatency:
-    """Time one layer dense, depthwise-separable and as GDWS at ``kernel_counts``.
+    """Time one layer dense, as GDWS at ``kernel_counts`` and grouped at ``multipliers``.
 
     Parameters
     ----------
@@ -171,6 +186,8 @@ def measure_layer(
         Where and how (:func:`gdws_torch.throughput.measure_throughput`).
     kernel_counts : sequence of int, optional
         Default :func:`kernel_grid` on the backend's preferred multiple.
+    multipliers : sequence of int, optional
+        Default :func:`multiplier_grid`; ``()`` times no grouped form.
     rounds : int, default=9
         Interleaved timing rounds (medians).
 
@@ -189,8 +206,13 @@ def measure_layer(
         padding_mode=conv.padding_mode,
     ).eval()
     counts = list(kernel_counts or kernel_grid(dense, PREFERRED_MULTIPLE.get(backend, 1)))
-    models = {"dense": dense, "depthwise": _random_layer(dense, torch.arange(dense.in_channels))}
+    grid = list(multiplier_grid(dense) if multipliers is None else multipliers)
+    channels = torch.arange(dense.in_channels)
+    models = {"dense": dense}
     models.update({f"gdws-{g}": _gdws_layer(dense, g) for g in counts})
+    models.update(
+        {f"grouped-{m}": _random_layer(dense, channels.repeat_interleave(m), True) for m in grid}
+    )
     rows = measure_throughput(
         models,
         input_shape,
@@ -204,7 +226,8 @@ def measure_layer(
         dense_ms=ms["dense"],
         kernel_counts=tuple(counts),
         gdws_ms=tuple(ms[f"gdws-{g}"] for g in counts),
-        depthwise_ms=ms["depthwise"],
+        multipliers=tuple(grid),
+        grouped_ms=tuple(ms[f"grouped-{m}"] for m in grid),
     )
 
 
@@ -260,7 +283,12 @@ class LatencyTable:
 
     def _key(self, layer: Mapping[str, Any]) -> str:
         text = json.dumps(
-            {"machine": self.machine, "batch_size": self.batch_size, "layer": dict(layer)},
+            {
+                "version": _VERSION,
+                "machine": self.machine,
+                "batch_size": self.batch_size,
+                "layer": dict(layer),
+            },
             sort_keys=True,
         )
         return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -275,7 +303,8 @@ class LatencyTable:
                 entry["dense_ms"],
                 tuple(entry["kernel_counts"]),
                 tuple(entry["gdws_ms"]),
-                entry.get("depthwise_ms"),
+                tuple(entry["multipliers"]),
+                tuple(entry["grouped_ms"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -312,9 +341,10 @@ class LatencyTable:
             "batch_size": self.batch_size,
             "layer": layer,
             "dense_ms": latency.dense_ms,
-            "depthwise_ms": latency.depthwise_ms,
             "kernel_counts": list(latency.kernel_counts),
             "gdws_ms": list(latency.gdws_ms),
+            "multipliers": list(latency.multipliers),
+            "grouped_ms": list(latency.grouped_ms),
         }
 
     def layers(
@@ -343,7 +373,7 @@ class LatencyTable:
             raise ValueError("this latency table has no path: give one to save it.")
         entries = dict(self._read(target)) if target.exists() else {}
         entries.update(self._entries)
-        write_json_atomic(target, {"format": _FORMAT, "version": 1, "entries": entries})
+        write_json_atomic(target, {"format": _FORMAT, "version": _VERSION, "entries": entries})
         return target
 
     def __len__(self) -> int:

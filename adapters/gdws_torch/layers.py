@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from gdws_approx import GDWSApproximator, cost
+from gdws_approx import GDWSApproximator, LayerPlan, cost, uniform_multiplier
 
 __all__ = ["GDWSConv2d"]
 
@@ -51,15 +51,17 @@ class GDWSConv2d(nn.Module):
     Attributes
     ----------
     depthwise : torch.nn.Conv2d
-        ``G -> G`` channels, ``groups=G``: weight of shape ``(G, 1, Kh, Kw)``.
+        ``G -> G`` channels, ``groups=G``: weight of shape ``(G, 1, Kh, Kw)``. Without a
+        gather its weight is applied as ``C -> G`` channels, ``groups=C`` (the same
+        weight).
     pointwise : torch.nn.Conv2d
         ``G -> M`` channels, ``1 x 1``: weight of shape ``(M, G, 1, 1)``, the bias.
     kernel_channels : torch.LongTensor of shape (G,)
         Buffer: input channel of each depthwise kernel.
     gathers : bool
-        Whether the forward pass gathers input channels; ``False`` when every channel
-        has exactly one kernel, in channel order (an ordinary depthwise-separable layer,
-        which runs without the gather).
+        Whether the forward pass gathers input channels: ``False`` for a ``grouped``
+        layer and when every channel has exactly one kernel, in channel order (an
+        ordinary depthwise-separable layer).
 
     Examples
     --------
@@ -73,6 +75,8 @@ class GDWSConv2d(nn.Module):
     torch.Size([1, 32, 8, 8])
     """
 
+    __jit_unused_properties__ = ("multiplier",)  # array-API code TorchScript cannot compile
+
     def __init__(
         self,
         in_channels: int,
@@ -85,6 +89,7 @@ class GDWSConv2d(nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         fused: bool = False,
+        grouped: bool = False,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -109,6 +114,13 @@ class GDWSConv2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.fused = fused
+        self.grouped = bool(grouped)
+        if self.grouped and uniform_multiplier(kernel_channels, in_channels) is None:
+            raise ValueError(
+                "grouped=True needs the same number of kernels for every channel, in channel "
+                f"order; got kernel_channels {kernel_channels.tolist()[:12]}... for "
+                f"in_channels={in_channels} (GDWSConv2d.uniform() pads a layer so)."
+            )
         self.depthwise = nn.Conv2d(
             n_kernels,
             n_kernels,
@@ -234,6 +246,25 @@ class GDWSConv2d(nn.Module):
             fused=fused,
         )
 
+    @classmethod
+    def from_plan(cls, layer: LayerPlan, conv: nn.Conv2d, fused: bool = False) -> GDWSConv2d:
+        """The GDWS layer a :class:`~gdws_approx.LayerPlan` planned for ``conv``, in the
+        planned form (:meth:`uniform` for a layer planned grouped).
+
+        Parameters
+        ----------
+        layer : gdws_approx.LayerPlan
+        conv : torch.nn.Conv2d
+            The convolution replaced; see :meth:`from_factors`.
+        fused : bool, default=False
+
+        Returns
+        -------
+        GDWSConv2d
+        """
+        built = cls.from_estimator(layer.estimator, conv, fused=fused)
+        return built if layer.grouped_multiplier is None else built.uniform()
+
     # -- behaviour ----------------------------------------------------------------------
 
     @property
@@ -276,20 +307,26 @@ class GDWSConv2d(nn.Module):
         dense = dense.index_add(1, self.kernel_channels, pointwise * depthwise)
         return dense.reshape(self.out_channels, self.in_channels, kh, kw)
 
+    @property
+    def multiplier(self) -> int | None:
+        """``m`` when every channel has ``m`` kernels in channel order (no gather), else
+        ``None``."""
+        return uniform_multiplier(self.kernel_channels, self.in_channels)
+
     def _note_gather(self) -> None:
-        # One kernel per channel, in channel order (ordinary depthwise-separable): the
-        # gather is the identity, and skipping it saves a copy of the input.
-        channels = self.kernel_channels
-        self.gathers = not (
-            channels.numel() == self.in_channels
-            and bool((channels == torch.arange(self.in_channels, device=channels.device)).all())
-        )
+        # One kernel per channel in order: the gather is the identity, and skipping it
+        # saves a copy. With more kernels per channel the grouped conv is often slower
+        # than the gather (ONNX Runtime, torch at batch 32), so only `grouped` skips it.
+        multiplier = self.multiplier
+        if self.grouped and multiplier is None:
+            raise ValueError("a grouped GDWSConv2d needs uniform kernel_channels in order.")
+        self.gathers = not (self.grouped or multiplier == 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self._dense_forward(x)
         if not self.gathers:
-            return self.pointwise(self.depthwise(x))
+            return self.pointwise(self._conv(x, self.depthwise.weight, None, self.in_channels))
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             # NHWC: gather along the contiguous channel axis of a (N*H*W, C) view, which
             # stays channels-last for the convs (no layout copies). Measured on
@@ -302,12 +339,17 @@ class GDWSConv2d(nn.Module):
         return self.pointwise(self.depthwise(x.index_select(1, self.kernel_channels)))
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.dense_weight(), self.pointwise.bias, 1)
+
+    def _conv(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        """``x`` convolved with the depthwise conv's geometry and padding mode."""
         dw = self.depthwise
-        weight = self.dense_weight()
         if dw.padding_mode != "zeros":
             x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
-            return F.conv2d(x, weight, self.pointwise.bias, dw.stride, 0, dw.dilation)
-        return F.conv2d(x, weight, self.pointwise.bias, dw.stride, dw.padding, dw.dilation)
+            return F.conv2d(x, weight, bias, dw.stride, 0, dw.dilation, groups)
+        return F.conv2d(x, weight, bias, dw.stride, dw.padding, dw.dilation, groups)
 
     def padded(self, multiple: int) -> GDWSConv2d:
         """An equal layer whose ``G`` is a multiple of ``multiple`` (zero kernels added).
@@ -315,14 +357,48 @@ class GDWSConv2d(nn.Module):
         The extra depthwise kernels are zero, read the last kernel's channel and have zero
         pointwise weights, so the output is unchanged; some backends run a depthwise conv
         whose channel count is a multiple of 4 much faster (ONNX Runtime's CPU
-        convolutions: 2.2 to 2.4x). Returns ``self`` when nothing needs adding.
+        convolutions: 2.2 to 2.4x). Returns ``self`` when nothing needs adding, and for a
+        layer without a gather (:attr:`gathers`), which padding would give one.
         """
         multiple = cost.check_kernel_multiple(multiple, "multiple")
         extra = -self.n_kernels % multiple
-        if extra == 0:
+        if extra == 0 or not self.gathers:
             return self
-        dw, pw = self.depthwise, self.pointwise
         channels = torch.cat([self.kernel_channels, self.kernel_channels[-1:].repeat(extra)])
+        source = torch.cat([torch.arange(self.n_kernels), torch.full((extra,), -1)])
+        return self._with_kernels(channels, source)
+
+    def uniform(self) -> GDWSConv2d:
+        """An equal ``grouped`` layer (no gather): every channel padded with zero kernels
+        to the largest multiplier ``m``, kernels in channel order.
+
+        It runs the depthwise stage as one grouped conv (``groups=C``, ``C*m`` outputs),
+        with ``C*m - G`` more kernels than this layer; whether that is faster than the
+        gather depends on the backend and the layer (the latency tables measure both).
+        Returns ``self`` when the layer already has no gather.
+        """
+        if not self.gathers:
+            return self
+        counts = self.multipliers
+        m = int(counts.max())
+        channels = torch.arange(self.in_channels, device=counts.device).repeat_interleave(m)
+        # Kernels of each channel first, in their order, then that channel's zero slots.
+        order = torch.argsort(self.kernel_channels, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(channels.numel(), device=counts.device) % m
+        source = torch.where(
+            slot < counts[channels],
+            order[(first[channels] + slot).clamp(max=self.n_kernels - 1)],
+            torch.full_like(slot, -1),
+        )
+        return self._with_kernels(channels, source, grouped=True)
+
+    def _with_kernels(
+        self, channels: torch.Tensor, source: torch.Tensor, grouped: bool = False
+    ) -> GDWSConv2d:
+        """This layer with kernel ``j`` reading ``channels[j]`` and holding this layer's
+        kernel ``source[j]`` (``-1``: a zero kernel)."""
+        dw, pw = self.depthwise, self.pointwise
         layer = GDWSConv2d(
             self.in_channels,
             self.out_channels,
@@ -334,14 +410,17 @@ class GDWSConv2d(nn.Module):
             bias=pw.bias is not None,
             padding_mode=dw.padding_mode,
             fused=self.fused,
+            grouped=grouped,
             device=dw.weight.device,
             dtype=dw.weight.dtype,
         )
+        source = source.to(self.kernel_channels.device)
+        kept = torch.nonzero(source >= 0).flatten()
         with torch.no_grad():
             layer.depthwise.weight.zero_()
-            layer.depthwise.weight[: self.n_kernels] = dw.weight
+            layer.depthwise.weight[kept] = dw.weight[source[kept]]
             layer.pointwise.weight.zero_()
-            layer.pointwise.weight[:, : self.n_kernels] = pw.weight
+            layer.pointwise.weight[:, kept] = pw.weight[:, source[kept]]
             if pw.bias is not None:
                 layer.pointwise.bias.copy_(pw.bias)
         layer.train(self.training)
@@ -384,6 +463,7 @@ class GDWSConv2d(nn.Module):
             "bias": self.bias is not None,
             "padding_mode": dw.padding_mode,
             "fused": bool(self.fused),
+            "grouped": self.grouped,
         }
 
     def extra_repr(self) -> str:
@@ -404,6 +484,8 @@ class GDWSConv2d(nn.Module):
         reduction = cost.mac_reduction(self.dense_macs, self.gdws_macs)
         parts.append(f"mac_reduction={reduction:.2f}x")
         parts.append(f"fused={self.fused}")
+        if self.grouped:
+            parts.append("grouped=True")
         return ", ".join(parts)
 
 

@@ -1,6 +1,7 @@
 """Conversion for a measured speed-up: plan from latency tables, build, time, re-plan.
 
-1. Every eligible layer's latencies (dense, depthwise-separable, GDWS at a grid of ``G``)
+1. Every eligible layer's latencies (dense, GDWS at a grid of ``G``, grouped at a grid of
+   channel multipliers ``m``)
    come from a :class:`~gdws_torch.latency_tables.LatencyTable` (cached, or timed now) on
    the backend, device and batch size the model will run on; the dense network is timed
    whole.
@@ -180,6 +181,6 @@ def _build(
     for layer in plan.layers:
         if layer.replaced:
             originals[layer.name] = modules[layer.name]
-            built = GDWSConv2d.from_estimator(layer.estimator, modules[layer.name], fused=fused)
+            built = GDWSConv2d.from_plan(layer, modules[layer.name], fused=fused)
             replace_module(converted, layer.name, built)
     return converted, originals

@@ -21,8 +21,8 @@ COLUMNS = [
     ("shape", "shape"),
     ("input", "input"),
     ("dense", "dense ms"),
-    ("depthwise", "1/channel ms"),
     ("curve", "GDWS ms at G"),
+    ("grouped", "grouped ms at m"),
     ("best", "best x"),
 ]
 
@@ -89,18 +89,15 @@ def run(args: argparse.Namespace) -> int:
     latencies = table.layers(convs, shapes, rounds=args.rounds, progress=not args.no_progress)
     rows = []
     for name, latency in latencies.items():
-        fastest = min((*latency.gdws_ms, latency.depthwise_ms))
+        fastest = min((*latency.gdws_ms, *latency.grouped_ms))
         rows.append(
             {
                 "layer": name,
                 "shape": "x".join(map(str, convs[name].weight.shape)),
                 "input": "x".join(map(str, shapes[name])),
                 "dense": f"{latency.dense_ms:.4g}",
-                "depthwise": f"{latency.depthwise_ms:.4g}",
-                "curve": " ".join(
-                    f"{g}:{ms:.3g}"
-                    for g, ms in zip(latency.kernel_counts, latency.gdws_ms, strict=True)
-                ),
+                "curve": _curve(latency.kernel_counts, latency.gdws_ms),
+                "grouped": _curve(latency.multipliers, latency.grouped_ms),
                 "best": f"{latency.dense_ms / fastest:.2f}",
             }
         )
@@ -117,3 +114,7 @@ def run(args: argparse.Namespace) -> int:
         f"{'wrote' if len(table) != before or timed else 'unchanged:'} {out}"
     )
     return 0
+
+
+def _curve(points, times) -> str:
+    return " ".join(f"{p}:{ms:.3g}" for p, ms in zip(points, times, strict=True))
