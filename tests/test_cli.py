@@ -242,6 +242,8 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
             "no file at",
         ),
         (["demo", "--targets", "0.5"], "must be > 1"),
+        (["demo", "--speed-target", "1"], "must be > 1"),
+        (["demo", "--recipes", "magic"], "--recipes: unknown"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--beta", "0.1"], "--apply-gdws"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--weighting", "data"], "--apply"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--device", "tpu"], "--device"),
@@ -309,10 +311,31 @@ def test_demo_quick_writes_tables_json_and_plot(tmp_path, capsys):
     assert {r["weighting"] for r in results["sweep"]} == {
         "unit",
         "noise gains",
-        "unit + BN",
-        "unit + refit + BN",
         "data, global + joint refit + BN",
     }
+    # The headline: built for 1.05x the dense speed on the backend whose plan reached it
+    # at the least error; every model timed there.
+    speed, choice = results["speed"], results["backend_choice"]
+    assert (
+        speed["target_speedup"] == 1.05 and speed["latency_plan"]["backend"] == results["backend"]
+    )
+    assert [c["backend"] for c in choice if c["chosen"]] == [results["backend"]]
+    planned = [c for c in choice if "error" in c]
+    reached = [c for c in planned if c["reached"]]
+    if reached:
+        assert min(c["error"] for c in reached) == next(c for c in choice if c["chosen"])["error"]
+    assert speed["conv_macs"] < dense["conv_macs"] and speed["fps"] > 0
+    # The plan: the fastest candidate within 1 point of dense on the validation digits.
+    built = results["headline_candidates"]
+    (chosen,) = [c for c in built if c["chosen"]]
+    floor = results["dense_validation_robust"] - 1
+    holding = [c for c in built if c["validation_robust"] >= floor]
+    if holding:
+        assert chosen["realised_speedup"] == max(c["realised_speedup"] for c in holding)
+    else:
+        assert chosen["validation_robust"] == max(c["validation_robust"] for c in built)
+    assert "Headline plan:" in printed
+    assert f"Batch-1 FPS on {results['backend']}" in printed and "(chosen)" in printed
     for row in results["sweep"]:
         assert dense["conv_macs"] / row["conv_macs"] >= row["target"]
         assert row["fps"] > 0 and 0 <= row["robust"] <= row["natural"] <= 100

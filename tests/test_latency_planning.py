@@ -155,9 +155,7 @@ def test_an_unreachable_target_says_the_best_predicted_speedup():
         plan_latency(specs, latencies, target_speedup=50.0, network_dense_ms=10.0)
     with pytest.raises(ValueError, match="no entry for layer"):
         plan_latency(specs, {}, target_speedup=1.5, network_dense_ms=10.0)
-    dense_sum = sum(lat.dense_ms for lat in latencies.values())
-    with pytest.raises(ValueError, match="not timed on the same device"):
-        plan_latency(specs, latencies, target_speedup=1.1, network_dense_ms=dense_sum * 0.9)
+
 
 
 def test_layer_latency_is_validated_and_interpolates():
