@@ -157,7 +157,6 @@ def test_an_unreachable_target_says_the_best_predicted_speedup():
         plan_latency(specs, {}, target_speedup=1.5, network_dense_ms=10.0)
 
 
-
 def test_layer_latency_is_validated_and_interpolates():
     lat = LayerLatency(1.0, (4, 8), (0.2, 0.4))
     assert lat.gdws_at(6) == pytest.approx(0.3) and lat.gdws_at(2) == pytest.approx(0.2)

@@ -219,3 +219,19 @@ def test_sweep_adds_rows_converted_for_a_speedup(tmp_path, capsys):
     (latency,) = [r for r in rows if r["allocation"] == "latency"]
     assert latency["mac_reduction"] > 1 and 0 <= latency["robust"] <= 100
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_the_next_plan_interpolates_between_attempts_on_either_side_of_the_target():
+    from gdws_torch.speed_target import _next_plan
+
+    def attempt(planned, measured):
+        return {"planned_target": planned, "measured_speedup": measured}
+
+    # Only misses below: scale by how far off (1.5 planned gave 1.2: plan 1.5 * 1.5 / 1.2).
+    assert _next_plan([attempt(1.5, 1.2)], 1.5) == pytest.approx(1.875)
+    # One below, one above: the planned target where the line between them meets 1.5.
+    history = [attempt(1.5, 1.36), attempt(1.65, 1.64)]
+    assert _next_plan(history, 1.5) == pytest.approx(1.575)
+    # The closest attempt on each side is used.
+    history += [attempt(1.2, 1.1), attempt(2.0, 1.9)]
+    assert _next_plan(history, 1.5) == pytest.approx(1.575)

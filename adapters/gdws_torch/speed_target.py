@@ -9,8 +9,10 @@
    whose predicted latency is ``dense / target_speedup``.
 3. The converted network is timed against the dense one (interleaved, medians). If the
    measured speed-up misses the target by more than ``tolerance`` (too slow, or so much
-   faster that error was spent for nothing), the planned target is scaled by the
-   measured ratio and the plan made again, at most ``attempts`` times in all. The result
+   faster that error was spent for nothing), the plan is made again for a planned target
+   between the attempts measured on either side of the target (linear interpolation), or
+   the last planned target scaled by the measured ratio while all attempts lie on one
+   side, at most ``attempts`` times in all. The result
    is the attempt of least error among those that reached the target (the fastest if
    none did); the plan records what was predicted and measured at every attempt.
 """
@@ -133,9 +135,9 @@ def convert_for_speedup(
         ratio = measured["speedup"] / target_speedup
         if abs(ratio - 1) <= tolerance:
             break
-        # Missed (or overshot, spending error for nothing): plan for the measured ratio.
-        again = min(planned / ratio, plan.latency["best_predicted_speedup"])
-        if again <= 1 or abs(again - planned) <= 1e-6 * planned:
+        # Missed (or overshot, spending error for nothing): plan again.
+        again = min(_next_plan(history, target_speedup), plan.latency["best_predicted_speedup"])
+        if again <= 1 or any(abs(again - h["planned_target"]) <= 1e-3 * again for h in history):
             break
         planned = again
     # The least error among the attempts that reached the target, else the fastest.
@@ -170,6 +172,22 @@ def convert_for_speedup(
     if fused or inplace:
         converted, originals = _build(model, plan, fused=fused, inplace=inplace)
     return converted, plan, originals
+
+
+def _next_plan(history: list[dict], target: float) -> float:
+    """The planned target to try next: between the closest attempts on either side of the
+    target, linearly (measured against planned speed-up); with none on one side, the last
+    plan scaled by how far its measurement was off."""
+    below = [h for h in history if h["measured_speedup"] < target]
+    above = [h for h in history if h["measured_speedup"] >= target]
+    if below and above:
+        low = max(below, key=lambda h: h["measured_speedup"])
+        high = min(above, key=lambda h: h["measured_speedup"])
+        span = high["measured_speedup"] - low["measured_speedup"]
+        share = (target - low["measured_speedup"]) / span if span > 0 else 0.5
+        return low["planned_target"] + share * (high["planned_target"] - low["planned_target"])
+    last = history[-1]
+    return last["planned_target"] * target / last["measured_speedup"]
 
 
 def _build(
