@@ -402,3 +402,25 @@ def test_measure_throughput_on_cuda_synchronises_and_reports_the_device():
     )
     assert {r["device"] for r in rows} == {"cuda"} and all(r["fps"] > 0 for r in rows)
     assert next(model.parameters()).device.type == "cpu"  # the caller's model is not moved
+
+
+def test_tensorrt_runs_only_where_a_gpu_and_its_provider_are():
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from gdws_torch.throughput import available_backends, make_runner, measure_throughput
+
+    assert "tensorrt" not in available_backends("cpu")
+    with pytest.raises(ValueError, match="tensorrt backend needs a CUDA device"):
+        make_runner(small_cnn(), "tensorrt", (3, 8, 8), device="cpu")
+    has_trt = "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
+    if not (torch.cuda.is_available() and has_trt):
+        pytest.skip("no CUDA GPU with ONNX Runtime's TensorRT execution provider here")
+    assert "tensorrt" in available_backends("cuda")
+    rows = measure_throughput(
+        {"cnn": small_cnn().cuda().eval()},
+        (3, 8, 8),
+        backends=("tensorrt",),
+        batch_sizes=(1,),
+        rounds=2,
+        device="cuda",
+    )
+    assert rows[0]["fps"] > 0 and rows[0]["device"].startswith("cuda")

@@ -52,7 +52,13 @@ _VERSION = 2
 # Kernel counts timed per layer (the planner interpolates between them).
 GRID_POINTS = 8
 # The multiple each backend runs depthwise convs fastest at (ONNX Runtime pads G to 4).
-PREFERRED_MULTIPLE = {"eager": 1, "channels_last": 1, "onnxruntime": 4, "openvino": 4}
+PREFERRED_MULTIPLE = {
+    "eager": 1,
+    "channels_last": 1,
+    "onnxruntime": 4,
+    "openvino": 4,
+    "tensorrt": 4,
+}
 
 
 def default_cache() -> Path:
@@ -74,10 +80,11 @@ def _processor() -> str:
 
 
 def _backend_version(backend: str) -> str:
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "tensorrt"):
         import onnxruntime
 
-        return f"onnxruntime {onnxruntime.__version__}"
+        provider = " (TensorRT execution provider)" if backend == "tensorrt" else ""
+        return f"onnxruntime {onnxruntime.__version__}{provider}"
     if backend == "openvino":
         import openvino
 

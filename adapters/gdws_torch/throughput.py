@@ -31,7 +31,7 @@ from torch import nn
 
 __all__ = ["BACKENDS", "available_backends", "make_runner", "measure_fps", "measure_throughput"]
 
-BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino")
+BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino", "tensorrt")
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -53,15 +53,20 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 def available_backends(device: Any = "cpu") -> tuple[str, ...]:
     """The backends of :data:`BACKENDS` that can run here.
 
-    ONNX Runtime if installed; OpenVINO if installed and ``device`` is the CPU.
+    ONNX Runtime if installed; OpenVINO if installed and ``device`` is the CPU; TensorRT
+    (ONNX Runtime's TensorRT execution provider) if ``device`` is a CUDA GPU and the
+    installed ONNX Runtime has that provider (``onnxruntime-gpu`` with TensorRT).
     """
     out = ["eager", "channels_last"]
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError:
         pass
     else:
         out.append("onnxruntime")
+        providers = onnxruntime.get_available_providers()
+        if torch.device(device).type == "cuda" and "TensorrtExecutionProvider" in providers:
+            out.append("tensorrt")
     if torch.device(device).type == "cpu":
         try:
             import openvino  # noqa: F401
@@ -92,7 +97,9 @@ def _onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], device: torch.de
     return buffer.getvalue()
 
 
-def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.device):
+def _onnx_session(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, tensorrt: bool = False
+):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -104,6 +111,10 @@ def _onnx_session(model: nn.Module, input_shape: tuple[int, ...], device: torch.
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    if tensorrt:
+        # FP32 as the other backends compute; an engine per input shape is built at the
+        # first run (the untimed warm-up calls), cached in memory for the session.
+        providers.insert(0, ("TensorrtExecutionProvider", {"trt_fp16_enable": False}))
     return ort.InferenceSession(
         _onnx_bytes(model, input_shape, device), options, providers=providers
     )
@@ -156,11 +167,17 @@ def make_runner(
 
         # Padded as for ONNX Runtime: the outputs are the same.
         return _openvino_runner(pad_kernels(copy.deepcopy(model).eval(), 4), shape)
-    if backend == "onnxruntime":
+    if backend == "tensorrt" and backend not in available_backends(device):
+        raise ValueError(
+            f"the tensorrt backend needs a CUDA device and onnxruntime-gpu with the TensorRT "
+            f"execution provider; got device {device}."
+        )
+    if backend in ("onnxruntime", "tensorrt"):
         from gdws_torch.module_tree import pad_kernels
 
         # G a multiple of 4: ONNX Runtime's CPU convolutions run 2.2-2.4x faster so.
-        session = _onnx_session(pad_kernels(copy.deepcopy(model).eval(), 4), shape, device)
+        padded = pad_kernels(copy.deepcopy(model).eval(), 4)
+        session = _onnx_session(padded, shape, device, tensorrt=backend == "tensorrt")
 
         def onnx_runner(batch_size: int) -> Callable[[], Any]:
             x = torch.rand((batch_size, *shape)).numpy()
