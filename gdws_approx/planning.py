@@ -202,6 +202,9 @@ class NetworkPlan:
         For a plan made for a speed-up (:func:`gdws_approx.plan_latency`): the target,
         the dense and predicted network latencies (ms), each layer's form, and what the
         adapter records (backend, device, batch size, the measured speed-up).
+    recipe : dict or None, default=None
+        The settings of the recipe an adapter ran around the plan (weighting,
+        allocation, recovery; ``gdws_torch.compress``), for the report.
     """
 
     layers: list[LayerPlan]
@@ -211,6 +214,7 @@ class NetworkPlan:
     other_macs: int
     kernel_multiple: int = 1
     latency: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
     dense_macs: int = field(init=False)
     macs: int = field(init=False)
 
@@ -265,6 +269,7 @@ class NetworkPlan:
                 cost.mac_reduction(self.dense_macs, self.padded_macs)
             ),
             "latency": self.latency,
+            "recipe": self.recipe,
         }
 
     def format_table(self) -> str:
@@ -347,10 +352,19 @@ class NetworkPlan:
             )
         if self.latency:
             lines.append(_latency_summary(self.latency))
+        if self.recipe:
+            lines.append(_recipe_summary(self.recipe))
         return "\n".join(line.rstrip() for line in lines)
 
     def __str__(self) -> str:
         return self.format_table()
+
+
+def _recipe_summary(recipe: Mapping[str, Any]) -> str:
+    settings = ", ".join(
+        f"{key} {value}" for key, value in recipe.items() if key not in ("name", "description")
+    )
+    return f"recipe {recipe.get('name')!r}: {settings}"
 
 
 def _latency_summary(latency: Mapping[str, Any]) -> str:

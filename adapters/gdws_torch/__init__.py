@@ -1,6 +1,7 @@
 """gdws_torch: the PyTorch adapter of gdws-approx.
 
-GDWS layers, whole-model conversion, MAC counting, noise gains and checkpoint files.
+GDWS layers, whole-model conversion (:func:`compress` runs a whole recipe), MAC
+counting, noise gains and checkpoint files.
 """
 
 from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
@@ -19,6 +20,7 @@ from gdws_torch.evaluate import evaluate
 from gdws_torch.layers import GDWSConv2d
 from gdws_torch.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
+from gdws_torch.recipes import RECIPES, Recipe, RecipeInputs, compress, get_recipe, recipe_inputs
 from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
 from gdws_torch.weightings import weighting
 
@@ -26,14 +28,19 @@ __all__ = [
     "PGD",
     "PGDL1",
     "PGDL2",
+    "RECIPES",
     "Attack",
     "GDWSConv2d",
     "LayerMacs",
     "MacCount",
+    "Recipe",
+    "RecipeInputs",
+    "compress",
     "convert",
     "count_macs",
     "eligible_convs",
     "evaluate",
+    "get_recipe",
     "is_approximable",
     "load_alphas",
     "load_checkpoint",
@@ -43,6 +50,7 @@ __all__ = [
     "pad_kernels",
     "plan_noise_gain_forms",
     "recalibrate_batchnorm",
+    "recipe_inputs",
     "reference_noise_gains",
     "refit_pointwise",
     "replace_module",

@@ -1,0 +1,391 @@
+"""Recipes: named, immutable conversion settings, and :func:`compress`, which runs one.
+
+A recipe says how the error of each GDWS layer is weighted, how a MAC budget is shared
+between layers, and which training-free recovery follows the conversion. The budget
+(a MAC target, a measured speed-up, a LEGO ``beta``) and the threat model stay the
+caller's. :func:`compress` runs the whole recipe on a model and a loader of training
+data, crafting the adversarial calibration inputs itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gdws_approx import NetworkPlan
+
+__all__ = ["RECIPES", "Recipe", "RecipeInputs", "compress", "get_recipe", "recipe_inputs"]
+
+_WEIGHTINGS = ("unit", "noise_gains", "output", "data", "output+data")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is compressed, besides the budget: copy one with :meth:`replace`.
+
+    Parameters
+    ----------
+    name : str
+    weighting : {"unit", "noise_gains", "output", "data", "output+data"}, default="unit"
+        The per-layer error weighting (:func:`gdws_torch.weightings.weighting`).
+    weighting_samples : int, default=256
+        Training inputs the data-driven weightings average over.
+    allocation : {"common_beta", "global"}, default="common_beta"
+        How a ``target_mac_reduction`` is shared between layers
+        (:func:`gdws_approx.plan_network`); other budgets ignore it.
+    refit_samples : int, default=0
+        Calibration inputs the GDWS factors are re-solved on by least squares to match
+        the dense network (:func:`gdws_torch.recovery.refit_gdws`); 0: no refit.
+    refit_depthwise : bool, default=True
+        Re-solve the depthwise kernels too (alternating least squares), not only the
+        pointwise weights.
+    refit_iterations : int, default=3
+        Alternations of the depthwise refit.
+    refit_adversarial : bool, default=True
+        Calibrate on PGD inputs crafted against the dense model (the threat model's
+        ``epsilon``), not on the natural ones.
+    recalibrate_samples : int, default=0
+        Natural training inputs the BatchNorm statistics are re-estimated on, after the
+        refit (:func:`gdws_torch.recalibrate_batchnorm`); 0: none.
+    description : str, default=""
+    """
+
+    name: str
+    weighting: str = "unit"
+    weighting_samples: int = 256
+    allocation: str = "common_beta"
+    refit_samples: int = 0
+    refit_depthwise: bool = True
+    refit_iterations: int = 3
+    refit_adversarial: bool = True
+    recalibrate_samples: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty string; got {self.name!r}.")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {_WEIGHTINGS}; got {self.weighting!r}.")
+        if self.allocation not in ("common_beta", "global"):
+            raise ValueError(
+                f"allocation must be 'common_beta' or 'global'; got {self.allocation!r}."
+            )
+        counts = ("weighting_samples", "refit_samples", "refit_iterations", "recalibrate_samples")
+        for field in counts:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{field} must be an integer; got {value!r}.")
+            if value < (1 if field == "weighting_samples" else 0):
+                raise ValueError(
+                    f"{field} must be >= {int(field == 'weighting_samples')}; got {value}."
+                )
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the recipe reads training data (weighting or recovery)."""
+        return self.weighting not in ("unit", "output") or bool(
+            self.refit_samples or self.recalibrate_samples
+        )
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` (e.g. ``RECIPES["robust"].replace(refit_samples=500)``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, JSON-ready."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line: what the recipe does."""
+        parts = [f"{self.weighting} weighting"]
+        if self.allocation == "global":
+            parts.append("global MAC allocation")
+        if self.refit_samples:
+            what = "joint" if self.refit_depthwise else "pointwise"
+            kind = "PGD" if self.refit_adversarial else "natural"
+            parts.append(f"{what} refit on {self.refit_samples} {kind} inputs")
+        if self.recalibrate_samples:
+            parts.append(f"BatchNorm re-estimated on {self.recalibrate_samples} inputs")
+        if not (self.refit_samples or self.recalibrate_samples):
+            parts.append("no recovery")
+        return f"recipe {self.name!r}: " + ", ".join(parts)
+
+
+RECIPES: dict[str, Recipe] = {
+    "robust": Recipe(
+        "robust",
+        weighting="data",
+        allocation="global",
+        refit_samples=1000,
+        refit_depthwise=True,
+        refit_iterations=3,
+        refit_adversarial=True,
+        recalibrate_samples=1000,
+        description="the best measured recipe for robust accuracy: the input-patch data "
+        "weighting, the global MAC allocation, the joint refit of depthwise kernels and "
+        "pointwise weights on PGD inputs, then BatchNorm re-estimated on natural inputs",
+    ),
+    "original": Recipe(
+        "original",
+        weighting="noise_gains",
+        weighting_samples=512,
+        description="the original work: LEGO with noise-gain alphas from PGD inputs, a "
+        "common beta, no recovery",
+    ),
+    "unit": Recipe(
+        "unit",
+        description="LEGO with unit alphas and a common beta, no recovery: needs no data",
+    ),
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """The :class:`Recipe` of a name from :data:`RECIPES`, or ``recipe`` itself."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a name or a Recipe; got {type(recipe).__name__}.")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a Recipe; got {recipe!r}.")
+    return RECIPES[recipe]
+
+
+@dataclass(frozen=True)
+class RecipeInputs:
+    """What a recipe computes from the dense model and the data before converting: the
+    error weights and the calibration inputs. Independent of the budget, so one
+    :func:`recipe_inputs` serves every :func:`compress` call on the same model and data
+    (a sweep over targets computes them once).
+
+    Attributes
+    ----------
+    recipe : Recipe
+    weights : dict
+        ``convert`` keyword arguments of the weighting (``alphas``, ``output_weights``,
+        ``input_transforms``); empty for unit weights.
+    calibration : list of (inputs, labels) or None
+        The refit's calibration batches (PGD-perturbed when the recipe asks).
+    recalibration : iterable or None
+        The data the BatchNorm statistics are re-estimated on.
+    attack : dict
+        The calibration attack: ``norm``, ``eps``, ``alpha``, ``steps``, ``seed``.
+    """
+
+    recipe: Recipe
+    weights: dict
+    calibration: list | None
+    recalibration: Iterable | None
+    attack: dict
+
+
+def recipe_inputs(
+    model: nn.Module,
+    data: Iterable | None,
+    recipe: str | Recipe = "robust",
+    *,
+    epsilon: float = 8 / 255,
+    attack_steps: int = 10,
+    input_size: Sequence[int] = (3, 32, 32),
+    seed: int = 0,
+) -> RecipeInputs:
+    """The weights and calibration inputs of ``recipe`` for ``model`` and ``data``.
+
+    See :func:`compress` for the parameters. ``model`` is not modified (it is put in eval
+    mode for the attack and the statistics, and its mode restored).
+    """
+    from gdws_torch.attacks import PGD
+    from gdws_torch.weightings import weighting
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    chosen = get_recipe(recipe)
+    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)) or not (
+        0 < epsilon <= 1
+    ):
+        raise ValueError(f"epsilon must be in (0, 1] (pixel units); got {epsilon!r}.")
+    if isinstance(attack_steps, bool) or not isinstance(attack_steps, int) or attack_steps < 1:
+        raise ValueError(f"attack_steps must be a positive integer; got {attack_steps!r}.")
+    if chosen.needs_data and data is None:
+        raise ValueError(f"recipe {chosen.name!r} reads training data: give data (a loader).")
+    attack = {"eps": epsilon, "alpha": 2.5 * epsilon / attack_steps, "steps": attack_steps}
+    was_training = model.training
+    model.eval()
+    try:
+        weights = {}
+        if chosen.weighting != "unit":
+            extra = {}
+            if chosen.weighting == "noise_gains":
+                extra["noise_gain_kwargs"] = {"attack": PGD(model, **attack, seed=seed)}
+            weights = weighting(
+                chosen.weighting,
+                model,
+                input_size,
+                loader=data,
+                n_samples=chosen.weighting_samples,
+                **extra,
+            )
+        calibration = None
+        if chosen.refit_samples:
+            crafter = PGD(model, **attack, seed=seed) if chosen.refit_adversarial else None
+            calibration = _first_inputs(data, chosen, crafter)
+    finally:
+        model.train(was_training)
+    return RecipeInputs(
+        chosen,
+        weights,
+        calibration,
+        data if chosen.recalibrate_samples else None,
+        {"norm": "l_inf", **attack, "random_start": True, "seed": seed},
+    )
+
+
+def compress(
+    model: nn.Module,
+    data: Iterable | None = None,
+    *,
+    target_mac_reduction: float | None = None,
+    target_speedup: float | None = None,
+    beta: float | None = None,
+    recipe: str | Recipe = "robust",
+    epsilon: float = 8 / 255,
+    attack_steps: int = 10,
+    input_size: Sequence[int] = (3, 32, 32),
+    inputs: RecipeInputs | None = None,
+    backend: str = "eager",
+    latency_batch_size: int = 1,
+    latency_table: Any = None,
+    device: Any = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+    convert_options: dict[str, Any] | None = None,
+) -> tuple[nn.Module, NetworkPlan]:
+    """``model`` converted to GDWS and recovered by ``recipe``, in one call.
+
+    Give one budget: ``target_mac_reduction``, ``target_speedup`` (measured on
+    ``backend``) or ``beta``. The recipe's weighting, allocation and recovery run in
+    order; its adversarial calibration inputs are crafted here by l_inf PGD against the
+    dense model (radius ``epsilon`` in pixel units, ``attack_steps`` steps of
+    ``2.5 * epsilon / attack_steps``, one seeded random start).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Takes pixels in ``[0, 1]`` (normalisation inside). Not modified.
+    data : iterable of (inputs, labels), optional
+        Training data (a ``DataLoader``), read in its order: the first
+        ``refit_samples`` inputs calibrate the refit, and the BatchNorm re-estimation
+        and weightings read as many as they need. Needed when the recipe reads data
+        (:attr:`Recipe.needs_data`).
+    target_mac_reduction, target_speedup, beta : float, optional
+        The budget (exactly one).
+    recipe : str or Recipe, default="robust"
+        A name from :data:`RECIPES` or a :class:`Recipe`.
+    epsilon : float, default=8/255
+        The l_inf radius of the calibration attack (the threat model the model was
+        trained for).
+    attack_steps : int, default=10
+    input_size : sequence of int, default=(3, 32, 32)
+        One sample's shape (MACs, weightings, latency).
+    inputs : RecipeInputs, optional
+        Computed by :func:`recipe_inputs` for this model and data: then ``data``,
+        ``recipe``, ``epsilon``, ``attack_steps`` and ``seed`` are taken from it and
+        nothing is computed again.
+    backend, latency_batch_size, latency_table, device
+        Where a ``target_speedup`` is measured (:func:`gdws_torch.convert`).
+    seed : int, default=0
+        Seed of the attack's random start.
+    progress : bool, default=False
+    convert_options : dict, optional
+        Further :func:`gdws_torch.convert` keywords (``layers``, ``exclude``,
+        ``skip_first``, ``svd_solver``, ...).
+
+    Returns
+    -------
+    converted : torch.nn.Module
+        In ``model``'s train/eval mode.
+    report : gdws_approx.NetworkPlan
+        The conversion's report; ``report.recipe`` holds the recipe's settings and the
+        calibration attack.
+
+    Examples
+    --------
+    >>> from gdws_torch import compress, RECIPES  # doctest: +SKIP
+    >>> fast, report = compress(model, train_loader, target_mac_reduction=2)  # doctest: +SKIP
+    >>> gentle = RECIPES["robust"].replace(refit_samples=500)  # doctest: +SKIP
+    """
+    from gdws_torch.convert import convert
+
+    budgets = {
+        "target_mac_reduction": target_mac_reduction,
+        "target_speedup": target_speedup,
+        "beta": beta,
+    }
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one of target_mac_reduction, target_speedup, beta; got {sorted(given)}."
+        )
+    if inputs is None:
+        inputs = recipe_inputs(
+            model,
+            data,
+            recipe,
+            epsilon=epsilon,
+            attack_steps=attack_steps,
+            input_size=input_size,
+            seed=seed,
+        )
+    elif not isinstance(inputs, RecipeInputs):
+        raise TypeError(f"inputs must be a RecipeInputs; got {type(inputs).__name__}.")
+    chosen = inputs.recipe
+    options = dict(convert_options or {})
+    if target_mac_reduction is not None:
+        options.setdefault("allocation", chosen.allocation)
+    if target_speedup is not None:
+        options.update(
+            backend=backend,
+            latency_batch_size=latency_batch_size,
+            latency_table=latency_table,
+            device=device,
+        )
+    converted, report = convert(
+        model,
+        **given,
+        **inputs.weights,
+        **options,
+        input_size=input_size,
+        refit=inputs.calibration,
+        refit_samples=chosen.refit_samples or 1000,
+        refit_depthwise=chosen.refit_depthwise,
+        refit_iterations=chosen.refit_iterations,
+        recalibrate=inputs.recalibration,
+        recalibrate_samples=chosen.recalibrate_samples or 1000,
+        progress=progress,
+    )
+    report.recipe = {**chosen.to_dict(), "calibration_attack": inputs.attack}
+    return converted, report
+
+
+def _first_inputs(
+    data: Iterable, recipe: Recipe, crafter: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``refit_samples`` inputs of ``data``, PGD-perturbed by ``crafter``."""
+    batches, seen = [], 0
+    for images, labels in data:
+        if seen >= recipe.refit_samples:
+            break
+        take = min(len(images), recipe.refit_samples - seen)
+        images, labels = images[:take], labels[:take]
+        batches.append((crafter(images, labels) if crafter else images, labels))
+        seen += take
+    if seen < recipe.refit_samples:
+        raise ValueError(
+            f"data ran out after {seen} inputs; recipe {recipe.name!r} refits on "
+            f"{recipe.refit_samples} (use recipe.replace(refit_samples=...))."
+        )
+    return batches
