@@ -302,9 +302,9 @@ def test_the_console_script_reports_one_line(tmp_path):
 def test_demo_quick_writes_tables_json_and_plot(tmp_path):
     # In a process of its own: the demo runs OpenVINO, whose threads do not survive the
     # forks of later tests' data-loader workers (docs/fps.md).
+    command = [sys.executable, "-m", "gdws_torch.cli", "demo", "--quick", "--no-progress"]
     done = subprocess.run(
-        [sys.executable, "-m", "gdws_torch.cli", "demo", "--quick", "--no-progress"]
-        + ["--out-dir", str(tmp_path)],
+        [*command, "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

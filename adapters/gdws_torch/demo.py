@@ -45,9 +45,9 @@ from gdws_torch.evaluate import evaluate
 from gdws_torch.figures import save_figure
 from gdws_torch.macs import count_macs
 from gdws_torch.models import DigitsCNN
-from gdws_torch.noise_gains import noise_gains
+from gdws_torch.recipes import RECIPES as LIBRARY_RECIPES
+from gdws_torch.recipes import Recipe, RecipeInputs, compress, recipe_inputs
 from gdws_torch.throughput import available_backends, measure_throughput
-from gdws_torch.weightings import weighting as error_weighting
 
 __all__ = ["DEMO_ATTACK", "demo_network", "plot_sweep", "run_demo"]
 
@@ -64,11 +64,12 @@ SWEEP_TARGETS = (1.5, 2.0, 2.5)
 SPEED_TARGET = 1.05
 # Backends the headline may be planned for, in order of preference on ties.
 SPEED_BACKENDS = ("onnxruntime", "openvino")
-# How each GDWS model is built: LEGO with unit or noise-gain alphas (the original work),
-# unit alphas plus BatchNorm recalibration, unit alphas plus the pointwise refit on
-# adversarial training digits and BatchNorm recalibration, and (the default, the
-# frontier's best; docs/weightings.md) the patch-moment data weighting, the global MAC
-# allocation, the joint (depthwise + pointwise) refit and BatchNorm recalibration.
+# How each GDWS model is built (demo_recipes): LEGO with unit or noise-gain alphas (the
+# library's "unit" and "original" recipes), unit alphas plus BatchNorm recalibration, unit
+# alphas plus the pointwise refit on adversarial training digits and BatchNorm
+# recalibration, and (the default, the frontier's best: the library's "robust" recipe;
+# docs/weightings.md) the patch-moment data weighting, the global MAC allocation, the
+# joint (depthwise + pointwise) refit and BatchNorm recalibration.
 BEST = "data, global + joint refit + BN"
 RECIPES = ("unit", "noise gains", "unit + BN", "unit + refit + BN", BEST)
 SWEEP_RECIPES = ("unit", "noise gains", BEST)
@@ -83,6 +84,25 @@ RECALIBRATION_SAMPLES = 1000
 REFIT_SAMPLES = 1000
 # The refit of "unit + refit + BN" (keyword arguments of gdws_torch.recovery.refit_gdws).
 REFIT = {"depthwise": False, "iterations": 3}
+
+
+def demo_recipes(
+    alpha_samples: int = 512,
+    refit_depthwise: bool = REFIT["depthwise"],
+    refit_iterations: int = REFIT["iterations"],
+) -> dict[str, Recipe]:
+    """The sweep's recipes by their names in the demo's tables (:data:`RECIPES`)."""
+    refit = {"refit_samples": REFIT_SAMPLES, "refit_iterations": refit_iterations}
+    recalibrate = {"recalibrate_samples": RECALIBRATION_SAMPLES}
+    return {
+        "unit": LIBRARY_RECIPES["unit"],
+        "noise gains": LIBRARY_RECIPES["original"].replace(weighting_samples=alpha_samples),
+        "unit + BN": Recipe("unit + BN", **recalibrate),
+        "unit + refit + BN": Recipe(
+            "unit + refit + BN", refit_depthwise=refit_depthwise, **refit, **recalibrate
+        ),
+        BEST: LIBRARY_RECIPES["robust"].replace(refit_iterations=refit_iterations),
+    }
 
 
 def demo_network() -> DigitsCNN:
@@ -156,9 +176,6 @@ def run_demo(
     )
     train = load_dataset("digits", split="train", size=INPUT_SHAPE[-1])
     test_loader = DataLoader(test, batch_size=200)
-    recalibration_loader = DataLoader(
-        train, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
     attack_settings = {**DEMO_ATTACK, "steps": attack_steps}
 
     def assess(model: nn.Module) -> dict[str, float]:
@@ -180,35 +197,20 @@ def run_demo(
             **assess(network),
         }
     ]
-    log("noise gains on PGD-perturbed training digits ...")
-    alphas = noise_gains(
-        network,
-        DataLoader(train, batch_size=128),
-        alpha_samples,
-        attack=PGD(network, **ALPHA_ATTACK, seed=0),
-        progress=progress,
-    )
-    log("input patch statistics for the data weighting ...")
-    data_weighting = error_weighting("data", network, INPUT_SHAPE, loader=DataLoader(train, 128))
-    log("adversarial calibration digits for the refits ...")
-    crafter = PGD(network, **ALPHA_ATTACK, seed=0)
-    calibration = [
-        (crafter(images, labels), labels)
-        for images, labels in DataLoader(Subset(train, range(REFIT_SAMPLES)), batch_size=250)
-    ]
-    best_recovery = {
-        "recalibrate": recalibration_loader,
-        "recalibrate_samples": RECALIBRATION_SAMPLES,
-        "refit": calibration,
-        "refit_samples": REFIT_SAMPLES,
-        "refit_depthwise": True,
-        "refit_iterations": refit_iterations,
-    }
+    # Every recipe's weights and calibration digits, computed once for all its targets.
+    # The first 1000 training digits (in order) calibrate; the attack is ALPHA_ATTACK's.
+    fitting = DataLoader(train, batch_size=250)
+    threat = {"epsilon": ALPHA_ATTACK["eps"], "attack_steps": ALPHA_ATTACK["steps"]}
+    cooked = {}
+    for name in dict.fromkeys([*recipes, BEST]):
+        log(f"recipe {name!r}: weights and calibration digits ...")
+        recipe = demo_recipes(alpha_samples, refit_depthwise, refit_iterations)[name]
+        cooked[name] = recipe_inputs(
+            network, fitting, recipe, input_size=INPUT_SHAPE, seed=0, progress=progress, **threat
+        )
 
     log(f"the headline: {speed_target:g}x the dense speed at batch 1 ...")
-    speed = _speed_headline(
-        network, speed_target, backend, data_weighting, best_recovery, validation
-    )
+    speed = _speed_headline(network, speed_target, backend, cooked[BEST], validation)
     backend = speed["backend"]
     models: dict[str, nn.Module] = {"dense": network, speed["name"]: speed.pop("model")}
     report = speed.pop("report")
@@ -224,6 +226,7 @@ def run_demo(
             "params": _parameters(models[speed["name"]]),
             "layers": [layer.to_dict() for layer in report.layers],
             "latency_plan": report.latency,
+            "recipe": report.recipe,
             **assess(set_fused(copy.deepcopy(models[speed["name"]]), True)),
         }
     )
@@ -233,21 +236,12 @@ def run_demo(
 
     for recipe, target in tqdm(jobs, desc="GDWS sweep", unit="model", disable=not progress):
         name = f"GDWS {target:g}x, {recipe}"
-        best = recipe == BEST
         try:
-            converted, report = convert(
+            converted, report = compress(
                 network,
+                inputs=cooked[recipe],
                 target_mac_reduction=target,
-                alphas=alphas if recipe == "noise gains" else None,
-                **(data_weighting if best else {}),
-                allocation="global" if best else "common_beta",
                 input_size=INPUT_SHAPE,
-                recalibrate=recalibration_loader if recipe.endswith("+ BN") else None,
-                recalibrate_samples=RECALIBRATION_SAMPLES,
-                refit=calibration if "refit" in recipe else None,
-                refit_samples=REFIT_SAMPLES,
-                refit_depthwise=True if best else refit_depthwise,
-                refit_iterations=refit_iterations,
             )
         except ValueError as exc:  # e.g. a target this network cannot reach
             log(f"{name}: skipped ({exc})")
@@ -263,6 +257,7 @@ def run_demo(
                 "mac_reduction": report.mac_reduction,
                 "params": _parameters(converted),
                 "layers": [layer.to_dict() for layer in report.layers],
+                "recipe": report.recipe,
                 **assess(set_fused(copy.deepcopy(converted), True)),
             }
         )
@@ -292,7 +287,8 @@ def run_demo(
         ),
         "n_test": len(test) if n_test is None else min(n_test, len(test)),
         "attack": {"norm": "l_inf", **attack_settings, "random_start": True, "seed": 0},
-        "alphas": {"n_samples": alpha_samples, "attack": {"norm": "l_inf", **ALPHA_ATTACK}},
+        "recipes": {name: inputs.recipe.to_dict() for name, inputs in cooked.items()},
+        "calibration_attack": cooked[BEST].attack,
         "backend": backend,
         "speed_target": float(speed_target),
         "backend_choice": speed["backends"],
@@ -300,13 +296,6 @@ def run_demo(
         "dense_validation_robust": speed["dense_validation_robust"],
         "default_target": float(default_target),
         "default_weighting": DEFAULT_WEIGHTING,
-        "recalibration_samples": RECALIBRATION_SAMPLES,
-        "refit": {
-            "n_samples": REFIT_SAMPLES,
-            "attack": {"norm": "l_inf", **ALPHA_ATTACK},
-            "depthwise": refit_depthwise,
-            "iterations": refit_iterations,
-        },
         "dense": rows[0],
         "speed": rows[1],
         "default": default,
@@ -320,19 +309,19 @@ def _speed_headline(
     network: nn.Module,
     target: float,
     backend: str | None,
-    data_weighting: dict[str, Any],
-    recovery: dict[str, Any],
+    inputs: RecipeInputs,
     validation: DataLoader,
 ) -> dict[str, Any]:
-    """The GDWS model built for ``target`` times the dense speed.
+    """The GDWS model built for ``target`` times the dense speed, by ``inputs``' recipe.
 
-    1. The backend: each candidate gets a plan for the target (without recovery, cheap);
-       the least weighted error among those that reached it wins (else the fastest).
+    1. The backend: each candidate gets a plan for the target (the recipe's weighting,
+       without recovery: cheap); the least weighted error among those that reached it
+       wins (else the fastest).
     2. The plan: on this network the least-weighted-error plan is not always the one
        that keeps robust accuracy best (the weighting measures each layer's error, not
        what the next layers and the classifier make of it). So the plan for all layers
        and the plans that change a single layer, those that reached the target, are
-       built with the best recipe; the fastest (measured) whose PGD accuracy on the
+       built with the whole recipe; the fastest (measured) whose PGD accuracy on the
        :data:`VALIDATION_DIGITS` validation digits is within 1 point of the dense
        model's wins (else the most robust there). The test digits the demo reports play
        no part in the choice.
@@ -345,12 +334,18 @@ def _speed_headline(
     installed = available_backends()
     candidates = [backend] if backend else [b for b in SPEED_BACKENDS if b in installed]
     candidates = candidates or ["eager"]
-    common = {"target_speedup": target, "input_size": INPUT_SHAPE, **data_weighting}
     tables, backends = {}, []
     for name in candidates:
         tables[name] = LatencyTable.default(name)
         try:
-            _, plan = convert(network, backend=name, latency_table=tables[name], **common)
+            _, plan = convert(
+                network,
+                target_speedup=target,
+                backend=name,
+                latency_table=tables[name],
+                input_size=INPUT_SHAPE,
+                **inputs.weights,
+            )
         except ValueError as exc:  # out of reach on this backend
             backends.append({"backend": name, "reached": False, "why": str(exc)})
             continue
@@ -365,13 +360,22 @@ def _speed_headline(
     for entry in backends:
         entry["chosen"] = entry is chosen
     name = chosen["backend"]
-    common.update(backend=name, latency_table=tables[name])
 
-    plans = [None] + [[layer] for layer, _ in eligible_convs(network)]
+    def build(layers: list[str] | None) -> tuple[nn.Module, Any]:
+        return compress(
+            network,
+            inputs=inputs,
+            target_speedup=target,
+            input_size=INPUT_SHAPE,
+            backend=name,
+            latency_table=tables[name],
+            convert_options={"layers": layers},
+        )
+
     built = []
-    for layers in plans:
+    for layers in [None] + [[layer] for layer, _ in eligible_convs(network)]:
         try:
-            model, report = convert(network, layers=layers, **common, **recovery)
+            model, report = build(layers)
         except ValueError:  # out of reach with this layer alone
             continue
         record = {"layers": layers or "all", **_plan_record(report)}
@@ -380,7 +384,7 @@ def _speed_headline(
         record["validation_robust"] = _robust_accuracy(model, validation)
         built.append((record, model, report))
     if not built:  # nothing reached the target: the least-error plan, as it came out
-        model, report = convert(network, **common, **recovery)
+        model, report = build(None)
         built.append(({"layers": "all", **_plan_record(report)}, model, report))
     dense_validation = _robust_accuracy(network, validation)
     floor = dense_validation - 1.0
@@ -446,7 +450,7 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
         "unit + refit + BN": "GDWS, unit alphas + pointwise refit (PGD) + BN",
         BEST: "GDWS, data weighting, global allocation + joint refit (PGD) + BN",
     }
-    if results.get("refit", {}).get("depthwise"):
+    if results.get("recipes", {}).get("unit + refit + BN", {}).get("refit_depthwise"):
         labels["unit + refit + BN"] = "GDWS, unit alphas + joint refit (PGD) + BN"
     for weighting in RECIPES:
         rows = [r for r in results["sweep"] if r["weighting"] == weighting]

@@ -192,6 +192,7 @@ def recipe_inputs(
     attack_steps: int = 10,
     input_size: Sequence[int] = (3, 32, 32),
     seed: int = 0,
+    progress: bool = False,
 ) -> RecipeInputs:
     """The weights and calibration inputs of ``recipe`` for ``model`` and ``data``.
 
@@ -220,7 +221,8 @@ def recipe_inputs(
         if chosen.weighting != "unit":
             extra = {}
             if chosen.weighting == "noise_gains":
-                extra["noise_gain_kwargs"] = {"attack": PGD(model, **attack, seed=seed)}
+                attacker = PGD(model, **attack, seed=seed)
+                extra["noise_gain_kwargs"] = {"attack": attacker, "progress": progress}
             weights = weighting(
                 chosen.weighting,
                 model,
@@ -339,6 +341,7 @@ def compress(
             attack_steps=attack_steps,
             input_size=input_size,
             seed=seed,
+            progress=progress,
         )
     elif not isinstance(inputs, RecipeInputs):
         raise TypeError(f"inputs must be a RecipeInputs; got {type(inputs).__name__}.")
