@@ -170,7 +170,8 @@ def test_alphas_in_the_original_format_drive_a_mac_target(run_folder):
 def test_convert_then_eval_converted_equals_apply_gdws(run_folder):
     root, _ = run_folder
     flags = ["--target-mac-reduction", "1.5"]
-    assert gdws("convert", *common_args(root), *flags, "--out", "gdws.pth") == 0
+    args = [*common_args(root), *flags, "--recipe", "unit", "--out", "gdws.pth"]
+    assert gdws("convert", *args) == 0
     report = json.loads((root / "run" / "gdws.json").read_text())
     _converted, info = load_converted(root / "run" / "gdws.pth", PreActResNet18())
     assert info["report"]["macs"] == report["macs"]
@@ -456,3 +457,49 @@ def test_eval_with_the_pointwise_refit(tmp_path, capsys):
     assert refitted["natural_accuracy"] >= plain["natural_accuracy"]
     assert gdws("eval", *base, "--converted", "x.pth", "--refit", "10") == 2
     assert "--refit needs the dense model" in capsys.readouterr().err
+
+
+def test_convert_runs_the_robust_recipe_by_default_and_says_so(tmp_path, capsys):
+    from gdws_torch import demo
+    from gdws_torch.recipes import RECIPES
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    base += ["--target-mac-reduction", "2", "--no-progress", "--epsilon", "24"]
+    base += ["--pgd-alpha", "6", "--attack-iters", "3"]
+    out = tmp_path / "robust.pth"
+    assert gdws("convert", *base, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "recipe 'robust': data weighting, global MAC allocation, joint refit" in printed
+    assert "(the default with training data)" in printed
+    report = json.loads(out.with_suffix(".json").read_text())
+    recipe = report["recipe"]
+    assert {k: recipe[k] for k in RECIPES["robust"].to_dict()} == RECIPES["robust"].to_dict()
+    assert recipe["calibration_attack"]["eps"] == pytest.approx(24 / 255)
+    assert recipe["calibration_attack"]["steps"] == 3
+    assert all(not layer["name"].startswith("module.") for layer in report["layers"])
+    assert report["mac_reduction"] >= 2
+    from gdws_torch.models import DigitsCNN
+
+    converted, info = load_converted(out, DigitsCNN())  # the unwrapped network's layers
+    assert converted.eval()(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    assert info["report"]["recipe"]["name"] == "robust"
+    # Flags of one's own make a conversion of one's own; --recipe excludes them.
+    plain = tmp_path / "plain.pth"
+    assert gdws("convert", *base, "--weighting", "data", "--out", plain) == 0
+    assert "no recipe: your flags (--weighting)" in capsys.readouterr().out
+    assert gdws("convert", *base, "--recipe", "original", "--refit", "10", "--out", plain) == 2
+    assert "--recipe runs a whole recipe; it excludes --refit" in capsys.readouterr().err
+
+
+def test_convert_without_training_data_runs_the_unit_recipe(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": PreActResNet18().state_dict()}, run / "model_best.pth")
+    args = ["--model", "preactresnet18", "--fname", run, "--data-dir", tmp_path / "nothing"]
+    assert gdws("convert", *args, "--target-mac-reduction", "2", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "recipe 'unit': unit weighting, no recovery (no training data" in printed
+    report = json.loads((run / "gdws_model.json").read_text())
+    assert report["recipe"]["name"] == "unit"

@@ -190,6 +190,7 @@ def recipe_inputs(
     *,
     epsilon: float = 8 / 255,
     attack_steps: int = 10,
+    attack_alpha: float | None = None,
     input_size: Sequence[int] = (3, 32, 32),
     seed: int = 0,
     progress: bool = False,
@@ -213,7 +214,13 @@ def recipe_inputs(
         raise ValueError(f"attack_steps must be a positive integer; got {attack_steps!r}.")
     if chosen.needs_data and data is None:
         raise ValueError(f"recipe {chosen.name!r} reads training data: give data (a loader).")
-    attack = {"eps": epsilon, "alpha": 2.5 * epsilon / attack_steps, "steps": attack_steps}
+    if attack_alpha is None:
+        attack_alpha = 2.5 * epsilon / attack_steps
+    elif not (isinstance(attack_alpha, (int, float)) and attack_alpha > 0):
+        raise ValueError(
+            f"attack_alpha must be a positive step (pixel units); got {attack_alpha!r}."
+        )
+    attack = {"eps": epsilon, "alpha": attack_alpha, "steps": attack_steps}
     was_training = model.training
     model.eval()
     try:
@@ -256,6 +263,7 @@ def compress(
     recipe: str | Recipe = "robust",
     epsilon: float = 8 / 255,
     attack_steps: int = 10,
+    attack_alpha: float | None = None,
     input_size: Sequence[int] = (3, 32, 32),
     inputs: RecipeInputs | None = None,
     backend: str = "eager",
@@ -272,7 +280,7 @@ def compress(
     ``backend``) or ``beta``. The recipe's weighting, allocation and recovery run in
     order; its adversarial calibration inputs are crafted here by l_inf PGD against the
     dense model (radius ``epsilon`` in pixel units, ``attack_steps`` steps of
-    ``2.5 * epsilon / attack_steps``, one seeded random start).
+    ``attack_alpha``, one seeded random start).
 
     Parameters
     ----------
@@ -291,6 +299,8 @@ def compress(
         The l_inf radius of the calibration attack (the threat model the model was
         trained for).
     attack_steps : int, default=10
+    attack_alpha : float, optional
+        The attack's step, default ``2.5 * epsilon / attack_steps`` (Madry et al.'s rule).
     input_size : sequence of int, default=(3, 32, 32)
         One sample's shape (MACs, weightings, latency).
     inputs : RecipeInputs, optional
@@ -339,6 +349,7 @@ def compress(
             recipe,
             epsilon=epsilon,
             attack_steps=attack_steps,
+            attack_alpha=attack_alpha,
             input_size=input_size,
             seed=seed,
             progress=progress,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -192,6 +193,7 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
     )
     if not recalibration:
         parser.set_defaults(
+            recipe=None,
             recalibrate_bn=0,
             recalibrate_attack=False,
             weighting="unit",
@@ -201,6 +203,14 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
             refit_iterations=3,
         )
         return
+    group.add_argument(
+        "--recipe",
+        choices=("robust", "original", "unit"),
+        help="run a named recipe end to end (docs/recipes.md): robust = data weighting, "
+        "global allocation, joint refit on 1000 PGD training inputs (the attack flags), "
+        "BatchNorm re-estimated on 1000; original = LEGO with noise gains; unit = LEGO, no "
+        "data. gdws convert runs robust by default when it finds the training data",
+    )
     group.add_argument(
         "--weighting",
         choices=("unit", "output", "data", "output+data"),
@@ -586,7 +596,42 @@ def check_gdws(args: argparse.Namespace) -> None:
             )
     if args.weighting != "unit" and getattr(args, "alphas", None) is not None:
         raise UsageError("--weighting and --alphas-filename exclude each other.")
+    custom = custom_flags(args)
+    if getattr(args, "recipe", None) and custom:
+        raise UsageError(f"--recipe runs a whole recipe; it excludes {', '.join(custom)}.")
+    if getattr(args, "recipe", None) and args.n_kernels is not None:
+        raise UsageError("--recipe needs --target-mac-reduction, --target-speedup or --beta.")
     check_recovery(args)
+
+
+def custom_flags(args: argparse.Namespace) -> list[str]:
+    """The weighting and recovery flags given, which make a conversion of one's own."""
+    given = [
+        ("--weighting", args.weighting != "unit"),
+        ("--alphas-filename", getattr(args, "alphas", None) is not None),
+        ("--allocation", args.allocation != "common_beta"),
+        ("--refit", bool(args.refit)),
+        ("--recalibrate-bn", bool(args.recalibrate_bn)),
+    ]
+    return [flag for flag, on in given if on]
+
+
+def chosen_recipe(args: argparse.Namespace, default: bool) -> tuple[str | None, str]:
+    """The recipe ``approximate`` runs and why: ``--recipe``; else, with ``default`` and no
+    flags of one's own, ``robust`` when the training data are there; else none."""
+    if getattr(args, "recipe", None):
+        return args.recipe, "--recipe"
+    if not default:
+        return None, ""
+    if custom_flags(args):
+        return None, "your flags (" + ", ".join(custom_flags(args)) + ")"
+    if args.n_kernels is not None:
+        return None, "--n-kernels (recipes take a MAC, speed or beta budget)"
+    try:
+        dataset(args, "train")
+    except (FileNotFoundError, ValueError) as exc:
+        return "unit", f"no training data ({exc}); --data-dir for the robust recipe"
+    return "robust", "the default with training data"
 
 
 def check_recovery(args: argparse.Namespace) -> None:
@@ -607,14 +652,27 @@ def check_recovery(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}-attack needs --attack pgd (and its flags).")
 
 
-def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[int]):
+def approximate(
+    args: argparse.Namespace,
+    network: nn.Module,
+    shape: Sequence[int],
+    default_recipe: bool = False,
+):
     """``network`` with GDWS layers per ``--beta/--target-mac-reduction/--n-kernels``.
 
-    The flags were checked by :func:`check_gdws`. Returns ``(converted copy, report,
-    alphas file or None)``; prints the report.
+    The flags were checked by :func:`check_gdws`. With ``--recipe`` (or ``default_recipe``
+    and no weighting or recovery flags: see :func:`chosen_recipe`) the recipe runs end to
+    end (:func:`gdws_torch.compress`). Returns ``(converted copy, report, alphas file or
+    None)``; prints the report.
     """
     from gdws_torch.convert import convert
 
+    recipe, why = chosen_recipe(args, default_recipe)
+    if recipe is not None:
+        converted, report = _run_recipe(args, network, shape, recipe, why)
+        return converted, report, None
+    if why:
+        print(f"no recipe: {why}")
     alphas, alphas_path = load_alpha_file(args)
     budget = {}
     if getattr(args, "target_speedup", None) is not None:
@@ -661,6 +719,68 @@ def approximate(args: argparse.Namespace, network: nn.Module, shape: Sequence[in
     if args.recalibrate_bn:
         recalibrate(args, converted)
     return converted, report, alphas_path
+
+
+def _run_recipe(
+    args: argparse.Namespace, network: nn.Module, shape: Sequence[int], name: str, why: str
+):
+    """``compress`` with the recipe ``name`` on the network in pixel space; returns the
+    converted network (unwrapped) and its report, printed."""
+    from gdws_torch.recipes import compress, get_recipe
+
+    recipe = get_recipe(name)
+    if recipe.needs_data:
+        available = len(dataset(args, "train"))
+        counts = ("weighting_samples", "refit_samples", "recalibrate_samples")
+        fewer = {c: available for c in counts if getattr(recipe, c) > available}
+        if fewer:
+            print(f"the training data hold {available} inputs: the recipe uses at most that many")
+            recipe = recipe.replace(**fewer)
+    print(f"{recipe.summary()} ({why})")
+    budget = {}
+    if getattr(args, "target_speedup", None) is not None:
+        budget.update(
+            target_speedup=args.target_speedup,
+            latency_table=args.latency_table,
+            backend=args.backend,
+            latency_batch_size=args.latency_batch_size,
+        )
+    elif args.target_mac_reduction is not None:
+        budget["target_mac_reduction"] = args.target_mac_reduction
+    else:
+        budget["beta"] = 0.0 if args.beta is None else args.beta
+    model = with_normalization(args, network)  # attacks and statistics in pixel space
+    data = loader(dataset(args, "train"), args) if recipe.needs_data else None
+    converted, report = compress(
+        model,
+        data,
+        recipe=recipe,
+        epsilon=args.epsilon / 255 if hasattr(args, "epsilon") else 8 / 255,
+        attack_steps=getattr(args, "attack_iters", 10),
+        attack_alpha=args.pgd_alpha / 255 if hasattr(args, "pgd_alpha") else None,
+        input_size=shape,
+        device=device(args) if hasattr(args, "device") else "cpu",
+        seed=args.seed,
+        progress=not getattr(args, "no_progress", False),
+        convert_options={
+            "only_if_cheaper": not args.replace_all,
+            "skip_first": not args.include_first,
+            "latency_aware": args.latency_aware,
+        },
+        **budget,
+    )
+    if model is not network:  # unwrap the normalisation
+        converted = converted.module
+        report.layers = [
+            dataclasses.replace(layer, name=layer.name.removeprefix("module."))
+            for layer in report.layers
+        ]
+        if report.latency and "forms" in report.latency:
+            report.latency["forms"] = {
+                k.removeprefix("module."): v for k, v in report.latency["forms"].items()
+            }
+    print(report.format_table())
+    return converted, report
 
 
 def _recovery_attack(args: argparse.Namespace, adversarial: bool):

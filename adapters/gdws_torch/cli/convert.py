@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     report_path = outputs.file("--out's report", report_beside(out))
     outputs.check()
     network = common.build_network(args, checkpoint)
-    converted, report, alphas_path = common.approximate(args, network, shape)
+    converted, report, alphas_path = common.approximate(args, network, shape, default_recipe=True)
     outputs.write(
         out,
         lambda temporary: save_converted(
