@@ -15,6 +15,9 @@ decision to keep the layer dense) and the network's MAC totals. Three modes:
 
 A layer whose GDWS form would not be cheaper than the dense convolution
 (``G * (K2 + M) >= M * C * K2``) stays dense unless ``only_if_cheaper=False``.
+
+Over 400 lines because the plan objects (:class:`LayerPlan`, :class:`NetworkPlan` and
+their report) and the three planning modes that build them change together.
 """
 
 from __future__ import annotations

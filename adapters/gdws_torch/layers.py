@@ -1,4 +1,9 @@
-"""``GDWSConv2d``: a generalized depthwise-separable convolution as a ``torch.nn`` module."""
+"""``GDWSConv2d``: a generalized depthwise-separable convolution as a ``torch.nn`` module.
+
+One class, over 400 lines because its forms (gather, grouped, padded, fused) and their
+conversions (from factors, an estimator, a plan; to a dense conv) share its invariants
+and stay together; the docstrings are most of it.
+"""
 
 from __future__ import annotations
 

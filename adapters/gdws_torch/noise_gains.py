@@ -26,6 +26,9 @@ How :func:`noise_gains` computes it, for all layers at once and batched over sam
      when the output is small (deep layers).
 
 The patches are unfolded once per chunk, never once per class.
+
+Over 400 lines because the batched computation, its two forms with their cost model, and
+the per-sample reference it is tested against belong together.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
   layer, by least squares so that its output matches the dense convolution's on the
   inputs the converted network really feeds it (natural or adversarial calibration
   inputs); the depthwise kernels, hence the MACs, stay as they are.
+
+Over 400 lines because the BatchNorm re-estimation and the refit's least-squares solvers
+(pointwise, depthwise, joint) share the calibration set-up and the per-layer Gram
+accumulation; splitting them would split that mechanism.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""What the ``gdws`` subcommands share: arguments, model and data set-up, output files."""
+"""What the ``gdws`` subcommands share: arguments, model and data set-up, output files.
+
+Over 400 lines: the argument groups, checks and set-up that several subcommands use, and
+the command line's conversion (a recipe through :func:`gdws_torch.compress`, or the
+flags of one's own through :func:`gdws_torch.convert` and the recovery functions). Each
+subcommand's module only parses, calls these and the library, and prints.
+"""
 
 from __future__ import annotations
 
