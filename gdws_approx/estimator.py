@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from numbers import Integral, Real
+from typing import Any, ClassVar
 
 import array_api_compat
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from gdws_approx import cost
@@ -114,6 +116,10 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         ``C``.
     kernel_size_ : tuple of int
         ``(Kh, Kw)``.
+    output_weights_ : array of shape (M,) or None
+        The per-output-channel weights ``a`` used (``None``: all ones).
+    input_transforms_ : array of shape (C, Kh*Kw, Kh*Kw) or None
+        The per-channel input transforms ``B_c`` used (``None``: identities).
     svd_solver_ : str
         The method ``svd_solver="auto"`` resolved to.
     n_features_in_ : int
@@ -136,8 +142,18 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
     (64, 32, 3, 3)
     """
 
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        "solver": [StrOptions({"lego", "mego"})],
+        "beta": [Interval(Real, 0, None, closed="left")],
+        "n_kernels": [Interval(Integral, 0, None, closed="left"), None],
+        "kernel_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "svd_solver": [StrOptions({"auto", "full", "covariance_eigh"})],
+        "max_multiplier": [Interval(Integral, 1, None, closed="left"), None],
+    }
+
     def __init__(
         self,
+        *,
         solver: str = "lego",
         beta: float = 0.0,
         n_kernels: int | None = None,
@@ -152,6 +168,8 @@ class GDWSApproximator(TransformerMixin, BaseEstimator):
         self.svd_solver = svd_solver
         self.max_multiplier = max_multiplier
 
+    # The weight is validated by fit itself: any array library, 2-D or 4-D.
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(
         self,
         W: Any,

@@ -9,6 +9,7 @@ import scipy.sparse
 from gdws_approx import GDWSApproximator, lego_multipliers, mego_multipliers
 
 W = np.random.default_rng(0).standard_normal((8, 4, 3, 3))
+SKLEARN = "The '%s' parameter of GDWSApproximator must be"
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -36,7 +37,8 @@ def test_two_dimensional_weight_needs_a_matching_kernel_size():
 
 @pytest.mark.parametrize("kernel_size", [0, (3, 0), (3,), "3", 2.5, (3, 3.0), True])
 def test_bad_kernel_size(kernel_size):
-    with pytest.raises((ValueError, TypeError), match=r"kernel_size must be"):
+    # scikit-learn's parameter validation names it first; the shape check then.
+    with pytest.raises((ValueError, TypeError), match=r"kernel_size('? parameter .*)? must be"):
         GDWSApproximator(kernel_size=kernel_size).fit(W)
 
 
@@ -57,13 +59,19 @@ def test_bad_alpha(alpha, message):
 @pytest.mark.parametrize(
     ("params", "error", "message"),
     [
-        ({"beta": -1.0}, ValueError, r"beta must be a finite number >= 0; got -1.0"),
-        ({"beta": float("nan")}, ValueError, r"beta must be a finite number >= 0; got nan"),
-        ({"beta": "0.1"}, TypeError, r"beta must be a real number >= 0; got '0.1'"),
-        ({"solver": "svd"}, ValueError, r"solver must be one of \('lego', 'mego'\); got 'svd'"),
+        # scikit-learn's parameter validation (_parameter_constraints), before any work:
+        (
+            {"beta": -1.0},
+            ValueError,
+            rf"{SKLEARN % 'beta'} a float in the range \[0\.0, inf\)\. Got -1\.0",
+        ),
+        ({"beta": float("nan")}, ValueError, rf"{SKLEARN % 'beta'} .* Got nan"),
+        ({"beta": "0.1"}, TypeError, rf"{SKLEARN % 'beta'} .* Got '0\.1'"),
+        ({"beta": float("inf")}, ValueError, rf"{SKLEARN % 'beta'} .* Got inf"),
+        ({"solver": "svd"}, ValueError, rf"{SKLEARN % 'solver'} a str among .*'lego'.* Got 'svd'"),
         ({"solver": "mego"}, ValueError, r"solver='mego' needs its kernel budget"),
-        ({"solver": "mego", "n_kernels": -1}, ValueError, r"n_kernels must be .* got -1"),
-        ({"solver": "mego", "n_kernels": 2.5}, TypeError, r"n_kernels must be .* got 2.5"),
+        ({"solver": "mego", "n_kernels": -1}, ValueError, rf"{SKLEARN % 'n_kernels'} .* Got -1"),
+        ({"solver": "mego", "n_kernels": 2.5}, TypeError, rf"{SKLEARN % 'n_kernels'} .* Got 2\.5"),
         ({"solver": "mego", "n_kernels": True}, TypeError, r"n_kernels must be .* got True"),
         ({"n_kernels": 5}, ValueError, r"n_kernels=5 is MEGO's kernel budget"),
         (
@@ -71,7 +79,7 @@ def test_bad_alpha(alpha, message):
             ValueError,
             r"beta=0.5 is LEGO's error budget",
         ),
-        ({"svd_solver": "qr"}, ValueError, r"svd_solver must be one of .* got 'qr'"),
+        ({"svd_solver": "qr"}, ValueError, rf"{SKLEARN % 'svd_solver'} .* Got 'qr'"),
     ],
 )
 def test_bad_or_contradicting_parameters(params, error, message):

@@ -65,10 +65,13 @@ def test_lego_under_a_channel_cap_keeps_the_fewest_kernels(problem, fraction):
 
 def test_max_multiplier_is_validated():
     W = np.ones((2, 2, 3, 3))
-    with pytest.raises(ValueError, match="max_multiplier must be >= 1"):
+    message = r"The 'max_multiplier' parameter of GDWSApproximator must be an int in the range"
+    with pytest.raises(ValueError, match=rf"{message} \[1, inf\) or None\. Got 0 instead"):
         GDWSApproximator(max_multiplier=0).fit(W)
-    with pytest.raises(TypeError, match="max_multiplier must be an integer"):
+    with pytest.raises(TypeError, match=rf"{message} .* Got 1\.5 instead"):
         GDWSApproximator(max_multiplier=1.5).fit(W)
+    with pytest.raises(TypeError, match="max_multiplier must be an integer"):
+        GDWSApproximator(max_multiplier=True).fit(W)
 
 
 def _layers(seed, n_layers):
