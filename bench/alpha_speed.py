@@ -4,7 +4,7 @@ Computes the noise gains ``alpha`` (docs/noise_gains.md) of the 16 eligible 3x3 
 of PreActResNet-18 (32x32 inputs, 10 classes, float32; random weights with a fixed seed,
 non-trivial BatchNorm statistics, eval mode) on random images (fixed seed), three ways:
 
-- ``loop``: :func:`gdws_torch.noise_gains.reference_noise_gains`, the original's
+- ``loop``: :func:`gdws_torch.conversion.noise_gains.reference_noise_gains`, the original's
   algorithm: batch size 1, per sample one backward pass of ``z_t - z_j`` to the eligible
   weights for each class ``j != t`` (9 passes), per-channel squared norms (vectorised:
   a strong reference). The ratio on the ``RESULT`` line is against this side;
@@ -40,9 +40,13 @@ import torch
 from torch import nn
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch.eligibility import eligible_convs
+from gdws_torch.conversion.eligibility import eligible_convs
+from gdws_torch.conversion.noise_gains import (
+    noise_gains,
+    plan_noise_gain_forms,
+    reference_noise_gains,
+)
 from gdws_torch.models import PreActResNet18
-from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
 
 INPUT_SHAPE = (3, 32, 32)
 # All sides run in float32. Elementwise, each is 1e-5 to 1e-4 (relative) from a float64 run:

@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch.attacks import PGD
-from gdws_torch.datasets import load_dataset
-from gdws_torch.demo import demo_network
-from gdws_torch.evaluate import evaluate, evaluate_dataset
+from gdws_torch.experiments.demo import demo_network
+from gdws_torch.io.datasets import load_dataset
+from gdws_torch.robustness.attacks import PGD
+from gdws_torch.robustness.evaluate import evaluate, evaluate_dataset
 
 CHECKPOINT = Path(__file__).parents[1] / "adapters/gdws_torch/data/digits_cnn.pth"
 

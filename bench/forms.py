@@ -10,7 +10,7 @@ depthwise-separable layer, which never gathers.
 For the four 3x3 layer shapes of PreActResNet-18 (64 channels at 32x32 to 512 at 4x4),
 each backend (eager, ONNX Runtime and OpenVINO where installed) and batch size (1 and 32),
 every form at ``m = 1..4`` and the dense conv are timed interleaved in one process
-(:func:`gdws_torch.throughput.measure_throughput`, medians of ``--rounds``). The gathering
+(:func:`gdws_torch.cost.throughput.measure_throughput`, medians of ``--rounds``). The gathering
 layer's kernels are out of channel order, so that it does gather at ``m = 1`` too.
 
 Printed: per layer, backend and batch size the milliseconds of each form; the last line,
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gdws_torch import GDWSConv2d
-from gdws_torch.throughput import available_backends, measure_throughput
+from gdws_torch.cost.throughput import available_backends, measure_throughput
 
 LAYERS = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels, input side)
 MULTIPLIERS = (1, 2, 3, 4)

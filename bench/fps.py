@@ -5,7 +5,7 @@ them) converted with per-layer MEGO budgets that cut every eligible layer's MACs
 ``--layer-reduction`` times (default 3.5: the network's conv MACs 3.4x fewer, the first
 conv staying dense), and the embedded digits CNN with its demo conversion (LEGO, 1.25x).
 Every (model, backend) pair is timed interleaved with the others in one process
-(:func:`gdws_torch.throughput.measure_throughput`), medians over ``--rounds`` rounds.
+(:func:`gdws_torch.cost.throughput.measure_throughput`), medians over ``--rounds`` rounds.
 
 Printed per model, backend and batch size: dense and GDWS FPS, their ratio, and that ratio
 over the MAC reduction (the share of the MAC saving that becomes speed). Then, for
@@ -32,8 +32,8 @@ from torch import nn
 
 from gdws_approx.files import write_json_atomic
 from gdws_torch import convert, count_macs, eligible_convs
+from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
-from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
 
 
 def preact_resnet18(layer_reduction: float) -> tuple[nn.Module, nn.Module]:
@@ -54,7 +54,7 @@ def preact_resnet18(layer_reduction: float) -> tuple[nn.Module, nn.Module]:
 
 
 def demo_models() -> tuple[nn.Module, nn.Module]:
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     dense = demo.demo_network()
     gdws, _ = convert(dense, target_mac_reduction=demo.DEFAULT_TARGET, input_size=demo.INPUT_SHAPE)

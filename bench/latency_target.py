@@ -36,9 +36,9 @@ from torch import nn
 
 from gdws_approx.files import write_json_atomic
 from gdws_torch import convert
+from gdws_torch.conversion.speed_target import measure_speedup
+from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
-from gdws_torch.speed_target import measure_speedup
-from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
 
 MAC_TARGETS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run (the tests use it)")
     parser.add_argument("--out", type=Path, default=Path("gdws-results/latency_target.json"))
     args = parser.parse_args(argv)
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     models = {"PreActResNet-18": (preact_resnet18(), (3, 32, 32))}
     if not args.quick:

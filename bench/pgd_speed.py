@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch.attacks import PGD
 from gdws_torch.models import PreActResNet18
+from gdws_torch.robustness.attacks import PGD
 
 
 def main(argv: list[str] | None = None) -> int:

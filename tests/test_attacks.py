@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from torch import nn
 
-from gdws_torch.attacks import PGD, PGDL1, PGDL2, project_l1_ball
-from gdws_torch.evaluate import evaluate
+from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, project_l1_ball
+from gdws_torch.robustness.evaluate import evaluate
 
 
 def digits_split():

@@ -17,7 +17,7 @@ from test_datasets import write_cifar10
 from gdws_torch import load_alphas, load_converted, noise_gains
 from gdws_torch.cli import main
 from gdws_torch.models import WRN28_4, PreActResNet18
-from gdws_torch.normalization import Normalized
+from gdws_torch.nn.normalization import Normalized
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -53,7 +53,7 @@ def test_eval_natural_matches_a_direct_evaluation_and_logs_like_the_original(run
     assert gdws("eval", *args, "--logfilename", "a_nat_base.txt", "--json", json_path) == 0
     again = ["--logfilename", "a_nat_base.txt", "--json", json_path, "--overwrite"]
     assert gdws("eval", *args, *again) == 0
-    from gdws_torch.datasets import load_dataset
+    from gdws_torch.io.datasets import load_dataset
 
     images, labels = load_dataset("cifar10", root / "data", "test").tensors
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_eval_natural_matches_a_direct_evaluation_and_logs_like_the_original(run
 
 def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
     from gdws_torch import PGD, evaluate
-    from gdws_torch.datasets import load_dataset
+    from gdws_torch.io.datasets import load_dataset
 
     root, network = run_folder
     json_path = root / "rob.json"
@@ -101,7 +101,7 @@ def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
 
 def test_eval_union_of_three_norms_equals_the_library(run_folder):
     from gdws_torch import PGD, PGDL1, PGDL2, evaluate
-    from gdws_torch.datasets import load_dataset
+    from gdws_torch.io.datasets import load_dataset
 
     root, network = run_folder
     json_path = root / "union.json"
@@ -151,7 +151,7 @@ def test_alphas_in_the_original_format_drive_a_mac_target(run_folder):
     assert saved["sample_size"] == 6 and saved["attack"] == "none"
     gains = load_alphas(root / "run" / "alphas.pth")
     assert all(k.startswith("module.") for k in gains)  # as the original's DataParallel files
-    from gdws_torch.datasets import load_dataset
+    from gdws_torch.io.datasets import load_dataset
 
     model = Normalized(network, CIFAR10_MEAN.flatten().tolist(), CIFAR10_STD.flatten().tolist())
     loader = torch.utils.data.DataLoader(load_dataset("cifar10", root / "data", "train"), 128)
@@ -378,7 +378,7 @@ def test_fps_of_the_demo_model_on_every_backend(tmp_path, capsys):
 
 
 def test_recalibrated_batchnorm_in_eval_and_convert_on_digits(tmp_path, capsys):
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     checkpoint = tmp_path / "digits.pth"
     torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
@@ -425,7 +425,7 @@ def test_sweep_of_the_demo_model_writes_the_frontier(tmp_path, capsys):
 
 
 def test_eval_with_the_data_weighting_and_global_allocation(tmp_path, capsys):
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     checkpoint = tmp_path / "digits.pth"
     torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
@@ -441,7 +441,7 @@ def test_eval_with_the_data_weighting_and_global_allocation(tmp_path, capsys):
 
 
 def test_eval_with_the_pointwise_refit(tmp_path, capsys):
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     checkpoint = tmp_path / "digits.pth"
     torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
@@ -460,8 +460,8 @@ def test_eval_with_the_pointwise_refit(tmp_path, capsys):
 
 
 def test_convert_runs_the_robust_recipe_by_default_and_says_so(tmp_path, capsys):
-    from gdws_torch import demo
-    from gdws_torch.recipes import RECIPES
+    from gdws_torch.conversion.recipes import RECIPES
+    from gdws_torch.experiments import demo
 
     checkpoint = tmp_path / "digits.pth"
     torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from gdws_torch.datasets import load_dataset, num_classes
+from gdws_torch.io.datasets import load_dataset, num_classes
 
 
 def write_cifar10(root, n_per_batch=4, seed=0):

@@ -23,16 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from gdws_torch import noise_gains
-from gdws_torch.attacks import PGD, PGDL1, PGDL2, sample_seed
-from gdws_torch.distributed import (
+from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, sample_seed
+from gdws_torch.robustness.distributed import (
     Group,
     WithIndices,
     process_group,
     shard,
     world_from_environment,
 )
-from gdws_torch.evaluate import batch_outcomes, evaluate_dataset
-from gdws_torch.resume import ResultStore, describe_attack
+from gdws_torch.robustness.evaluate import batch_outcomes, evaluate_dataset
+from gdws_torch.robustness.resume import ResultStore, describe_attack
 
 CHECKPOINT = Path(__file__).parents[1] / "adapters/gdws_torch/data/digits_cnn.pth"
 
@@ -254,7 +254,7 @@ def test_results_of_another_evaluation_are_refused(tmp_path):
 def test_describe_attack_keeps_the_settings_not_the_model():
     model = small_net()
     described = describe_attack(PGDL1(model, 2.0, 0.5, steps=3, seed=7, sparsity=0.9))
-    assert described["class"] == "gdws_torch.attacks.PGDL1"
+    assert described["class"] == "gdws_torch.robustness.attacks.PGDL1"
     assert described["eps"] == 2.0 and described["seed"] == 7 and described["sparsity"] == 0.9
     assert "model" not in described
 

@@ -35,7 +35,7 @@ import gdws_torch.cli.eval as eval_command
 from gdws_torch import load_alphas, load_converted
 from gdws_torch.cli import main
 from gdws_torch.models import DigitsCNN, PreActResNet18
-from gdws_torch.resume import MANIFEST, ResultStore
+from gdws_torch.robustness.resume import MANIFEST, ResultStore
 
 DIGITS = ["--model", "digits_cnn", "--dataset", "digits"]
 QUICK = ["--attack", "none", "--n-samples", "20", "--no-progress"]
@@ -43,7 +43,7 @@ TRAIN = ["--epochs", "1", "--attack", "none", "--batch-size", "256", "--no-progr
 PGD1 = ["--attack-iters", "1", "--n-samples", "20", "--no-progress"]
 SCRIPT = Path(sys.executable).with_name("gdws")
 # The module, not the function gdws_torch exports under the same name.
-evaluation = importlib.import_module("gdws_torch.evaluate")
+evaluation = importlib.import_module("gdws_torch.robustness.evaluate")
 ENOSPC = "No space left on device"
 
 

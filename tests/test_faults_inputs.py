@@ -19,7 +19,6 @@ from gdws_torch import (
     PGD,
     PGDL1,
     PGDL2,
-    checkpoints,
     convert,
     load_alphas,
     load_checkpoint,
@@ -27,10 +26,11 @@ from gdws_torch import (
     load_state_dict_file,
     save_converted,
 )
-from gdws_torch.datasets import load_dataset
-from gdws_torch.evaluate import evaluate
-from gdws_torch.imagefolder import imagefolder_loader
-from gdws_torch.training import train
+from gdws_torch.io import checkpoints
+from gdws_torch.io.datasets import load_dataset
+from gdws_torch.io.imagefolder import imagefolder_loader
+from gdws_torch.robustness.evaluate import evaluate
+from gdws_torch.robustness.training import train
 
 # -- dataset files ------------------------------------------------------------------------
 

@@ -12,11 +12,11 @@ import torch
 from _torch_models import with_batchnorm_statistics
 from PIL import Image
 
-from gdws_torch.checkpoints import check_state_dict, load_checkpoint, load_state_dict_file
 from gdws_torch.cli import _common as common
 from gdws_torch.cli import main
-from gdws_torch.datasets import DATASETS, load_dataset, num_classes
-from gdws_torch.imagefolder import (
+from gdws_torch.io.checkpoints import check_state_dict, load_checkpoint, load_state_dict_file
+from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
+from gdws_torch.io.imagefolder import (
     ImageFolder,
     center_crop,
     eval_transform,
@@ -24,7 +24,7 @@ from gdws_torch.imagefolder import (
     resize_shorter_side,
 )
 from gdws_torch.models import ARCHITECTURES, ResNet50
-from gdws_torch.normalization import DATASET_NORMALIZATION, normalized
+from gdws_torch.nn.normalization import DATASET_NORMALIZATION, normalized
 
 # (class folder, file name, (width, height), Pillow mode)
 IMAGES = [

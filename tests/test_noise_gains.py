@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gdws_torch import convert
-from gdws_torch.noise_gains import (
+from gdws_torch.conversion.noise_gains import (
     _patches,
     choose_form,
     noise_gains,
@@ -94,7 +94,7 @@ def test_with_an_attack_equals_the_loop_on_the_same_attacked_inputs(model, refer
 
 def test_with_a_multi_step_pgd_attack_equals_the_loop(model):
     # PGD runs the model several times per chunk: the layer hooks must not record those.
-    from gdws_torch.attacks import PGD
+    from gdws_torch.robustness.attacks import PGD
 
     attack = PGD(model, eps=0.05, alpha=0.02, steps=3, random_start=False)
     got = noise_gains(model, data(), N_SAMPLES, attack=attack, chunk_size=4, progress=False)

@@ -1,4 +1,4 @@
-"""The ``openvino`` backend of :mod:`gdws_torch.throughput`: same outputs as torch, timed."""
+"""The ``openvino`` backend of :mod:`gdws_torch.cost.throughput`: same outputs as torch, timed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gdws_torch import GDWSConv2d, convert
-from gdws_torch.throughput import available_backends, make_runner, measure_throughput
+from gdws_torch.cost.throughput import available_backends, make_runner, measure_throughput
 
 pytest.importorskip("openvino")
 

@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from gdws_torch import RECIPES, Recipe, compress, convert, get_recipe, recipe_inputs
-from gdws_torch.attacks import PGD
-from gdws_torch.datasets import load_dataset
-from gdws_torch.demo import INPUT_SHAPE, demo_network
-from gdws_torch.noise_gains import noise_gains
-from gdws_torch.weightings import weighting
+from gdws_torch.conversion.noise_gains import noise_gains
+from gdws_torch.conversion.weightings import weighting
+from gdws_torch.experiments.demo import INPUT_SHAPE, demo_network
+from gdws_torch.io.datasets import load_dataset
+from gdws_torch.robustness.attacks import PGD
 
 EPS = 24 / 255
 # The robust recipe on fewer digits, to keep the tests short.

@@ -593,7 +593,7 @@ def test_layer_factors_bad_input(change, match):
 
 
 def test_sweep_rows_for_each_refit_variant():
-    from gdws_torch.sweep import run_sweep
+    from gdws_torch.experiments.sweep import run_sweep
 
     results = run_sweep(
         small_resnet(),
@@ -632,8 +632,8 @@ def test_sweep_rows_for_each_refit_variant():
 
 
 def test_cli_refit_flags(tmp_path, capsys):
-    from gdws_torch import demo
     from gdws_torch.cli import main
+    from gdws_torch.experiments import demo
 
     checkpoint = tmp_path / "digits.pth"
     torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)

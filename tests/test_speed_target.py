@@ -15,9 +15,9 @@ from torch import nn
 from gdws_approx import LayerLatency
 from gdws_torch import GDWSConv2d, convert, replace_module
 from gdws_torch.cli import main
-from gdws_torch.latency import layer_input_shapes
-from gdws_torch.latency_tables import LatencyTable, kernel_grid, measure_layer, multiplier_grid
-from gdws_torch.throughput import measure_throughput
+from gdws_torch.cost.latency import layer_input_shapes
+from gdws_torch.cost.latency_tables import LatencyTable, kernel_grid, measure_layer, multiplier_grid
+from gdws_torch.cost.throughput import measure_throughput
 
 
 def small_net() -> nn.Module:
@@ -202,7 +202,7 @@ def test_cli_latency_table_and_convert_for_a_speedup(tmp_path, capsys):
 
 
 def test_sweep_adds_rows_converted_for_a_speedup(tmp_path, capsys):
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     table = tmp_path / "planned.json"
     planned_table(table, demo.demo_network(), demo.INPUT_SHAPE)
@@ -222,7 +222,7 @@ def test_sweep_adds_rows_converted_for_a_speedup(tmp_path, capsys):
 
 
 def test_the_next_plan_interpolates_between_attempts_on_either_side_of_the_target():
-    from gdws_torch.speed_target import _next_plan
+    from gdws_torch.conversion.speed_target import _next_plan
 
     def attempt(planned, measured):
         return {"planned_target": planned, "measured_speedup": measured}

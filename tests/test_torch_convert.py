@@ -258,7 +258,7 @@ def test_converted_model_exports_to_onnx_and_torch_export():
 
 def test_latency_aware_keeps_dense_the_layers_measured_slower(model, images, monkeypatch):
     """The timing is faked (deterministic): GDWS measured slower on one layer only."""
-    import gdws_torch.latency as latency
+    import gdws_torch.cost.latency as latency
 
     slow = "block.conv2"
     seen = {}

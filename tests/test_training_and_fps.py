@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdws_torch import load_checkpoint
-from gdws_torch.normalization import DATASET_NORMALIZATION, Normalized, normalized
-from gdws_torch.throughput import measure_fps
-from gdws_torch.training import accuracy, random_crop_flip, train
+from gdws_torch.cost.throughput import measure_fps
+from gdws_torch.nn.normalization import DATASET_NORMALIZATION, Normalized, normalized
+from gdws_torch.robustness.training import accuracy, random_crop_flip, train
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the original's datasets.py
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -394,7 +394,7 @@ def test_fps_bad_arguments(calls, models, shape, kwargs, name):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_measure_throughput_on_cuda_synchronises_and_reports_the_device():
-    from gdws_torch.throughput import measure_throughput
+    from gdws_torch.cost.throughput import measure_throughput
 
     model = small_cnn()
     rows = measure_throughput(
@@ -406,7 +406,7 @@ def test_measure_throughput_on_cuda_synchronises_and_reports_the_device():
 
 def test_tensorrt_runs_only_where_a_gpu_and_its_provider_are():
     onnxruntime = pytest.importorskip("onnxruntime")
-    from gdws_torch.throughput import available_backends, make_runner, measure_throughput
+    from gdws_torch.cost.throughput import available_backends, make_runner, measure_throughput
 
     assert "tensorrt" not in available_backends("cpu")
     with pytest.raises(ValueError, match="tensorrt backend needs a CUDA device"):

@@ -11,7 +11,7 @@ from torch import nn
 
 from gdws_approx import GDWSApproximator
 from gdws_torch import GDWSConv2d, convert, weighting
-from gdws_torch.weightings import batchnorm_output_weights, input_patch_transforms
+from gdws_torch.conversion.weightings import batchnorm_output_weights, input_patch_transforms
 
 
 def batches(n=12, batch=4):

@@ -89,7 +89,7 @@ def export(
     path = Path(path)
     modes = [(module, module.training) for module in torch_model.modules()]
     if kernel_multiple > 1:
-        from gdws_torch.module_tree import pad_kernels
+        from gdws_torch.nn.module_tree import pad_kernels
 
         torch_model = pad_kernels(copy.deepcopy(torch_model), kernel_multiple)
     torch_model.eval()

@@ -4,8 +4,24 @@ GDWS layers, whole-model conversion (:func:`compress` runs a whole recipe), MAC
 counting, noise gains and checkpoint files.
 """
 
-from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
-from gdws_torch.checkpoints import (
+from gdws_torch.conversion.convert import convert, pad_kernels, replace_module, set_fused
+from gdws_torch.conversion.eligibility import eligible_convs, is_approximable
+from gdws_torch.conversion.noise_gains import (
+    noise_gains,
+    plan_noise_gain_forms,
+    reference_noise_gains,
+)
+from gdws_torch.conversion.recipes import (
+    RECIPES,
+    Recipe,
+    RecipeInputs,
+    compress,
+    get_recipe,
+    recipe_inputs,
+)
+from gdws_torch.conversion.weightings import weighting
+from gdws_torch.cost.macs import LayerMacs, MacCount, count_macs
+from gdws_torch.io.checkpoints import (
     load_alphas,
     load_checkpoint,
     load_converted,
@@ -14,15 +30,10 @@ from gdws_torch.checkpoints import (
     save_checkpoint,
     save_converted,
 )
-from gdws_torch.convert import convert, pad_kernels, replace_module, set_fused
-from gdws_torch.eligibility import eligible_convs, is_approximable
-from gdws_torch.evaluate import evaluate
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.macs import LayerMacs, MacCount, count_macs
-from gdws_torch.noise_gains import noise_gains, plan_noise_gain_forms, reference_noise_gains
-from gdws_torch.recipes import RECIPES, Recipe, RecipeInputs, compress, get_recipe, recipe_inputs
+from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
-from gdws_torch.weightings import weighting
+from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.robustness.evaluate import evaluate
 
 __all__ = [
     "PGD",

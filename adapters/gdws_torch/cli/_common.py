@@ -21,15 +21,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from gdws_torch.attacks import PGD, PGDL1, PGDL2, Attack
-from gdws_torch.checkpoints import check_state_dict, load_alphas, load_state_dict_file
 from gdws_torch.cli._errors import UsageError
 from gdws_torch.cli._outputs import Outputs
-from gdws_torch.datasets import DATASETS, load_dataset, num_classes
-from gdws_torch.distributed import process_group, world_from_environment
+from gdws_torch.cost.throughput import BACKENDS
+from gdws_torch.io.checkpoints import check_state_dict, load_alphas, load_state_dict_file
+from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
 from gdws_torch.models import ARCHITECTURES
-from gdws_torch.normalization import normalized
-from gdws_torch.throughput import BACKENDS
+from gdws_torch.nn.normalization import normalized
+from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.robustness.distributed import process_group, world_from_environment
 
 # The original's model names (its get_architecture) and other spellings users type.
 MODEL_ALIASES = {
@@ -671,7 +671,7 @@ def approximate(
     end (:func:`gdws_torch.compress`). Returns ``(converted copy, report, alphas file or
     None)``; prints the report.
     """
-    from gdws_torch.convert import convert
+    from gdws_torch.conversion.convert import convert
 
     recipe, why = chosen_recipe(args, default_recipe)
     if recipe is not None:
@@ -695,7 +695,7 @@ def approximate(
         budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
     weights = {}
     if args.weighting != "unit":
-        from gdws_torch.weightings import weighting
+        from gdws_torch.conversion.weightings import weighting
 
         data = dataset(args, "train")
         weights = weighting(
@@ -732,7 +732,7 @@ def _run_recipe(
 ):
     """``compress`` with the recipe ``name`` on the network in pixel space; returns the
     converted network (unwrapped) and its report, printed."""
-    from gdws_torch.recipes import compress, get_recipe
+    from gdws_torch.conversion.recipes import compress, get_recipe
 
     recipe = get_recipe(name)
     if recipe.needs_data:
@@ -797,7 +797,7 @@ def _recovery_attack(args: argparse.Namespace, adversarial: bool):
 def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
     """``--refit N``: pointwise (and with ``--refit-depthwise`` depthwise) weights re-solved
     on N (adversarial) training inputs."""
-    from gdws_torch.layers import GDWSConv2d
+    from gdws_torch.nn.layers import GDWSConv2d
     from gdws_torch.recovery import refit_gdws
 
     if not any(isinstance(m, GDWSConv2d) for m in converted.modules()):

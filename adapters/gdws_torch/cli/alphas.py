@@ -7,11 +7,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from gdws_torch.checkpoints import save_alphas
 from gdws_torch.cli import _common as common
 from gdws_torch.cli._outputs import report_beside
-from gdws_torch.distributed import WithIndices, shard
-from gdws_torch.noise_gains import noise_gains
+from gdws_torch.conversion.noise_gains import noise_gains
+from gdws_torch.io.checkpoints import save_alphas
+from gdws_torch.robustness.distributed import WithIndices, shard
 
 HELP = "compute the noise gains (alphas) of a checkpoint on training samples"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from gdws_torch.checkpoints import save_converted
 from gdws_torch.cli import _common as common
 from gdws_torch.cli._outputs import report_beside
+from gdws_torch.io.checkpoints import save_converted
 
 HELP = "replace the convolutions of a checkpoint by GDWS ones and save the result"
 

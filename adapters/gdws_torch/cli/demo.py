@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gdws_torch.cli import _common as common
-from gdws_torch.throughput import BACKENDS, available_backends
+from gdws_torch.cost.throughput import BACKENDS, available_backends
 
 HELP = (
     "run the pipeline on the embedded robust digits CNN: dense vs GDWS built for a measured "
@@ -132,7 +132,7 @@ def _candidates(results) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gdws_torch import demo
+    from gdws_torch.experiments import demo
 
     common.check_common(args)
     targets = args.targets or list(demo.SWEEP_TARGETS)

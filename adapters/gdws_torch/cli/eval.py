@@ -6,12 +6,12 @@ import argparse
 import time
 from pathlib import Path
 
-from gdws_torch.checkpoints import load_converted
 from gdws_torch.cli import _common as common
-from gdws_torch.convert import set_fused
-from gdws_torch.evaluate import evaluate_dataset
-from gdws_torch.macs import count_macs
-from gdws_torch.resume import ResultStore, check_results_folder
+from gdws_torch.conversion.convert import set_fused
+from gdws_torch.cost.macs import count_macs
+from gdws_torch.io.checkpoints import load_converted
+from gdws_torch.robustness.evaluate import evaluate_dataset
+from gdws_torch.robustness.resume import ResultStore, check_results_folder
 
 HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
 

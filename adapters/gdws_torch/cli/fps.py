@@ -7,9 +7,9 @@ import argparse
 import torch
 
 from gdws_torch.cli import _common as common
-from gdws_torch.datasets import DATASETS
-from gdws_torch.macs import count_macs
-from gdws_torch.throughput import BACKENDS, available_backends, measure_throughput
+from gdws_torch.cost.macs import count_macs
+from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
+from gdws_torch.io.datasets import DATASETS
 
 HELP = "measure FPS of a dense model and its GDWS version (default: the demo model)"
 
@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
 def _models(args: argparse.Namespace):
     """(dense, gdws, input shape, description)."""
     if args.model is None:
-        from gdws_torch import demo
+        from gdws_torch.experiments import demo
 
         network = demo.demo_network()
         budgets = (args.beta, args.target_mac_reduction, args.n_kernels, args.target_speedup)
@@ -68,7 +68,7 @@ def _models(args: argparse.Namespace):
     checkpoint = None if args.random_weights else common.checkpoint_path(args)
     network = common.build_network(args, checkpoint)
     if args.converted:
-        from gdws_torch.checkpoints import load_converted
+        from gdws_torch.io.checkpoints import load_converted
 
         converted, _ = load_converted(common.in_run_folder(args, args.converted), network)
     else:

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from gdws_torch.cli import _common as common
-from gdws_torch.datasets import DATASETS
-from gdws_torch.eligibility import eligible_convs
-from gdws_torch.latency import layer_input_shapes
-from gdws_torch.latency_tables import LatencyTable, default_cache
-from gdws_torch.throughput import BACKENDS, available_backends
+from gdws_torch.conversion.eligibility import eligible_convs
+from gdws_torch.cost.latency import layer_input_shapes
+from gdws_torch.cost.latency_tables import LatencyTable, default_cache
+from gdws_torch.cost.throughput import BACKENDS, available_backends
+from gdws_torch.io.datasets import DATASETS
 
 HELP = "time each eligible layer dense and as GDWS on a backend: the table --target-speedup uses"
 
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise common.UsageError(f"--out: {exc} Give another file.") from None
     if args.model is None:
-        from gdws_torch import demo
+        from gdws_torch.experiments import demo
 
         network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
     else:

@@ -8,11 +8,11 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from gdws_torch.attacks import PGD, PGDL1, PGDL2
 from gdws_torch.cli import _common as common
-from gdws_torch.datasets import DATASETS
-from gdws_torch.sweep import DEFAULT_REFIT, REFIT_VARIANTS
-from gdws_torch.weightings import STRATEGIES
+from gdws_torch.conversion.weightings import STRATEGIES
+from gdws_torch.experiments.sweep import DEFAULT_REFIT, REFIT_VARIANTS
+from gdws_torch.io.datasets import DATASETS
+from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2
 
 HELP = "robust accuracy vs conv MACs and FPS for each error weighting, with and without recovery"
 
@@ -103,8 +103,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gdws_torch import demo
-    from gdws_torch.sweep import plot_frontier, run_sweep
+    from gdws_torch.experiments import demo
+    from gdws_torch.experiments.sweep import plot_frontier, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)

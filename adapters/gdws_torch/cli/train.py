@@ -7,10 +7,10 @@ import functools
 
 import torch
 
-from gdws_torch.checkpoints import save_checkpoint
 from gdws_torch.cli import _common as common
 from gdws_torch.cli._outputs import report_beside
-from gdws_torch.training import random_crop_flip, train
+from gdws_torch.io.checkpoints import save_checkpoint
+from gdws_torch.robustness.training import random_crop_flip, train
 
 HELP = "train a bundled architecture, standard or PGD adversarial (builds the demo model)"
 

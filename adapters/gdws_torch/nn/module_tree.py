@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from gdws_approx import cost
-from gdws_torch.layers import GDWSConv2d
+from gdws_torch.nn.layers import GDWSConv2d
 
 __all__ = ["pad_kernels", "replace_module", "set_fused"]
 

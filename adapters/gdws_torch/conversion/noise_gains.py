@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gdws_torch.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.conversion.eligibility import LayerPredicate, eligible_convs
 
 __all__ = [
     "FORMS",
@@ -414,7 +414,7 @@ def noise_gains(
         ``requires_grad`` flags are not touched.
     loader : iterable of (images, labels) or (images, labels, sample_ids)
         For example a ``DataLoader``; the first ``n_samples`` samples are used. With
-        ``sample_ids`` (e.g. from :class:`gdws_torch.distributed.WithIndices`), they are
+        ``sample_ids`` (e.g. from :class:`gdws_torch.robustness.distributed.WithIndices`), they are
         passed on to the attack, which then seeds each sample's random start on its own.
     n_samples : int, default=1000
         Samples averaged over (``N`` in the formula).

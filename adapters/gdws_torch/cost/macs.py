@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gdws_torch.layers import GDWSConv2d
+from gdws_torch.nn.layers import GDWSConv2d
 
 __all__ = ["LayerMacs", "MacCount", "count_macs", "example_input"]
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gdws_torch.convert import convert, set_fused
-from gdws_torch.evaluate import evaluate
-from gdws_torch.figures import save_figure
-from gdws_torch.macs import count_macs
+from gdws_torch.conversion.convert import convert, set_fused
+from gdws_torch.conversion.weightings import STRATEGIES, weighting
+from gdws_torch.cost.macs import count_macs
+from gdws_torch.cost.throughput import measure_throughput
+from gdws_torch.io.figures import save_figure
 from gdws_torch.recovery import batchnorm_layers, calibration_inputs
-from gdws_torch.throughput import measure_throughput
-from gdws_torch.weightings import STRATEGIES, weighting
+from gdws_torch.robustness.evaluate import evaluate
 
 __all__ = ["DEFAULT_REFIT", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
 
@@ -66,7 +66,7 @@ def run_sweep(
     attack : callable
         ``attack(model) -> attack(images, labels)``, applied to every model.
     strategies : sequence of str
-        From :data:`gdws_torch.weightings.STRATEGIES`.
+        From :data:`gdws_torch.conversion.weightings.STRATEGIES`.
     targets : sequence of float
         Conv MAC reductions.
     allocations : sequence of {"common_beta", "global"}

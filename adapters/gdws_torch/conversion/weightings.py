@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gdws_torch.eligibility import eligible_convs
-from gdws_torch.macs import example_input
-from gdws_torch.noise_gains import _patches
+from gdws_torch.conversion.eligibility import eligible_convs
+from gdws_torch.conversion.noise_gains import _patches
+from gdws_torch.cost.macs import example_input
 
 __all__ = [
     "STRATEGIES",
@@ -170,7 +170,7 @@ def weighting(
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
     kwargs: dict[str, Any] = {}
     if strategy == "noise_gains":
-        from gdws_torch.noise_gains import noise_gains
+        from gdws_torch.conversion.noise_gains import noise_gains
 
         if loader is None:
             raise ValueError("strategy 'noise_gains' needs a loader.")

@@ -2,7 +2,7 @@
 
 1. Every eligible layer's latencies (dense, GDWS at a grid of ``G``, grouped at a grid of
    channel multipliers ``m``)
-   come from a :class:`~gdws_torch.latency_tables.LatencyTable` (cached, or timed now) on
+   come from a :class:`~gdws_torch.cost.latency_tables.LatencyTable` (cached, or timed now) on
    the backend, device and batch size the model will run on; the dense network is timed
    whole.
 2. :func:`gdws_approx.plan_latency` chooses each layer's form for the least total error
@@ -26,10 +26,10 @@ from typing import Any
 from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_latency
-from gdws_torch.latency_tables import PREFERRED_MULTIPLE, LatencyTable
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.module_tree import replace_module
-from gdws_torch.throughput import measure_throughput
+from gdws_torch.cost.latency_tables import PREFERRED_MULTIPLE, LatencyTable
+from gdws_torch.cost.throughput import measure_throughput
+from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.module_tree import replace_module
 
 __all__ = ["convert_for_speedup", "measure_speedup"]
 

@@ -7,7 +7,7 @@ channel up to the break-even count (where GDWS would need as many MACs as the de
 conv), on multiples of the backend's preferred padding, and of the grouped form (``m``
 kernels per channel, one grouped conv with ``groups=C``, no gather) at a grid of
 multipliers ``m`` (``m = 1``: the ordinary depthwise-separable layer).
-All forms of a layer are timed interleaved (:func:`gdws_torch.throughput.measure_throughput`,
+All forms of a layer are timed interleaved (:func:`gdws_torch.cost.throughput.measure_throughput`,
 medians), with random weights: latency depends on the shapes, not the values.
 
 Tables are cached as JSON, keyed by everything a timing depends on: the machine (processor
@@ -33,8 +33,8 @@ from torch import nn
 
 from gdws_approx import LayerLatency, cost
 from gdws_approx.files import write_json_atomic
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.throughput import BACKENDS, measure_throughput
+from gdws_torch.cost.throughput import BACKENDS, measure_throughput
+from gdws_torch.nn.layers import GDWSConv2d
 
 __all__ = [
     "LatencyTable",
@@ -190,7 +190,7 @@ def measure_layer(
     input_shape : sequence of int
         Its input, one sample ``(C, H, W)``.
     backend, batch_size, device
-        Where and how (:func:`gdws_torch.throughput.measure_throughput`).
+        Where and how (:func:`gdws_torch.cost.throughput.measure_throughput`).
     kernel_counts : sequence of int, optional
         Default :func:`kernel_grid` on the backend's preferred multiple.
     multipliers : sequence of int, optional
@@ -244,7 +244,7 @@ class LatencyTable:
     Parameters
     ----------
     backend : str
-        From :data:`gdws_torch.throughput.BACKENDS`.
+        From :data:`gdws_torch.cost.throughput.BACKENDS`.
     batch_size : int, default=1
     device : default="cpu"
     path : path-like or None, default=None

@@ -163,7 +163,7 @@ def make_runner(
     if backend == "openvino":
         if device.type != "cpu":
             raise ValueError(f"the openvino backend runs on the CPU only; got device {device}.")
-        from gdws_torch.module_tree import pad_kernels
+        from gdws_torch.nn.module_tree import pad_kernels
 
         # Padded as for ONNX Runtime: the outputs are the same.
         return _openvino_runner(pad_kernels(copy.deepcopy(model).eval(), 4), shape)
@@ -173,7 +173,7 @@ def make_runner(
             f"execution provider; got device {device}."
         )
     if backend in ("onnxruntime", "tensorrt"):
-        from gdws_torch.module_tree import pad_kernels
+        from gdws_torch.nn.module_tree import pad_kernels
 
         # G a multiple of 4: ONNX Runtime's CPU convolutions run 2.2-2.4x faster so.
         padded = pad_kernels(copy.deepcopy(model).eval(), 4)

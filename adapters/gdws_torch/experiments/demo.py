@@ -41,17 +41,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from gdws_torch.attacks import PGD
-from gdws_torch.checkpoints import load_checkpoint
-from gdws_torch.convert import convert, set_fused
-from gdws_torch.datasets import load_dataset
-from gdws_torch.evaluate import evaluate
-from gdws_torch.figures import save_figure
-from gdws_torch.macs import count_macs
+from gdws_torch.conversion.convert import convert, set_fused
+from gdws_torch.conversion.recipes import RECIPES as LIBRARY_RECIPES
+from gdws_torch.conversion.recipes import Recipe, RecipeInputs, compress, recipe_inputs
+from gdws_torch.cost.macs import count_macs
+from gdws_torch.cost.throughput import available_backends, measure_throughput
+from gdws_torch.io.checkpoints import load_checkpoint
+from gdws_torch.io.datasets import load_dataset
+from gdws_torch.io.figures import save_figure
 from gdws_torch.models import DigitsCNN
-from gdws_torch.recipes import RECIPES as LIBRARY_RECIPES
-from gdws_torch.recipes import Recipe, RecipeInputs, compress, recipe_inputs
-from gdws_torch.throughput import available_backends, measure_throughput
+from gdws_torch.robustness.attacks import PGD
+from gdws_torch.robustness.evaluate import evaluate
 
 __all__ = ["DEMO_ATTACK", "demo_network", "plot_sweep", "run_demo"]
 
@@ -332,8 +332,8 @@ def _speed_headline(
 
     Latency tables come from the user's cache (timed and added there on the first run).
     """
-    from gdws_torch.eligibility import eligible_convs
-    from gdws_torch.latency_tables import LatencyTable
+    from gdws_torch.conversion.eligibility import eligible_convs
+    from gdws_torch.cost.latency_tables import LatencyTable
 
     installed = available_backends()
     candidates = [backend] if backend else [b for b in SPEED_BACKENDS if b in installed]

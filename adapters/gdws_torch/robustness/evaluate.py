@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from gdws_torch.attacks import Attack, check_labels
-from gdws_torch.distributed import Group, shard
-from gdws_torch.resume import ResultStore, dataset_digest, describe_attack, model_digest
+from gdws_torch.robustness.attacks import Attack, check_labels
+from gdws_torch.robustness.distributed import Group, shard
+from gdws_torch.robustness.resume import ResultStore, dataset_digest, describe_attack, model_digest
 
 __all__ = ["batch_outcomes", "evaluate", "evaluate_dataset"]
 
@@ -114,7 +114,7 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """:func:`evaluate` on the first ``n_samples`` of a dataset: sharded, resumable, seeded.
 
-    - **Sharded**: with a :class:`~gdws_torch.distributed.Group` of several processes
+    - **Sharded**: with a :class:`~gdws_torch.robustness.distributed.Group` of several processes
       (``torchrun``), each evaluates every ``world_size``-th remaining sample; the
       per-sample outcomes are summed over processes, and the run fails unless every
       sample was evaluated exactly once.
@@ -142,16 +142,16 @@ def evaluate_dataset(
     device : optional
         Default: the model's parameters' device.
     resume_dir : path-like, optional
-        Folder of saved per-sample results (see :mod:`gdws_torch.resume`): new, empty,
+        Folder of saved per-sample results (see :mod:`gdws_torch.robustness.resume`): new, empty,
         or written by an earlier call; it is left in place (remove it with
-        :meth:`gdws_torch.resume.ResultStore.clear` once the results are kept).
+        :meth:`gdws_torch.robustness.resume.ResultStore.clear` once the results are kept).
     resume_description : mapping, optional
         Plain values naming the run (command, files), stored in the folder's manifest.
     save_every_s : float, default=60
         Least time between two saves of a process's results (0: after every batch).
     group : Group, optional
         The processes sharing the work (default: this process alone; see
-        :func:`gdws_torch.distributed.process_group`).
+        :func:`gdws_torch.robustness.distributed.process_group`).
     progress : bool, default=True
         A progress bar on rank 0.
 
@@ -332,7 +332,7 @@ def batch_outcomes(
 
     Returns a ``(N, 1 + len(attacks))`` bool tensor on the CPU: column 0 natural, then
     one column per attack. ``sample_ids`` goes to the attacks that seed each sample's
-    random start on its own (:class:`~gdws_torch.attacks.Attack` with a seed).
+    random start on its own (:class:`~gdws_torch.robustness.attacks.Attack` with a seed).
     Labels must be class indices in ``[0, number of logits)`` (a ``ValueError`` otherwise).
     """
     model.eval()

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from gdws_approx.files import atomic_output
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.module_tree import replace_module
+from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.module_tree import replace_module
 
 __all__ = [
     "CONVERTED_FORMAT",

@@ -32,7 +32,7 @@ class Recipe:
     ----------
     name : str
     weighting : {"unit", "noise_gains", "output", "data", "output+data"}, default="unit"
-        The per-layer error weighting (:func:`gdws_torch.weightings.weighting`).
+        The per-layer error weighting (:func:`gdws_torch.conversion.weightings.weighting`).
     weighting_samples : int, default=256
         Training inputs the data-driven weightings average over.
     allocation : {"common_beta", "global"}, default="common_beta"
@@ -200,8 +200,8 @@ def recipe_inputs(
     See :func:`compress` for the parameters. ``model`` is not modified (it is put in eval
     mode for the attack and the statistics, and its mode restored).
     """
-    from gdws_torch.attacks import PGD
-    from gdws_torch.weightings import weighting
+    from gdws_torch.conversion.weightings import weighting
+    from gdws_torch.robustness.attacks import PGD
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -330,7 +330,7 @@ def compress(
     >>> fast, report = compress(model, train_loader, target_mac_reduction=2)  # doctest: +SKIP
     >>> gentle = RECIPES["robust"].replace(refit_samples=500)  # doctest: +SKIP
     """
-    from gdws_torch.convert import convert
+    from gdws_torch.conversion.convert import convert
 
     budgets = {
         "target_mac_reduction": target_mac_reduction,

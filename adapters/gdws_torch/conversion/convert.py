@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_network
-from gdws_torch.eligibility import LayerPredicate, eligible_convs
-from gdws_torch.latency import layer_input_shapes, time_layers
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.macs import count_macs
-from gdws_torch.module_tree import pad_kernels, replace_module, set_fused
+from gdws_torch.conversion.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.cost.latency import layer_input_shapes, time_layers
+from gdws_torch.cost.macs import count_macs
+from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.module_tree import pad_kernels, replace_module, set_fused
 from gdws_torch.recovery import recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
@@ -125,7 +125,7 @@ def convert(
     output_weights, input_transforms : mapping, optional
         Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
         error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
-        without an entry get identities. :func:`gdws_torch.weightings.weighting` computes
+        without an entry get identities. :func:`gdws_torch.conversion.weightings.weighting` computes
         them for the strategies "output" (BatchNorm scales) and "data" (input patch
         moments).
     allocation : {"common_beta", "global"}, default="common_beta"
@@ -141,10 +141,10 @@ def convert(
         by more than 5 % either way, planned again for the measured ratio (3 attempts at
         most; the least-error attempt that reached the target is kept).
         ``report.latency`` records the prediction, the measurement and whether the
-        target was reached (:mod:`gdws_torch.speed_target`).
+        target was reached (:mod:`gdws_torch.conversion.speed_target`).
     latency_table : LatencyTable, path-like or None, default=None
         With ``target_speedup``: the table to use and extend, or the JSON file of one;
-        ``None``: the user's cache (:func:`gdws_torch.latency_tables.default_cache`).
+        ``None``: the user's cache (:func:`gdws_torch.cost.latency_tables.default_cache`).
     progress : bool, default=False
         Progress bars while timing layers for ``target_speedup``.
 
@@ -196,7 +196,7 @@ def convert(
                 f"target_speedup is a budget of its own; it excludes {', '.join(extra)}."
             )
     if latency_aware or target_speedup is not None:
-        from gdws_torch.throughput import BACKENDS
+        from gdws_torch.cost.throughput import BACKENDS
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
@@ -327,8 +327,8 @@ def _recover(model, converted, originals, *, inplace, recovery, recalibration) -
 def _convert_for_speedup(
     model, specs, other, *, table, backend, batch_size, device, recovery, recalibration, **kw
 ):
-    from gdws_torch.latency_tables import LatencyTable, default_cache
-    from gdws_torch.speed_target import convert_for_speedup
+    from gdws_torch.conversion.speed_target import convert_for_speedup
+    from gdws_torch.cost.latency_tables import LatencyTable, default_cache
 
     if not isinstance(table, LatencyTable):
         table = LatencyTable(

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from gdws_approx import NetworkPlan
-from gdws_torch.layers import GDWSConv2d
-from gdws_torch.macs import example_input
-from gdws_torch.throughput import BACKENDS, measure_throughput
+from gdws_torch.cost.macs import example_input
+from gdws_torch.cost.throughput import BACKENDS, measure_throughput
+from gdws_torch.nn.layers import GDWSConv2d
 
 __all__ = ["layer_input_shapes", "time_layers"]
 
@@ -61,7 +61,7 @@ def time_layers(
     Each replaced layer of ``plan`` is timed alone, its dense convolution
     (``dense_layers[name]``) against its GDWS form (``gdws_layers[name]``) on inputs of
     ``input_shapes[name]`` (one sample) at ``batch_size``, the two interleaved
-    (:func:`gdws_torch.throughput.measure_throughput`, medians of ``rounds``), on copies.
+    (:func:`gdws_torch.cost.throughput.measure_throughput`, medians of ``rounds``), on copies.
 
     Returns
     -------

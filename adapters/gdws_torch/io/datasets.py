@@ -10,7 +10,7 @@
 - ImageNet (ILSVRC2012): ``<root>/train/<synset>/*.JPEG`` and ``<root>/val/<synset>/*.JPEG``,
   the 1000 class folders torchvision's ``ImageFolder`` reads (labels are the indices of the
   sorted folder names); decoded lazily with Pillow through the resize-256, centre-crop-224
-  evaluation transform (:mod:`gdws_torch.imagefolder`), see docs/imagenet.md.
+  evaluation transform (:mod:`gdws_torch.io.imagefolder`), see docs/imagenet.md.
 
 The CIFAR pickles are read by an unpickler that only accepts plain containers and NumPy
 arrays: a file that asks for anything else is refused, never executed. Nothing is
@@ -185,7 +185,7 @@ def _digits(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _imagenet(root: Path, split: str):
-    from gdws_torch.imagefolder import ImageFolder
+    from gdws_torch.io.imagefolder import ImageFolder
 
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
@@ -224,7 +224,7 @@ def load_dataset(
     -------
     torch.utils.data.TensorDataset
         ``(images (N, C, H, W) float32, labels (N,) int64)``. For ``"imagenet"``, a
-        :class:`gdws_torch.imagefolder.ImageFolder` instead, which decodes each image
+        :class:`gdws_torch.io.imagefolder.ImageFolder` instead, which decodes each image
         when it is indexed (``(3, 224, 224)`` float32, int label).
 
     Raises

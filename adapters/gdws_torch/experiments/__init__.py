@@ -1,0 +1,1 @@
+"""Experiments built from the library: the embedded demo and the robustness frontier sweep."""

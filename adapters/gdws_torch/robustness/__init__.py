@@ -1,0 +1,1 @@
+"""Robustness: attacks, evaluation (resumable, distributed) and adversarial training."""
