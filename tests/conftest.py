@@ -1,11 +1,18 @@
-"""Shared test set-up: the hypothesis CI profile (weight generators: gdws_approx.testing)."""
+"""Shared test set-up: the hypothesis CI profile (weight generators: gdws_approx.testing).
+
+The tests are grouped like the packages: ``core/`` (gdws_approx), ``torch_adapter/``,
+``onnx_adapter/`` and ``cli/``. Their shared helpers (``_torch_models``, the dataset
+writers of ``test_datasets``) are importable from every group.
+"""
 
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 # scikit-learn runs its array-API estimator checks (array-api-strict, torch) only when
 # SciPy's array-API mode is on; it must be set before SciPy is first imported.
@@ -16,6 +23,11 @@ os.environ["GDWS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gdws-test-cache-")
 from hypothesis import HealthCheck, settings
 
 atexit.register(shutil.rmtree, os.environ["GDWS_CACHE_DIR"], ignore_errors=True)
+
+_HERE = Path(__file__).resolve().parent
+for _folder in (_HERE, _HERE / "torch_adapter"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Property tests run derandomized, without deadline, with a bounded number of examples, so
 # the suite is reproducible and its time predictable on a 2-core CI machine.

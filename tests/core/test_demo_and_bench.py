@@ -12,7 +12,7 @@ import pytest
 from gdws_approx import GDWSApproximator
 from gdws_approx.demo import main, synthetic_weight
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench(name: str):

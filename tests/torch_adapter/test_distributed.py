@@ -34,7 +34,7 @@ from gdws_torch.robustness.distributed import (
 from gdws_torch.robustness.evaluate import batch_outcomes, evaluate_dataset
 from gdws_torch.robustness.resume import ResultStore, describe_attack
 
-CHECKPOINT = Path(__file__).parents[1] / "adapters/gdws_torch/data/digits_cnn.pth"
+CHECKPOINT = Path(__file__).parents[2] / "adapters/gdws_torch/data/digits_cnn.pth"
 
 
 def small_net(dtype=torch.float64) -> nn.Module:
