@@ -342,9 +342,11 @@ def test_demo_quick_writes_tables_json_and_plot(tmp_path):
     holding = [c for c in built if c["validation_robust"] >= floor]
     if holding:
         assert chosen["realised_speedup"] == max(c["realised_speedup"] for c in holding)
+        assert results["headline_rule"].startswith("the fastest within 1 point")
     else:
         assert chosen["validation_robust"] == max(c["validation_robust"] for c in built)
-    assert "Headline plan:" in printed
+        assert results["headline_rule"].endswith("the most robust there")
+    assert f"Headline plan ({results['headline_rule']}" in printed
     assert f"Batch-1 FPS on {results['backend']}" in printed and "(chosen)" in printed
     for row in results["sweep"]:
         assert dense["conv_macs"] / row["conv_macs"] >= row["target"]

@@ -125,9 +125,8 @@ def _candidates(results) -> str:
             + (" (chosen)" if entry["chosen"] else "")
         )
     return (
-        "Headline plan: the fastest of the plans reaching the speed target (all layers, or "
-        "one layer alone) whose PGD accuracy on the validation digits is within 1 point of "
-        f"dense's {results['dense_validation_robust']:.1f} %: " + "; ".join(parts)
+        f"Headline plan ({results['headline_rule']}; dense: "
+        f"{results['dense_validation_robust']:.1f} %): " + "; ".join(parts)
     )
 
 

@@ -298,6 +298,7 @@ def run_demo(
         "backend_choice": speed["backends"],
         "headline_candidates": speed["candidates"],
         "dense_validation_robust": speed["dense_validation_robust"],
+        "headline_rule": speed["rule"],
         "default_target": float(default_target),
         "default_weighting": DEFAULT_WEIGHTING,
         "dense": rows[0],
@@ -395,8 +396,10 @@ def _speed_headline(
     kept = [b for b in built if b[0].get("validation_robust", floor) >= floor]
     if kept:  # the fastest that holds robust accuracy
         record, model, report = max(kept, key=lambda b: b[0]["realised_speedup"])
+        rule = "the fastest within 1 point of dense on the validation digits"
     else:
         record, model, report = max(built, key=lambda b: b[0].get("validation_robust", 0))
+        rule = "none within 1 point of dense on the validation digits: the most robust there"
     for entry, _, _ in built:
         entry["chosen"] = entry is record
     return {
@@ -407,6 +410,7 @@ def _speed_headline(
         "backends": backends,
         "candidates": [entry for entry, _, _ in built],
         "dense_validation_robust": dense_validation,
+        "rule": rule,
     }
 
 
