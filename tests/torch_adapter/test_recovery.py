@@ -542,7 +542,21 @@ def test_convert_runs_the_joint_refit():
     with torch.no_grad():
         torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="refit_iterations must be a non-negative integer"):
-        convert(dense, refit=batches, refit_samples=24, refit_iterations=-1, **options)
+        convert(
+            dense, refit=batches, refit_samples=24, refit_depthwise=True, refit_iterations=-1,
+            **options,
+        )  # fmt: skip
+    # Not given, refit_depthwise keeps today's meaning (pointwise only) and says it changes.
+    with pytest.warns(FutureWarning, match="the default becomes refit_depthwise=True"):
+        unsaid, _ = convert(dense, refit=batches, refit_samples=24, **options)
+    pointwise = refit_gdws(dense, plain, batches, 24, depthwise=False, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        said, _ = convert(dense, refit=batches, refit_samples=24, refit_depthwise=False, **options)
+        convert(dense, **options)  # no refit: nothing to warn about
+    with torch.no_grad():
+        torch.testing.assert_close(unsaid(x), pointwise(x), rtol=0, atol=0)
+        torch.testing.assert_close(said(x), pointwise(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

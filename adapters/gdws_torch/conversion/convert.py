@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ def convert(
     refit: Iterable | None = None,
     refit_samples: int = 1000,
     refit_attack: Any = None,
-    refit_depthwise: bool = False,
+    refit_depthwise: bool | None = None,
     refit_iterations: int = 3,
     output_weights: Mapping[str, Any] | None = None,
     input_transforms: Mapping[str, Any] | None = None,
@@ -118,8 +119,12 @@ def convert(
     refit_samples : int, default=1000
     refit_attack : callable, optional
         ``attack(model) -> attack``: refit on adversarial inputs crafted against ``model``.
-    refit_depthwise : bool, default=False
-        Refit the depthwise kernels too, by alternating least squares.
+    refit_depthwise : bool, optional
+        Refit the depthwise kernels too, by alternating least squares. Not given: the
+        pointwise weights only, with a ``FutureWarning`` when ``refit`` is given, because
+        the default becomes ``True`` (the joint refit, as
+        :func:`gdws_torch.recovery.refit_gdws` and the ``robust`` recipe do) in the next
+        release.
     refit_iterations : int, default=3
         Alternations of the depthwise refit.
     output_weights, input_transforms : mapping, optional
@@ -174,6 +179,17 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if refit_depthwise is None:
+        if refit is not None:
+            warnings.warn(
+                "convert(refit=...) refits the pointwise weights only when refit_depthwise is "
+                "not given; the default becomes refit_depthwise=True (the joint refit, as "
+                "refit_gdws and the robust recipe) in the next release. Pass "
+                "refit_depthwise=False to keep this behaviour, True for the joint refit.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        refit_depthwise = False
     if refit is not None and (
         isinstance(refit_iterations, bool)
         or not isinstance(refit_iterations, int)
