@@ -137,8 +137,12 @@ def test_recipes_are_immutable_copyable_and_validated():
     [
         ({}, ValueError, "exactly one of"),
         ({"beta": 1.0, "target_mac_reduction": 2.0}, ValueError, "exactly one of"),
-        ({"beta": 1.0, "epsilon": 0.0}, ValueError, "epsilon must be in"),
-        ({"beta": 1.0, "attack_steps": 0}, ValueError, "attack_steps"),
+        ({"beta": 1.0, "epsilon": 0.0}, ValueError, "epsilon must be > 0"),
+        ({"beta": 1.0, "epsilon": 8.0}, ValueError, r"epsilon must be in \(0, 1\]"),
+        ({"beta": 1.0, "epsilon": "8/255"}, TypeError, "epsilon must be a real number"),
+        ({"beta": 1.0, "attack_steps": 0}, ValueError, "attack_steps must be a positive"),
+        ({"beta": 1.0, "attack_steps": 2.0}, TypeError, "attack_steps must be an integer"),
+        ({"beta": 1.0, "attack_alpha": -0.1}, ValueError, "attack_alpha must be > 0"),
         ({"beta": 1.0, "inputs": {}}, TypeError, "RecipeInputs"),
     ],
 )

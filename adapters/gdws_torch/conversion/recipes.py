@@ -206,20 +206,18 @@ def recipe_inputs(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     chosen = get_recipe(recipe)
-    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)) or not (
-        0 < epsilon <= 1
-    ):
+    epsilon = _positive_real(epsilon, "epsilon")
+    if epsilon > 1:
         raise ValueError(f"epsilon must be in (0, 1] (pixel units); got {epsilon!r}.")
-    if isinstance(attack_steps, bool) or not isinstance(attack_steps, int) or attack_steps < 1:
+    if isinstance(attack_steps, bool) or not isinstance(attack_steps, int):
+        raise TypeError(f"attack_steps must be an integer; got {attack_steps!r}.")
+    if attack_steps < 1:
         raise ValueError(f"attack_steps must be a positive integer; got {attack_steps!r}.")
     if chosen.needs_data and data is None:
         raise ValueError(f"recipe {chosen.name!r} reads training data: give data (a loader).")
     if attack_alpha is None:
         attack_alpha = 2.5 * epsilon / attack_steps
-    elif not (isinstance(attack_alpha, (int, float)) and attack_alpha > 0):
-        raise ValueError(
-            f"attack_alpha must be a positive step (pixel units); got {attack_alpha!r}."
-        )
+    attack_alpha = _positive_real(attack_alpha, "attack_alpha")
     attack = {"eps": epsilon, "alpha": attack_alpha, "steps": attack_steps}
     was_training = model.training
     model.eval()
@@ -383,6 +381,15 @@ def compress(
     )
     report.recipe = {**chosen.to_dict(), "calibration_attack": inputs.attack}
     return converted, report
+
+
+def _positive_real(value: Any, name: str) -> float:
+    """``value`` as a float when it is a real number > 0 (pixel units)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number (pixel units); got {value!r}.")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be > 0 and finite (pixel units); got {value!r}.")
+    return float(value)
 
 
 def _first_inputs(
