@@ -299,3 +299,17 @@ def test_grouped_needs_uniform_kernel_channels():
     # Two kernels per channel without `grouped` still gather (often the faster form).
     assert GDWSConv2d(3, 4, 3, kernel_channels=[0, 0, 1, 1, 2, 2]).gathers
     assert not GDWSConv2d(3, 4, 3, kernel_channels=[0, 1, 2]).gathers
+
+
+def test_eval_mode_restores_every_modules_own_mode_even_on_error():
+    from gdws_torch.nn.module_tree import eval_mode
+
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.Dropout())
+    model.train()
+    model[1].eval()  # a frozen submodule inside a training model
+    with eval_mode(model) as inside:
+        assert inside is model and not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == [True, True, False, True]

@@ -201,6 +201,7 @@ def recipe_inputs(
     mode for the attack and the statistics, and its mode restored).
     """
     from gdws_torch.conversion.weightings import weighting
+    from gdws_torch.nn.module_tree import eval_mode
     from gdws_torch.robustness.attacks import PGD
 
     if not isinstance(model, nn.Module):
@@ -219,9 +220,7 @@ def recipe_inputs(
         attack_alpha = 2.5 * epsilon / attack_steps
     attack_alpha = _positive_real(attack_alpha, "attack_alpha")
     attack = {"eps": epsilon, "alpha": attack_alpha, "steps": attack_steps}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         weights = {}
         if chosen.weighting != "unit":
             extra = {}
@@ -240,8 +239,6 @@ def recipe_inputs(
         if chosen.refit_samples:
             crafter = PGD(model, **attack, seed=seed) if chosen.refit_adversarial else None
             calibration = _first_inputs(data, chosen, crafter)
-    finally:
-        model.train(was_training)
     return RecipeInputs(
         chosen,
         weights,

@@ -28,6 +28,7 @@ from torch import nn
 from gdws_torch.conversion.eligibility import eligible_convs
 from gdws_torch.conversion.noise_gains import _patches
 from gdws_torch.cost.macs import example_input
+from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = [
     "STRATEGIES",
@@ -40,16 +41,12 @@ STRATEGIES = ("unit", "noise_gains", "output", "data", "output+data")
 
 
 def _forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for handle in hooks:
             handle.remove()
-        for module, training in modes:
-            module.training = training
 
 
 def batchnorm_output_weights(

@@ -14,6 +14,7 @@ from gdws_approx import NetworkPlan
 from gdws_torch.cost.macs import example_input
 from gdws_torch.cost.throughput import BACKENDS, measure_throughput
 from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["layer_input_shapes", "time_layers"]
 
@@ -32,16 +33,12 @@ def layer_input_shapes(
         return record
 
     handles = [modules[name].register_forward_hook(recorder(name)) for name in names]
-    modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input(model, input_size))
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     return shapes
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["LayerMacs", "MacCount", "count_macs", "example_input"]
 
@@ -155,19 +156,17 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> MacCount:
             continue
         if isinstance(module, (GDWSConv2d, nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(hook(name)))
-    was_training = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        try:
-            model(x)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"the model does not run on an input of size {tuple(input_size)} "
-                f"(batch dimension excluded): {exc}. Pass the input_size your model expects."
-            ) from exc
+        with eval_mode(model):
+            try:
+                model(x)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"the model does not run on an input of size {tuple(input_size)} "
+                    f"(batch dimension excluded): {exc}. Pass the input_size your model "
+                    "expects."
+                ) from exc
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in was_training:
-            module.training = training
     return MacCount(counted)

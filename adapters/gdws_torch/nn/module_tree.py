@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from gdws_approx import cost
 from gdws_torch.nn.layers import GDWSConv2d
 
-__all__ = ["pad_kernels", "replace_module", "set_fused"]
+__all__ = ["eval_mode", "pad_kernels", "replace_module", "set_fused"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every module in eval mode; on exit (errors included) each module gets
+    back its own mode, not just the root's (a model may hold frozen submodules)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_torch.nn.module_tree import eval_mode
+
 __all__ = ["accuracy", "random_crop_flip", "train"]
 
 
@@ -19,18 +21,12 @@ def accuracy(model: nn.Module, loader: Iterable, device: Any = None) -> float:
     """Natural accuracy in percent (eval mode, restored afterwards)."""
     if device is None:
         device = next(iter(model.parameters())).device
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     correct = total = 0
-    try:
-        with torch.no_grad():
-            for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
-                correct += int((model(images).argmax(1) == labels).sum())
-                total += len(labels)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            correct += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
     if total == 0:
         raise ValueError("the loader yielded no samples.")
     return 100.0 * correct / total
