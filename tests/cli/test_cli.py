@@ -244,6 +244,7 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
         ),
         (["demo", "--targets", "0.5"], "must be > 1"),
         (["demo", "--speed-target", "1"], "must be > 1"),
+        (["demo", "--speed-target", "0"], "must be > 1"),
         (["demo", "--recipes", "magic"], "--recipes: unknown"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--beta", "0.1"], "--apply-gdws"),
         (["eval", "--model", "preactresnet18", "--fname", "run", "--weighting", "data"], "--apply"),

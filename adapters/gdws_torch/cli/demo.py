@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     common.check_common(args)
     targets = args.targets or list(demo.SWEEP_TARGETS)
-    default_target = args.default_target or demo.DEFAULT_TARGET
-    speed_target = args.speed_target or demo.SPEED_TARGET
+    default_target = demo.DEFAULT_TARGET if args.default_target is None else args.default_target
+    speed_target = demo.SPEED_TARGET if args.speed_target is None else args.speed_target
     for value in [*targets, default_target, speed_target]:
         if not value > 1:
             raise common.UsageError(
