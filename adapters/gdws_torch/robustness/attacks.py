@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gdws_torch.nn.module_tree import eval_mode
+
 __all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "check_labels", "sample_seed"]
 
 
@@ -214,11 +216,9 @@ class Attack:
         """
         top_label = self._check(images, labels)
         sample_ids = self._check_sample_ids(sample_ids, images.shape[0])
-        modes = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
         x = images.detach()
-        generator = self._generator(x.device)
-        try:
+        with eval_mode(self.model):
+            generator = self._generator(x.device)
             best_delta = torch.zeros_like(x)
             best_wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             best_loss = torch.full((x.shape[0],), -torch.inf, dtype=x.dtype, device=x.device)
@@ -236,9 +236,6 @@ class Attack:
                 best_delta = torch.where(mask, delta, best_delta)
                 best_wrong = best_wrong | wrong
                 best_loss = torch.where(better, loss, best_loss)
-        finally:
-            for module, training in modes:
-                module.training = training
         return (x + best_delta).clamp(0, 1).detach()
 
 

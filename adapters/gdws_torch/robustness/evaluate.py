@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.attacks import Attack, check_labels
 from gdws_torch.robustness.distributed import Group, shard
 from gdws_torch.robustness.resume import ResultStore, dataset_digest, describe_attack, model_digest
@@ -59,26 +60,24 @@ def evaluate(
     attacks = _check_arguments(attacks, n_samples)
     if device is None:
         device = next(iter(model.parameters())).device
-    modes = [(module, module.training) for module in model.modules()]
     seen = 0
     counts = torch.zeros(1 + len(attacks), dtype=torch.long)
     union = torch.zeros((), dtype=torch.long)
     bar = tqdm(total=n_samples, desc="evaluate", unit="sample", disable=not progress)
     try:
-        for images, labels in loader:
-            if n_samples is not None:
-                images, labels = images[: n_samples - seen], labels[: n_samples - seen]
-            outcomes = batch_outcomes(model, images.to(device), labels.to(device), attacks)
-            counts += outcomes.sum(0)
-            union += outcomes.all(1).sum()
-            seen += len(labels)
-            bar.update(len(labels))
-            if n_samples is not None and seen >= n_samples:
-                break
+        with eval_mode(model):
+            for images, labels in loader:
+                if n_samples is not None:
+                    images, labels = images[: n_samples - seen], labels[: n_samples - seen]
+                outcomes = batch_outcomes(model, images.to(device), labels.to(device), attacks)
+                counts += outcomes.sum(0)
+                union += outcomes.all(1).sum()
+                seen += len(labels)
+                bar.update(len(labels))
+                if n_samples is not None and seen >= n_samples:
+                    break
     finally:
         bar.close()
-        for module, training in modes:
-            module.training = training
     if seen == 0:
         raise ValueError("the loader yielded no samples.")
 
@@ -277,7 +276,6 @@ def _evaluate_indices(
         return ids, outcomes
     loader = DataLoader(Subset(dataset, indices), **loading)
     order = torch.tensor(indices, dtype=torch.long)
-    modes = [(module, module.training) for module in model.modules()]
     where = f" (process {group.rank} of {group.world_size})" if group.world_size > 1 else ""
     bar = tqdm(
         total=len(indices),
@@ -289,20 +287,21 @@ def _evaluate_indices(
     position = 0
     last_save = time.monotonic()
     try:
-        for images, labels in loader:
-            batch_ids = order[position : position + len(labels)]
-            position += len(labels)
-            batch = batch_outcomes(model, images.to(device), labels.to(device), attacks, batch_ids)
-            done_ids.append(batch_ids)
-            done_outcomes.append(batch)
-            bar.update(len(labels))
-            if store is not None and time.monotonic() - last_save >= save_every_s:
-                store.save(run, group.rank, torch.cat(done_ids), torch.cat(done_outcomes))
-                last_save = time.monotonic()
+        with eval_mode(model):
+            for images, labels in loader:
+                batch_ids = order[position : position + len(labels)]
+                position += len(labels)
+                batch = batch_outcomes(
+                    model, images.to(device), labels.to(device), attacks, batch_ids
+                )
+                done_ids.append(batch_ids)
+                done_outcomes.append(batch)
+                bar.update(len(labels))
+                if store is not None and time.monotonic() - last_save >= save_every_s:
+                    store.save(run, group.rank, torch.cat(done_ids), torch.cat(done_outcomes))
+                    last_save = time.monotonic()
     finally:
         bar.close()
-        for module, training in modes:
-            module.training = training
     ids, outcomes = torch.cat(done_ids), torch.cat(done_outcomes)
     if store is not None:
         store.save(run, group.rank, ids, outcomes)
