@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gdws_torch.conversion.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = [
     "FORMS",
@@ -381,15 +382,6 @@ def _chunk_sums(
     return {name: acc.result() for (name, _), acc in zip(layers, accumulators, strict=True)}
 
 
-def _training_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(module, module.training) for module in model.modules()]
-
-
-def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
-
-
 def noise_gains(
     model: nn.Module,
     loader: Iterable,
@@ -454,29 +446,27 @@ def noise_gains(
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     device = chosen[0][1].weight.device
     totals = {name: torch.zeros_like(conv.weight[0, :, 0, 0]) for name, conv in chosen}
-    modes = _training_modes(model)
     recorder = None
     bar = tqdm(total=n_samples, desc="noise gains", unit="sample", disable=not progress)
-    try:
-        model.eval()
-        recorder = _Recorder(chosen)
-        for images, labels, sample_ids in _chunks(loader, n_samples, chunk_size):
-            images, labels = images.to(device), labels.to(device)
-            if attack is not None:
-                recorder.active = False
-                seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
-                images = attack(images, labels, **seeded).detach()
-                recorder.active = True
-                model.eval()  # an attack may switch modes
-            sums = _chunk_sums(model, chosen, recorder, images, method, chunk_size)
-            for name, total in totals.items():
-                total += sums[name].to(total.dtype)
-            bar.update(len(images))
-    finally:
-        if recorder is not None:
-            recorder.remove()
-        bar.close()
-        _restore(modes)
+    with eval_mode(model):
+        try:
+            recorder = _Recorder(chosen)
+            for images, labels, sample_ids in _chunks(loader, n_samples, chunk_size):
+                images, labels = images.to(device), labels.to(device)
+                if attack is not None:
+                    recorder.active = False
+                    seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
+                    images = attack(images, labels, **seeded).detach()
+                    recorder.active = True
+                    model.eval()  # an attack may switch modes
+                sums = _chunk_sums(model, chosen, recorder, images, method, chunk_size)
+                for name, total in totals.items():
+                    total += sums[name].to(total.dtype)
+                bar.update(len(images))
+        finally:
+            if recorder is not None:
+                recorder.remove()
+            bar.close()
     gains = {}
     for name, conv in chosen:
         m, _, kh, kw = conv.weight.shape
@@ -514,17 +504,15 @@ def plan_noise_gain_forms(
     _check_arguments(1, chunk_size, method, None)
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     weight = chosen[0][1].weight
-    modes = _training_modes(model)
     recorder = _Recorder(chosen)
-    try:
-        model.eval()
-        with torch.no_grad():
-            logits = model(weight.new_zeros((1, *input_shape)))
-        _check_all_ran(chosen, recorder)
-        return _layer_forms(chosen, recorder.outputs, logits.shape[-1], method, chunk_size)
-    finally:
-        recorder.remove()
-        _restore(modes)
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                logits = model(weight.new_zeros((1, *input_shape)))
+            _check_all_ran(chosen, recorder)
+            return _layer_forms(chosen, recorder.outputs, logits.shape[-1], method, chunk_size)
+        finally:
+            recorder.remove()
 
 
 def reference_noise_gains(
@@ -550,33 +538,31 @@ def reference_noise_gains(
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     weights = [conv.weight for _, conv in chosen]
     totals = [torch.zeros_like(w[0, :, 0, 0]) for w in weights]
-    modes = _training_modes(model)
     bar = tqdm(total=n_samples, desc="noise gains (loop)", unit="sample", disable=not progress)
-    try:
-        model.eval()
-        for images, labels, sample_ids in _chunks(loader, n_samples, 1):
-            images, labels = images.to(weights[0].device), labels.to(weights[0].device)
-            if attack is not None:
-                seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
-                images = attack(images, labels, **seeded).detach()
-                model.eval()
-            with torch.enable_grad():
-                z = model(images)[0]
-                top = int(z.argmax())
-                for j in range(z.shape[0]):
-                    margin = z[top] - z[j]
-                    if j == top or float(margin.detach()) == 0.0:
-                        continue
-                    grads = torch.autograd.grad(
-                        margin, weights, retain_graph=True, allow_unused=True
-                    )
-                    denominator = 2 * margin.detach() ** 2
-                    for total, g, w in zip(totals, grads, weights, strict=True):
-                        if g is not None:
-                            m, _, kh, kw = w.shape
-                            total += g.square().sum((0, 2, 3)) / (denominator * m * kh * kw)
-            bar.update(1)
-    finally:
-        bar.close()
-        _restore(modes)
+    with eval_mode(model):
+        try:
+            for images, labels, sample_ids in _chunks(loader, n_samples, 1):
+                images, labels = images.to(weights[0].device), labels.to(weights[0].device)
+                if attack is not None:
+                    seeded = {} if sample_ids is None else {"sample_ids": sample_ids}
+                    images = attack(images, labels, **seeded).detach()
+                    model.eval()
+                with torch.enable_grad():
+                    z = model(images)[0]
+                    top = int(z.argmax())
+                    for j in range(z.shape[0]):
+                        margin = z[top] - z[j]
+                        if j == top or float(margin.detach()) == 0.0:
+                            continue
+                        grads = torch.autograd.grad(
+                            margin, weights, retain_graph=True, allow_unused=True
+                        )
+                        denominator = 2 * margin.detach() ** 2
+                        for total, g, w in zip(totals, grads, weights, strict=True):
+                            if g is not None:
+                                m, _, kh, kw = w.shape
+                                total += g.square().sum((0, 2, 3)) / (denominator * m * kh * kw)
+                bar.update(1)
+        finally:
+            bar.close()
     return {f"{name}.weight": t / n_samples for (name, _), t in zip(chosen, totals, strict=True)}

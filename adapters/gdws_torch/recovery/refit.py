@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_torch.nn.module_tree import eval_mode
+
 __all__ = [
     "calibration_inputs",
     "depthwise_step",
@@ -493,36 +495,33 @@ def refit_gdws(
             )
     device = next(iter(work.parameters())).device
     batches = calibration_inputs(loader, n_samples, dense, attack, device)
-    modes = [(module, module.training) for module in work.modules()]
     errors: dict[str, list[float]] = {}
     what = "refit pointwise" if steps == 0 else "refit pointwise + depthwise"
     bar = tqdm(total=len(layers), desc=what, unit="layer", disable=not progress)
-    try:
-        work.eval()
-        for name, layer in layers:
-            gram, cross, energy = _layer_statistics(layer, dense_modules[name], work, batches)
-            pointwise, kernels, errors[name] = refit_layer_factors(
-                gram,
-                cross,
-                layer.kernel_channels,
-                layer.pointwise.weight.detach().to(torch.float64).flatten(1),
-                layer.depthwise.weight.detach().to(torch.float64).flatten(1),
-                energy=energy,
-                iterations=steps,
-                ridge=ridge,
-                max_direct=max_direct,
-            )
-            with torch.no_grad():
-                for parameter, value in (
-                    (layer.pointwise.weight, pointwise),
-                    (layer.depthwise.weight, kernels),
-                ):
-                    parameter.copy_(value.to(parameter.dtype).view_as(parameter))
-            bar.update()
-    finally:
-        bar.close()
-        for module, training in modes:
-            module.training = training
+    with eval_mode(work):
+        try:
+            for name, layer in layers:
+                gram, cross, energy = _layer_statistics(layer, dense_modules[name], work, batches)
+                pointwise, kernels, errors[name] = refit_layer_factors(
+                    gram,
+                    cross,
+                    layer.kernel_channels,
+                    layer.pointwise.weight.detach().to(torch.float64).flatten(1),
+                    layer.depthwise.weight.detach().to(torch.float64).flatten(1),
+                    energy=energy,
+                    iterations=steps,
+                    ridge=ridge,
+                    max_direct=max_direct,
+                )
+                with torch.no_grad():
+                    for parameter, value in (
+                        (layer.pointwise.weight, pointwise),
+                        (layer.depthwise.weight, kernels),
+                    ):
+                        parameter.copy_(value.to(parameter.dtype).view_as(parameter))
+                bar.update()
+        finally:
+            bar.close()
     if inplace:
         converted.load_state_dict(work.state_dict())
         work = converted
