@@ -205,12 +205,18 @@ def run_demo(
     # The first 1000 training digits (in order) calibrate; the attack is ALPHA_ATTACK's.
     fitting = DataLoader(train, batch_size=250)
     threat = {"epsilon": ALPHA_ATTACK["eps"], "attack_steps": ALPHA_ATTACK["steps"]}
+    available = demo_recipes(alpha_samples, refit_depthwise, refit_iterations)
     cooked = {}
     for name in dict.fromkeys([*recipes, BEST]):
         log(f"recipe {name!r}: weights and calibration digits ...")
-        recipe = demo_recipes(alpha_samples, refit_depthwise, refit_iterations)[name]
         cooked[name] = recipe_inputs(
-            network, fitting, recipe, input_size=INPUT_SHAPE, seed=0, progress=progress, **threat
+            network,
+            fitting,
+            available[name],
+            input_size=INPUT_SHAPE,
+            seed=0,
+            progress=progress,
+            **threat,
         )
 
     log(f"the headline: {speed_target:g}x the dense speed at batch 1 ...")
