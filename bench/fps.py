@@ -32,6 +32,7 @@ from torch import nn
 
 from gdws_approx.files import write_json_atomic
 from gdws_torch import convert, count_macs, eligible_convs
+from gdws_torch.conversion.options import Latency
 from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
 
@@ -69,9 +70,9 @@ def for_speedup(backend: str, batch: int, target: float, rounds: int) -> dict:
             gdws, report = convert(
                 dense,
                 target_speedup=target,
-                backend=backend,
-                latency_batch_size=batch,
-                latency_table=Path(folder) / "table.json",
+                latency=Latency(
+                    backend=backend, batch_size=batch, table=Path(folder) / "table.json"
+                ),
             )
         except ValueError as exc:  # out of reach: the model stays dense
             print(f"  {backend:14s} batch {batch}: {exc} (kept dense: 1.00x)")

@@ -36,6 +36,7 @@ from torch import nn
 
 from gdws_approx.files import write_json_atomic
 from gdws_torch import convert
+from gdws_torch.conversion.options import Latency, Weighting
 from gdws_torch.conversion.speed_target import measure_speedup
 from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         for mac_target in mac_targets:
             try:
                 converted, report = convert(
-                    dense, target_mac_reduction=mac_target, allocation="global", input_size=shape
+                    dense,
+                    target_mac_reduction=mac_target,
+                    input_size=shape,
+                    weighting=Weighting(allocation="global"),
                 )
             except ValueError:
                 continue
@@ -116,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 converted, report = convert(
                     dense,
                     target_speedup=target,
-                    backend=backend,
-                    latency_batch_size=args.batch_size,
-                    latency_table=table,
                     input_size=shape,
+                    latency=Latency(backend=backend, batch_size=args.batch_size, table=table),
                 )
             except ValueError as exc:
                 print(f"{label:18s} {target:6.2f} out of reach: {exc}")

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from gdws_approx._namespace import as_float_array, get_namespace
+from gdws_approx.checks import check_integer, check_real
 from gdws_approx.spectra import SVD_METHODS
 
 SOLVERS = ("lego", "mego")
@@ -21,22 +22,11 @@ def check_solver(solver: Any) -> str:
 
 
 def check_beta(beta: Any) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a real number >= 0; got {beta!r} ({type(beta).__name__}).")
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
-    return float(beta)
+    return check_real(beta, "beta", minimum=0)
 
 
 def check_n_kernels(n_kernels: Any) -> int:
-    if isinstance(n_kernels, bool) or not isinstance(n_kernels, numbers.Integral):
-        raise TypeError(
-            f"n_kernels must be a non-negative integer; got {n_kernels!r} "
-            f"({type(n_kernels).__name__})."
-        )
-    if n_kernels < 0:
-        raise ValueError(f"n_kernels must be a non-negative integer; got {n_kernels!r}.")
-    return int(n_kernels)
+    return check_integer(n_kernels, "n_kernels", minimum=0)
 
 
 def check_solver_budget(solver: str, beta: Any, n_kernels: Any) -> tuple[float, int | None]:
@@ -63,11 +53,7 @@ def check_max_multiplier(value: Any) -> int | None:
     """``None``, or a per-channel kernel cap ``>= 1``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"max_multiplier must be an integer >= 1 or None; got {value!r}.")
-    if value < 1:
-        raise ValueError(f"max_multiplier must be >= 1 (or None: no cap); got {value!r}.")
-    return int(value)
+    return check_integer(value, "max_multiplier (or None: no cap)", minimum=1)
 
 
 def check_kernel_size(kernel_size: Any) -> tuple[int, int] | None:

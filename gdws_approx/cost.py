@@ -9,8 +9,9 @@ height and width for a layer's total.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
+
+from gdws_approx.checks import check_integer
 
 __all__ = [
     "MAX_KERNEL_MULTIPLE",
@@ -70,14 +71,10 @@ def check_kernel_multiple(value: Any, name: str = "kernel_multiple") -> int:
     ValueError
         ``value`` is outside ``[1, MAX_KERNEL_MULTIPLE]``.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer from 1 to {MAX_KERNEL_MULTIPLE}; got {value!r} "
-            f"({type(value).__name__})."
-        )
-    if not 1 <= value <= MAX_KERNEL_MULTIPLE:
+    number = check_integer(value, name)
+    if not 1 <= number <= MAX_KERNEL_MULTIPLE:
         raise ValueError(
             f"{name} must be an integer from 1 (no padding) to {MAX_KERNEL_MULTIPLE}; "
             f"got {value!r}."
         )
-    return int(value)
+    return number

@@ -13,11 +13,11 @@ test suite checks it against brute-force enumeration.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from gdws_approx.checks import check_integer, check_real
 
 __all__ = ["choose_options"]
 
@@ -58,13 +58,9 @@ def choose_options(
             f"costs and errors need one entry per group, at least one; got {len(costs)} "
             f"and {len(errors)}."
         )
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget must be a number; got {budget!r}.")
-    if not (math.isfinite(budget) and budget >= 0):
-        raise ValueError(f"budget must be a finite number >= 0; got {budget!r}.")
-    if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral):
-        raise TypeError(f"resolution must be an integer; got {resolution!r}.")
-    if not 1 <= resolution <= 10**6:
+    check_real(budget, "budget", minimum=0)
+    check_integer(resolution, "resolution", minimum=1)
+    if resolution > 10**6:
         raise ValueError(f"resolution must be from 1 to 1e6; got {resolution!r}.")
     groups = []
     for i, (group_costs, group_errors) in enumerate(zip(costs, errors, strict=True)):

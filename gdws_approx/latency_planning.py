@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from gdws_approx import cost
+from gdws_approx.checks import check_real
 from gdws_approx.knapsack import choose_options
 from gdws_approx.planning import (
     LayerPlan,
@@ -173,8 +173,7 @@ def plan_latency(
     """
     specs = _check_specs(layers)
     target = _check_target(target_speedup, "target_speedup", "1.5 for 1.5 times the speed")
-    if not (isinstance(network_dense_ms, numbers.Real) and network_dense_ms > 0):
-        raise ValueError(f"network_dense_ms must be a positive number; got {network_dense_ms!r}.")
+    check_real(network_dense_ms, "network_dense_ms", minimum=0, strict=True)
     kernel_multiple = cost.check_kernel_multiple(kernel_multiple)
     missing = [s.name for s in specs if s.name not in latencies]
     if missing:

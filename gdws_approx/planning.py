@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from gdws_approx._validation import (
     check_svd_solver,
     check_weight,
 )
+from gdws_approx.checks import check_integer, check_real
 from gdws_approx.estimator import GDWSApproximator, weighted_channel_spectra
 from gdws_approx.selection import lego_breakpoints
 
@@ -447,7 +447,7 @@ def plan_network(
         largest reachable one).
     """
     specs = _check_specs(layers)
-    other_macs = _check_count(other_macs, "other_macs")
+    other_macs = check_integer(other_macs, "other_macs", minimum=0)
     svd_solver = check_svd_solver(svd_solver)
     kernel_multiple = cost.check_kernel_multiple(kernel_multiple)
     given = [
@@ -519,7 +519,7 @@ def _check_specs(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
     for spec in specs:
         if not isinstance(spec, LayerSpec):
             raise TypeError(f"layers must hold LayerSpec objects; got {type(spec).__name__}.")
-        _check_count(spec.output_pixels, f"output_pixels of layer {spec.name!r}")
+        check_integer(spec.output_pixels, f"output_pixels of layer {spec.name!r}", minimum=0)
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -527,22 +527,10 @@ def _check_specs(layers: Sequence[LayerSpec]) -> list[LayerSpec]:
     return specs
 
 
-def _check_count(x: Any, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
-        raise ValueError(f"{name} must be a non-negative integer; got {x!r}.")
-    return int(x)
-
-
 def _check_target(
     target: Any, name: str = "target_mac_reduction", example: str = "3.0 for three times fewer MACs"
 ) -> float:
-    if isinstance(target, bool) or not isinstance(target, numbers.Real):
-        raise TypeError(f"{name} must be a number > 1; got {target!r}.")
-    if not math.isfinite(target) or target <= 1:
-        raise ValueError(
-            f"{name} must be a finite number > 1 (for example {example}); got {target!r}."
-        )
-    return float(target)
+    return check_real(target, name, minimum=1, strict=True, unit=f"for example {example}")
 
 
 def _mego_budgets(specs: list[LayerSpec], n_kernels: Any) -> dict[str, int]:

@@ -14,13 +14,12 @@ equal keys the lower channel, then the lower index, is kept first.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import array_api_compat
 
 from gdws_approx._namespace import get_namespace, index_dtype
+from gdws_approx.checks import check_integer, check_real
 
 __all__ = [
     "channel_errors",
@@ -102,9 +101,7 @@ def mego_multipliers(values: Any, n_kernels: int) -> Any:
         Channel multipliers ``g`` with ``sum(g) <= n_kernels``.
     """
     _check_values(values)
-    if isinstance(n_kernels, bool) or not isinstance(n_kernels, numbers.Integral) or n_kernels < 0:
-        raise ValueError(f"n_kernels must be a non-negative integer; got {n_kernels!r}.")
-    return _keep_mask(values, int(n_kernels))
+    return _keep_mask(values, check_integer(n_kernels, "n_kernels", minimum=0))
 
 
 def lego_multipliers(values: Any, beta: float) -> Any:
@@ -128,13 +125,7 @@ def lego_multipliers(values: Any, beta: float) -> Any:
         Channel multipliers ``g``.
     """
     xp = _check_values(values)
-    if (
-        isinstance(beta, bool)
-        or not isinstance(beta, numbers.Real)
-        or not math.isfinite(beta)
-        or beta < 0
-    ):
-        raise ValueError(f"beta must be a finite number >= 0; got {beta!r}.")
+    check_real(beta, "beta", minimum=0)
     if values.shape[0] * values.shape[1] == 0:
         return _keep_mask(values, 0)
     order = keep_order(values)

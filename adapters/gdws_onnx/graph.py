@@ -310,8 +310,9 @@ def _check_input_shape(input_shape: Any, inputs: list[onnx.ValueInfoProto]) -> d
                 f"input_shape must be one sample's shape, a sequence of int such as "
                 f"(3, 32, 32); got {shape!r} for input {name!r}."
             )
-        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
-            raise ValueError(
+        wrong_type = any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shape)
+        if wrong_type or any(s < 1 for s in shape):
+            raise (TypeError if wrong_type else ValueError)(
                 f"input_shape must hold positive integers (one sample's shape, no batch "
                 f"dimension); got {tuple(shape)!r} for input {name!r}."
             )

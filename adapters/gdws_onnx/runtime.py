@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from gdws_approx.checks import check_integer
 from gdws_onnx._files import load_model
 from gdws_onnx.graph import data_inputs, input_dims
 from gdws_onnx.memory import check_memory
@@ -51,7 +51,7 @@ def check(
     """
     original = _as_model(original, "original")
     rewritten = _as_model(rewritten, "rewritten")
-    _check_n_inputs(n_inputs)
+    check_integer(n_inputs, "n_inputs", minimum=1)
     for model in (original, rewritten):
         check_memory(model, input_shape, n_inputs, "compare the models in onnxruntime")
     feeds = random_inputs(original, n_inputs=n_inputs, seed=seed, input_shape=input_shape)
@@ -108,7 +108,7 @@ def random_inputs(
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded random arrays for every graph input of ``model``."""
-    _check_n_inputs(n_inputs)
+    check_integer(n_inputs, "n_inputs", minimum=1)
     rng = np.random.default_rng(seed)
     dims_by_name = input_dims(model, input_shape)
     feeds = {}
@@ -135,11 +135,6 @@ def random_inputs(
             raise ValueError(f"input {vi.name!r} has type {dtype}: no random input for it.")
         feeds[vi.name] = value
     return feeds
-
-
-def _check_n_inputs(n_inputs: Any) -> None:
-    if isinstance(n_inputs, bool) or not isinstance(n_inputs, numbers.Integral) or n_inputs < 1:
-        raise ValueError(f"n_inputs must be a positive integer; got {n_inputs!r}.")
 
 
 def run(

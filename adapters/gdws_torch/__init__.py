@@ -11,6 +11,7 @@ from gdws_torch.conversion.noise_gains import (
     plan_noise_gain_forms,
     reference_noise_gains,
 )
+from gdws_torch.conversion.options import Latency, Recovery, Weighting
 from gdws_torch.conversion.recipes import (
     RECIPES,
     Recipe,
@@ -42,10 +43,13 @@ __all__ = [
     "RECIPES",
     "Attack",
     "GDWSConv2d",
+    "Latency",
     "LayerMacs",
     "MacCount",
     "Recipe",
     "RecipeInputs",
+    "Recovery",
+    "Weighting",
     "compress",
     "convert",
     "count_macs",

@@ -119,9 +119,13 @@ def test_mixing_array_libraries_is_refused():
 
 def test_functional_solvers_validate_their_budget():
     values = np.array([[3.0, 1.0], [2.0, 0.0]])
-    with pytest.raises(ValueError, match=r"n_kernels must be a non-negative integer; got -2"):
+    with pytest.raises(ValueError, match=r"n_kernels must be an integer >= 0; got -2"):
         mego_multipliers(values, -2)
-    with pytest.raises(ValueError, match=r"beta must be a finite number >= 0; got -0.1"):
+    with pytest.raises(TypeError, match=r"n_kernels must be an integer >= 0; got True \(bool\)"):
+        mego_multipliers(values, True)
+    with pytest.raises(ValueError, match=r"beta must be a finite real number >= 0; got -0.1"):
         lego_multipliers(values, -0.1)
+    with pytest.raises(TypeError, match=r"beta must be a finite real number >= 0; got '1' \(str\)"):
+        lego_multipliers(values, "1")
     with pytest.raises(ValueError, match=r"values must be a 2-D array \(C, R\)"):
         lego_multipliers(values.ravel(), 0.0)

@@ -81,7 +81,13 @@ def test_the_cheapest_choice_wins_ties_and_nothing_fits_gives_none():
         ([[-1.0]], [[1.0]], 1.0, ValueError, "finite and >= 0"),
         ([[1.0]], [[float("nan")]], 1.0, ValueError, "errors finite"),
         ([[1.0]], [[1.0]], float("inf"), ValueError, "budget must be a finite"),
-        ([[1.0]], [[1.0]], "1", TypeError, "budget must be a number"),
+        (
+            [[1.0]],
+            [[1.0]],
+            "1",
+            TypeError,
+            r"budget must be a finite real number >= 0; got '1' \(str\)",
+        ),
     ],
 )
 def test_bad_input_is_refused(costs, errors, budget, error, match):

@@ -70,7 +70,9 @@ def test_max_multiplier_is_validated():
         GDWSApproximator(max_multiplier=0).fit(W)
     with pytest.raises(TypeError, match=rf"{message} .* Got 1\.5 instead"):
         GDWSApproximator(max_multiplier=1.5).fit(W)
-    with pytest.raises(TypeError, match="max_multiplier must be an integer"):
+    with pytest.raises(
+        TypeError, match=r"max_multiplier \(or None: no cap\) must be an integer >= 1"
+    ):
         GDWSApproximator(max_multiplier=True).fit(W)
 
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import gdws_onnx  # noqa: E402
 from gdws_approx import GDWSApproximator  # noqa: E402
-from gdws_torch import GDWSConv2d, convert  # noqa: E402
+from gdws_torch import GDWSConv2d, Weighting, convert  # noqa: E402
 from gdws_torch.cli import main  # noqa: E402
 
 X_SHAPE = (4, 12, 12)  # one sample of the option model's input
@@ -317,9 +317,10 @@ def test_the_same_plan_as_gdws_torch_convert_gives_the_same_outputs():
             (n + ".weight", m) for n, m in network.named_modules() if isinstance(m, torch.nn.Conv2d)
         )
     }
-    budget = {"beta": 0.3, "only_if_cheaper": False, "svd_solver": "full", "alphas": alphas}
-    rewritten, plan = gdws_onnx.rewrite(model, **budget)
-    converted, report = convert(network, input_size=INPUT_SIZE, **budget)
+    budget = {"beta": 0.3, "only_if_cheaper": False, "svd_solver": "full"}
+    rewritten, plan = gdws_onnx.rewrite(model, **budget, alphas=alphas)
+    weighting = Weighting(alphas=alphas)
+    converted, report = convert(network, input_size=INPUT_SIZE, **budget, weighting=weighting)
     assert len(plan.layers) == len(report.layers) == 4
     for ours, theirs in zip(plan.layers, report.layers, strict=True):
         assert (ours.shape, ours.n_kernels, ours.multiplier_histogram, ours.macs) == (
@@ -441,6 +442,12 @@ def test_dynamic_shapes_need_input_shape():
         gdws_onnx.rewrite(option_model(), beta=0.0, input_shape=(4, 10, 10))
     with pytest.raises(ValueError, match="positive integers"):
         gdws_onnx.rewrite(model, beta=0.0, input_shape=(4, 0, 12))
+    with pytest.raises(TypeError, match=r"positive integers .* got \(4, 12\.0, 12\)"):
+        gdws_onnx.rewrite(model, beta=0.0, input_shape=(4, 12.0, 12))
+    with pytest.raises(ValueError, match="n_inputs must be an integer >= 1; got 0"):
+        gdws_onnx.check(model, rewritten, n_inputs=0, input_shape=X_SHAPE)
+    with pytest.raises(TypeError, match=r"n_inputs must be an integer >= 1; got True \(bool\)"):
+        gdws_onnx.check(model, rewritten, n_inputs=True, input_shape=X_SHAPE)
 
 
 def test_bad_budgets_and_models_are_refused_and_the_input_is_unchanged():

@@ -156,14 +156,22 @@ def test_l1_projection_is_the_closest_point_of_the_ball(values, eps):
 
 def test_bad_input(trained):
     model, (x, y) = trained
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match=r"eps must be a finite real number > 0 \(pixel units\)"):
         PGD(model, eps=0, alpha=0.1)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(TypeError, match=r"alpha must be .* got '0\.1' \(str\)"):
+        PGD(model, eps=0.1, alpha="0.1")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1; got -1"):
         PGD(model, 0.1, 0.1, steps=-1)
-    with pytest.raises(ValueError, match="restarts"):
+    with pytest.raises(TypeError, match=r"steps must be an integer >= 1; got 2\.0 \(float\)"):
+        PGD(model, 0.1, 0.1, steps=2.0)
+    with pytest.raises(ValueError, match="restarts must be an integer >= 1; got 0"):
         PGD(model, 0.1, 0.1, restarts=0)
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\); got 1\.0"):
         PGDL1(model, 1.0, 0.1, sparsity=1.0)
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\); got -0\.5"):
+        PGDL1(model, 1.0, 0.1, sparsity=-0.5)
+    with pytest.raises(TypeError, match=r"sparsity .* got True \(bool\)"):
+        PGDL1(model, 1.0, 0.1, sparsity=True)
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         PGD("model", 0.1, 0.1)
     with pytest.raises(ValueError, match=r"pixels in \[0, 1\]"):

@@ -280,16 +280,23 @@ def test_samples_counted_twice_or_processes_disagreeing_fail_the_run():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"batch_size": 0}, "batch_size must be positive"),
-        ({"num_workers": -1}, "num_workers must be a non-negative integer"),
-        ({"save_every_s": -1}, "save_every_s must be a number >= 0"),
-        ({"n_samples": 0}, "n_samples must be a positive integer"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1; got 0"),
+        ({"batch_size": 2.0}, TypeError, r"batch_size must be an integer >= 1; got 2\.0 \(float\)"),
+        ({"num_workers": -1}, ValueError, "num_workers must be an integer >= 0; got -1"),
+        ({"save_every_s": -1}, ValueError, "save_every_s must be a finite real number >= 0"),
+        ({"save_every_s": "60"}, TypeError, "save_every_s must be a finite real number >= 0"),
+        (
+            {"n_samples": 0},
+            ValueError,
+            r"n_samples \(or None: all samples\) must be an integer >= 1",
+        ),
+        ({"n_samples": True}, TypeError, r"n_samples \(or None: all samples\) must be an integer"),
     ],
 )
-def test_evaluate_dataset_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_evaluate_dataset_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
         evaluate_dataset(small_net(), small_data(5), progress=False, **kwargs)
 
 

@@ -26,6 +26,7 @@ from gdws_torch import (
     load_state_dict_file,
     save_converted,
 )
+from gdws_torch.conversion.options import Weighting
 from gdws_torch.io import checkpoints
 from gdws_torch.io.datasets import load_dataset
 from gdws_torch.io.imagefolder import imagefolder_loader
@@ -215,7 +216,7 @@ def test_complex_alphas_are_refused_by_convert_and_the_estimator():
     }
     alphas["dilated"] = torch.ones(24) + 1j
     with pytest.raises(TypeError, match=r"alphas\['dilated'\] must hold real numbers"):
-        convert(model, input_size=INPUT_SIZE, alphas=alphas)
+        convert(model, input_size=INPUT_SIZE, weighting=Weighting(alphas=alphas))
     W = np.random.default_rng(0).standard_normal((8, 4, 3, 3))
     with pytest.raises(TypeError, match=r"alpha must hold real numbers; got dtype complex128"):
         GDWSApproximator().fit(W, alpha=np.ones(4) + 1j)
@@ -278,7 +279,7 @@ def test_attacks_refuse_labels_outside_the_classes(classifier, attack_class, lab
 
 @pytest.mark.parametrize("attack_class", [PGD, PGDL2, PGDL1])
 def test_attacks_need_at_least_one_step(classifier, attack_class):
-    with pytest.raises(ValueError, match=r"steps must be an integer > 0; got 0"):
+    with pytest.raises(ValueError, match=r"steps must be an integer >= 1; got 0"):
         attack_class(classifier[0], eps=0.1, alpha=0.02, steps=0)
 
 
@@ -359,7 +360,7 @@ def test_onnx_rewrite_and_check_refuse_an_input_shape_too_big_for_memory():
     [
         (1_000_000, ValueError, r"kernel_multiple must be an integer from 1 .* to 64; got 1000000"),
         (0, ValueError, r"kernel_multiple must be an integer from 1 .* to 64; got 0"),
-        (2.0, TypeError, r"kernel_multiple must be an integer from 1 to 64; got 2\.0 \(float\)"),
+        (2.0, TypeError, r"kernel_multiple must be an integer; got 2\.0 \(float\)"),
     ],
 )
 def test_kernel_multiple_is_bounded_in_rewrite_and_export(tmp_path, multiple, error, message):

@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gdws_torch import convert
+from gdws_torch.common import conv_patches
 from gdws_torch.conversion.noise_gains import (
-    _patches,
     choose_form,
     noise_gains,
     plan_noise_gain_forms,
     reference_noise_gains,
 )
+from gdws_torch.conversion.options import Weighting
 
 N_SAMPLES = 10
 
@@ -192,7 +193,7 @@ def test_any_conv_geometry_matches_the_jacobian(config, seed):
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     padded = nn.functional.pad(images, conv._reversed_padding_repeated_twice, mode=mode)
     unfold = nn.functional.unfold(padded, conv.kernel_size, conv.dilation, 0, conv.stride)
-    assert torch.equal(_patches(conv, images), unfold)
+    assert torch.equal(conv_patches(conv, images), unfold)
     expected = jacobian_gains(model, images)
     for method in ("gram", "materialize"):
         got = noise_gains(
@@ -256,7 +257,11 @@ def test_runs_under_no_grad_and_inference_mode(model, reference):
 def test_gains_plug_into_convert(model):
     gains = noise_gains(model, data(), 4, progress=False)
     _, report = convert(
-        model, input_size=INPUT_SIZE, beta=1e-6, alphas=gains, only_if_cheaper=False
+        model,
+        input_size=INPUT_SIZE,
+        beta=1e-6,
+        only_if_cheaper=False,
+        weighting=Weighting(alphas=gains),
     )
     assert [layer.name for layer in report.layers] == SMALL_RESNET_ELIGIBLE
 
@@ -284,12 +289,13 @@ def test_choose_form_gram_for_small_outputs_materialize_for_large():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"n_samples": 0}, ValueError, "n_samples"),
-        ({"n_samples": -1}, ValueError, "n_samples"),
-        ({"n_samples": 1.5}, ValueError, "n_samples"),
-        ({"n_samples": True}, ValueError, "n_samples"),
+        ({"n_samples": 0}, ValueError, "n_samples must be an integer >= 1; got 0"),
+        ({"n_samples": -1}, ValueError, "n_samples must be an integer >= 1; got -1"),
+        ({"n_samples": 1.5}, TypeError, r"n_samples must be an integer >= 1; got 1\.5 \(float\)"),
+        ({"n_samples": True}, TypeError, r"n_samples must be an integer >= 1; got True \(bool\)"),
         ({"n_samples": 100}, ValueError, f"ran out after {N_SAMPLES} samples"),
-        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be an integer >= 1; got 0"),
+        ({"chunk_size": "8"}, TypeError, "chunk_size must be an integer >= 1; got '8' \\(str\\)"),
         ({"method": "fast"}, ValueError, "method"),
         ({"attack": "pgd"}, TypeError, "attack"),
     ],

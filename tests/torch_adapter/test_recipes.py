@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_torch import RECIPES, Recipe, compress, convert, get_recipe, recipe_inputs
 from gdws_torch.conversion.noise_gains import noise_gains
-from gdws_torch.conversion.weightings import weighting
+from gdws_torch.conversion.options import Recovery, Weighting
 from gdws_torch.experiments.demo import INPUT_SHAPE, demo_network
 from gdws_torch.io.datasets import load_dataset
 from gdws_torch.robustness.attacks import PGD
@@ -45,21 +45,24 @@ def test_compress_is_the_recipe_assembled_by_hand(digits):
     )
     # By hand: data weighting on 256 inputs, PGD-10 calibration on the first 200 inputs,
     # global allocation, joint refit, BatchNorm on 300 natural inputs.
-    weights = weighting("data", net, INPUT_SHAPE, loader=digits, n_samples=256)
+    weights = Weighting.from_strategy(
+        "data", net, INPUT_SHAPE, loader=digits, n_samples=256, allocation="global"
+    )
     crafter = PGD(net, eps=EPS, alpha=2.5 * EPS / 10, steps=10, seed=0)
     calibration = [(crafter(x[:100], y[:100]), y[:100]) for x, y in list(digits)[:2]]
     by_hand, plan = convert(
         net,
         target_mac_reduction=2,
-        allocation="global",
         input_size=INPUT_SHAPE,
-        refit=calibration,
-        refit_samples=200,
-        refit_depthwise=True,
-        refit_iterations=3,
-        recalibrate=digits,
-        recalibrate_samples=300,
-        **weights,
+        weighting=weights,
+        recovery=Recovery(
+            refit=calibration,
+            refit_samples=200,
+            refit_depthwise=True,
+            refit_iterations=3,
+            recalibrate=digits,
+            recalibrate_samples=300,
+        ),
     )
     assert same_weights(fast, by_hand)
     assert [layer.n_kernels for layer in report.layers] == [
@@ -81,7 +84,9 @@ def test_the_original_recipe_is_lego_with_noise_gains(digits):
     )
     attack = PGD(net, eps=EPS, alpha=2.5 * EPS / 10, steps=10, seed=0)
     alphas = noise_gains(net, digits, 100, attack=attack, progress=False)
-    by_hand, plan = convert(net, beta=0.5, alphas=alphas, input_size=INPUT_SHAPE)
+    by_hand, plan = convert(
+        net, beta=0.5, input_size=INPUT_SHAPE, weighting=Weighting(alphas=alphas)
+    )
     assert same_weights(fast, by_hand) and report.beta == plan.beta == 0.5
     assert report.recipe["weighting"] == "noise_gains"
 
@@ -89,7 +94,7 @@ def test_the_original_recipe_is_lego_with_noise_gains(digits):
 def test_recipe_inputs_serve_several_budgets_unchanged(digits):
     net = demo_network()
     inputs = recipe_inputs(net, digits, SMALL_ROBUST, epsilon=EPS, input_size=INPUT_SHAPE)
-    assert len(inputs.calibration) == 2 and inputs.recipe is SMALL_ROBUST
+    assert len(inputs.recovery.refit) == 2 and inputs.recipe is SMALL_ROBUST
     again, _ = compress(net, inputs=inputs, target_mac_reduction=2.5, input_size=INPUT_SHAPE)
     fresh, _ = compress(
         net,
@@ -156,7 +161,9 @@ def test_compress_needs_data_for_a_recipe_that_reads_it_and_enough_of_it(digits)
     with pytest.raises(ValueError, match="reads training data"):
         compress(net, target_mac_reduction=2, input_size=INPUT_SHAPE)
     too_many = RECIPES["robust"].replace(refit_samples=5000)
-    with pytest.raises(ValueError, match="data ran out after 600 inputs"):
+    with pytest.raises(
+        ValueError, match=r"ran out after 600 samples; recipe .robust.: refit_samples=5000"
+    ):
         compress(net, digits, target_mac_reduction=2, recipe=too_many, input_size=INPUT_SHAPE)
     with pytest.raises(TypeError, match="model must be"):
         compress("net", digits, beta=1.0)

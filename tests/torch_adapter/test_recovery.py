@@ -14,6 +14,7 @@ from _torch_models import INPUT_SIZE, NoEligible, small_resnet
 from torch import nn
 
 from gdws_torch import GDWSConv2d, convert, recalibrate_batchnorm, refit_pointwise
+from gdws_torch.conversion.options import Recovery
 from gdws_torch.recovery import (
     batchnorm_layers,
     depthwise_step,
@@ -134,21 +135,26 @@ def test_a_model_without_batchnorm_is_left_as_it_is():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "batches", "match"),
+    ("kwargs", "batches", "error", "match"),
     [
-        ({"n_samples": 0}, None, "n_samples"),
-        ({"n_samples": True}, None, "n_samples"),
-        ({"n_samples": N_SAMPLES + 1}, None, "ran out after 24"),
-        ({"natural": False}, None, "nothing to recalibrate on"),
-        ({}, loader(shape=(5, 16, 16)), "rejects the loader's inputs of shape"),
-        ({"attack": lambda m: lambda x, y: x}, loader(labels=False), "needs \\(images, labels\\)"),
+        ({"n_samples": 0}, None, ValueError, "n_samples must be an integer >= 1; got 0"),
+        ({"n_samples": True}, None, TypeError, r"n_samples must be .* got True \(bool\)"),
+        ({"n_samples": N_SAMPLES + 1}, None, ValueError, "ran out after 24"),
+        ({"natural": False}, None, ValueError, "nothing to recalibrate on"),
+        ({}, loader(shape=(5, 16, 16)), ValueError, "rejects the loader's inputs of shape"),
+        (
+            {"attack": lambda m: lambda x, y: x},
+            loader(labels=False),
+            ValueError,
+            "must yield \\(images, labels\\)",
+        ),
     ],
 )
-def test_bad_input_is_refused_and_an_inplace_model_left_untouched(kwargs, batches, match):
+def test_bad_input_is_refused_and_an_inplace_model_left_untouched(kwargs, batches, error, match):
     model, _ = convert(small_resnet(), input_size=INPUT_SIZE, beta=0.5, only_if_cheaper=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = {"n_samples": N_SAMPLES, **kwargs}
-    with warnings.catch_warnings(), pytest.raises(ValueError, match=match):
+    with warnings.catch_warnings(), pytest.raises(error, match=match):
         recalibrate_batchnorm(model, batches or loader(), inplace=True, progress=False, **kwargs)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(m.momentum == 0.1 for _, m in batchnorm_layers(model))
@@ -244,8 +250,8 @@ def test_refit_on_adversarial_inputs_and_in_place():
     [
         ("no_gdws", "no GDWSConv2d"),
         ("wrong_dense", "no conv"),
-        ("zero", "n_samples"),
-        ("unlabelled", "needs \\(images, labels\\)"),
+        ("zero", "n_samples must be an integer >= 1; got 0"),
+        ("unlabelled", "must yield \\(images, labels\\)"),
         ("short", "ran out after 24"),
     ],
 )
@@ -534,25 +540,24 @@ def test_convert_runs_the_joint_refit():
     options = {"input_size": INPUT_SIZE, "target_mac_reduction": 1.6}
     plain, _ = convert(dense, **options)
     expected = refit_gdws(dense, plain, batches, 24, iterations=2, progress=False)
-    got, _ = convert(
-        dense, refit=batches, refit_samples=24, refit_depthwise=True, refit_iterations=2,
-        **options,
-    )  # fmt: skip
+    joint = Recovery(refit=batches, refit_samples=24, refit_iterations=2)
+    got, _ = convert(dense, **options, recovery=joint)
     x = loader(8, 8)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="refit_iterations must be a non-negative integer"):
-        convert(
-            dense, refit=batches, refit_samples=24, refit_depthwise=True, refit_iterations=-1,
-            **options,
-        )  # fmt: skip
-    # Not given, refit_depthwise keeps today's meaning (pointwise only) and says it changes.
-    with pytest.warns(FutureWarning, match="the default becomes refit_depthwise=True"):
-        unsaid, _ = convert(dense, refit=batches, refit_samples=24, **options)
+    with pytest.raises(ValueError, match="refit_iterations must be an integer >= 0; got -1"):
+        Recovery(refit=batches, refit_samples=24, refit_iterations=-1)
+    # The deprecated keyword without refit_depthwise keeps its meaning (pointwise only).
+    with pytest.warns(FutureWarning, match="refit the pointwise weights only"):
+        unsaid, _ = convert(dense, **options, refit=batches, refit_samples=24)
     pointwise = refit_gdws(dense, plain, batches, 24, depthwise=False, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        said, _ = convert(dense, refit=batches, refit_samples=24, refit_depthwise=False, **options)
+        said, _ = convert(
+            dense,
+            **options,
+            recovery=Recovery(refit=batches, refit_samples=24, refit_depthwise=False),
+        )
         convert(dense, **options)  # no refit: nothing to warn about
     with torch.no_grad():
         torch.testing.assert_close(unsaid(x), pointwise(x), rtol=0, atol=0)
@@ -560,20 +565,25 @@ def test_convert_runs_the_joint_refit():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"iterations": -1}, "iterations must be a non-negative integer; got -1"),
-        ({"iterations": 1.5}, "iterations must be"),
-        ({"iterations": True}, "iterations must be"),
-        ({"ridge": -1.0}, "ridge must be a non-negative number; got -1.0"),
-        ({"max_direct": -5}, "max_direct must be"),
+        ({"iterations": -1}, ValueError, "iterations must be an integer >= 0; got -1"),
+        ({"iterations": 1.5}, TypeError, r"iterations must be an integer >= 0; got 1\.5 \(float\)"),
+        ({"iterations": True}, TypeError, r"iterations must be an integer >= 0; got True \(bool\)"),
+        ({"ridge": -1.0}, ValueError, "ridge must be a finite real number >= 0; got -1.0"),
+        (
+            {"ridge": "0.1"},
+            TypeError,
+            "ridge must be a finite real number >= 0; got '0.1' \\(str\\)",
+        ),
+        ({"max_direct": -5}, ValueError, "max_direct must be an integer >= 0; got -5"),
     ],
 )
-def test_joint_refit_bad_options(kwargs, match):
+def test_joint_refit_bad_options(kwargs, error, match):
     dense = small_resnet()
     converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
     before = {k: v.clone() for k, v in converted.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         refit_gdws(dense, converted, loader(), N_SAMPLES, inplace=True, progress=False, **kwargs)
     assert all(torch.equal(v, before[k]) for k, v in converted.state_dict().items())
 

@@ -15,6 +15,7 @@ from torch import nn
 from gdws_approx import LayerLatency
 from gdws_torch import GDWSConv2d, convert, replace_module
 from gdws_torch.cli import main
+from gdws_torch.conversion.options import Latency
 from gdws_torch.cost.latency import layer_input_shapes
 from gdws_torch.cost.latency_tables import LatencyTable, kernel_grid, measure_layer, multiplier_grid
 from gdws_torch.cost.throughput import measure_throughput
@@ -138,7 +139,7 @@ def test_convert_for_a_speedup_records_the_plan_and_the_measurement(tmp_path):
     # GDWS slower than dense, grouped fast: every plan has a grouped layer.
     planned_table(table, net, (3, 16, 16), gdws_from=1.05, grouped=(0.05, 0.06))
     converted, report = convert(
-        net, target_speedup=1.1, input_size=(3, 16, 16), latency_table=table
+        net, target_speedup=1.1, input_size=(3, 16, 16), latency=Latency(table=table)
     )
     record = report.latency
     assert report.solver == "latency" and record["backend"] == "eager"
@@ -172,7 +173,10 @@ def test_target_speedup_excludes_other_budgets_and_refuses_an_unreachable_target
         convert(net, target_speedup=1.5, target_mac_reduction=2.0)
     with pytest.raises(ValueError, match="out of reach"):
         convert(
-            net, target_speedup=1000.0, input_size=(3, 16, 16), latency_table=tmp_path / "t.json"
+            net,
+            target_speedup=1000.0,
+            input_size=(3, 16, 16),
+            latency=Latency(table=tmp_path / "t.json"),
         )
 
 

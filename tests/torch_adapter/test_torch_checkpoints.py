@@ -22,6 +22,7 @@ from gdws_torch import (
     save_alphas,
     save_converted,
 )
+from gdws_torch.conversion.options import Weighting
 
 
 def fresh() -> SmallResNet:
@@ -109,9 +110,19 @@ def test_alpha_files_in_the_original_format(tmp_path):
     loaded = load_alphas(tmp_path / "alphas.pth")
     assert loaded.keys() == gains.keys()
     _, report = convert(
-        model, input_size=INPUT_SIZE, beta=0.3, alphas=loaded, only_if_cheaper=False
+        model,
+        input_size=INPUT_SIZE,
+        beta=0.3,
+        only_if_cheaper=False,
+        weighting=Weighting(alphas=loaded),
     )
-    _, direct = convert(model, input_size=INPUT_SIZE, beta=0.3, alphas=gains, only_if_cheaper=False)
+    _, direct = convert(
+        model,
+        input_size=INPUT_SIZE,
+        beta=0.3,
+        only_if_cheaper=False,
+        weighting=Weighting(alphas=gains),
+    )
     assert [la.n_kernels for la in report.layers] == [la.n_kernels for la in direct.layers]
 
     save_alphas(tmp_path / "ours.pth", loaded, attack="none", sample_size=10)

@@ -19,6 +19,7 @@ from torch import nn
 
 from gdws_approx import GDWSApproximator
 from gdws_torch import GDWSConv2d, convert, count_macs, eligible_convs, set_fused
+from gdws_torch.conversion.options import Latency, Weighting
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,7 +137,11 @@ def test_alphas_weight_each_layers_error(model):
         for name, conv in eligible_convs(model)
     }
     converted, report = convert(
-        model, input_size=INPUT_SIZE, beta=0.2, alphas=alphas, only_if_cheaper=False
+        model,
+        input_size=INPUT_SIZE,
+        beta=0.2,
+        only_if_cheaper=False,
+        weighting=Weighting(alphas=alphas),
     )
     for name, conv in eligible_convs(model):
         reference = GDWSApproximator(beta=0.2).fit(
@@ -151,7 +156,11 @@ def test_alphas_weight_each_layers_error(model):
     # Module names and DataParallel-prefixed keys are accepted too.
     prefixed = {f"module.{k}": v for k, v in alphas.items()}
     _, again = convert(
-        model, input_size=INPUT_SIZE, beta=0.2, alphas=prefixed, only_if_cheaper=False
+        model,
+        input_size=INPUT_SIZE,
+        beta=0.2,
+        only_if_cheaper=False,
+        weighting=Weighting(alphas=prefixed),
     )
     assert [la.n_kernels for la in again.layers] == [la.n_kernels for la in report.layers]
 
@@ -201,15 +210,23 @@ def test_training_mode_is_kept(model):
         ({"beta": -1.0}, ValueError, "beta"),
         ({"beta": 1.0, "target_mac_reduction": 2.0}, ValueError, "one budget"),
         ({"target_mac_reduction": 0.5}, ValueError, "> 1"),
-        ({"alphas": {"block.conv1.weight": torch.ones(8)}}, ValueError, "no entry for layer"),
         (
-            {"alphas": {f"{n}.weight": torch.ones(3) for n in SMALL_RESNET_ELIGIBLE}},
+            {"weighting": Weighting(alphas={"block.conv1.weight": torch.ones(8)})},
+            ValueError,
+            "no entry for layer",
+        ),
+        (
+            {
+                "weighting": Weighting(
+                    alphas={f"{n}.weight": torch.ones(3) for n in SMALL_RESNET_ELIGIBLE}
+                )
+            },
             ValueError,
             "C=",
         ),
         (
             {
-                "alphas": {f"{n}.weight": -torch.ones(24) for n in ["dilated"]},
+                "weighting": Weighting(alphas={"dilated.weight": -torch.ones(24)}),
                 "layers": ["dilated"],
             },
             ValueError,
@@ -219,8 +236,10 @@ def test_training_mode_is_kept(model):
         ({"layers": ["grouped"]}, ValueError, "groups=4"),
         ({"n_kernels": {"dilated": 3}}, ValueError, "no budget for layer"),
         ({"input_size": (3, 7)}, ValueError, "input_size"),
-        ({"beta": 0.5, "latency_aware": True, "backend": "tvm"}, ValueError, "backend"),
-        ({"beta": 0.5, "latency_aware": True, "latency_batch_size": 0}, ValueError, "batch"),
+        ({"weighting": {"alphas": {}}}, TypeError, "weighting must be a Weighting"),
+        ({"recovery": Latency()}, TypeError, "recovery must be a Recovery"),
+        ({"target_speedup": 1.5, "latency": Latency(keep_faster=True)}, ValueError, "excludes"),
+        ({"beta": 0.5, "no_such_keyword": 1}, TypeError, "unexpected keyword"),
     ],
 )
 def test_bad_input_leaves_the_model_untouched(model, kwargs, error, match):
@@ -276,7 +295,7 @@ def test_latency_aware_keeps_dense_the_layers_measured_slower(model, images, mon
     assert slow in built and len(built) == 4
     monkeypatch.setattr(latency, "measure_throughput", fake_measure)
     converted, report = convert(
-        model, input_size=INPUT_SIZE, latency_aware=True, latency_batch_size=4, **budget
+        model, input_size=INPUT_SIZE, **budget, latency=Latency(keep_faster=True, batch_size=4)
     )
     assert set(seen) == set(built)
     assert all(v[1:] == (("eager",), (4,)) for v in seen.values())
@@ -315,8 +334,7 @@ def test_latency_aware_on_a_real_backend_is_consistent(model, backend):
         input_size=INPUT_SIZE,
         beta=0.5,
         only_if_cheaper=False,
-        latency_aware=True,
-        backend=backend,
+        latency=Latency(keep_faster=True, backend=backend),
     )
     assert all(layer.timings_ms for layer in report.layers)
     for layer in report.layers:

@@ -235,22 +235,22 @@ def test_train_without_test_loader_and_with_attack_and_augment():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "kwargs, error, name",
     [
-        ({"epochs": 0}, "epochs"),
-        ({"epochs": -1}, "epochs"),
-        ({"epochs": 1.5}, "epochs"),
-        ({"epochs": True}, "epochs"),
-        ({"epochs": 1, "lr": 0}, "lr"),
-        ({"epochs": 1, "lr": -0.1}, "lr"),
-        ({"epochs": 1, "lr": float("nan")}, "lr"),
-        ({"epochs": 1, "lr": "0.1"}, "lr"),
+        ({"epochs": 0}, ValueError, "epochs must be an integer >= 1; got 0"),
+        ({"epochs": -1}, ValueError, "epochs must be an integer >= 1; got -1"),
+        ({"epochs": 1.5}, TypeError, r"epochs must be an integer >= 1; got 1\.5 \(float\)"),
+        ({"epochs": True}, TypeError, r"epochs must be an integer >= 1; got True \(bool\)"),
+        ({"epochs": 1, "lr": 0}, ValueError, "lr must be a finite real number > 0; got 0"),
+        ({"epochs": 1, "lr": -0.1}, ValueError, "lr must be a finite real number > 0; got -0.1"),
+        ({"epochs": 1, "lr": float("nan")}, ValueError, "lr must be a finite real number > 0"),
+        ({"epochs": 1, "lr": "0.1"}, TypeError, r"lr must be a finite real number > 0; got '0\.1'"),
     ],
 )
-def test_train_bad_arguments(kwargs, name):
+def test_train_bad_arguments(kwargs, error, name):
     model = tiny_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error, match=name):
         train(model, separable_batches(0, 1), progress=False, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -372,22 +372,24 @@ def test_fps_propagates_a_models_error_and_leaves_the_models_alone():
 
 
 @pytest.mark.parametrize(
-    "models, shape, kwargs, name",
+    "models, shape, kwargs, error, name",
     [
-        ({}, (3, 4, 4), {}, "models"),
-        (None, (), {}, "input_shape"),
-        (None, (3, 0, 4), {}, "input_shape"),
-        (None, (-1,), {}, "input_shape"),
-        (None, 3, {}, "input_shape"),
-        (None, (3, 4, 4), {"batch_size": 0}, "batch_size"),
-        (None, (3, 4, 4), {"batch_size": -2}, "batch_size"),
-        (None, (3, 4, 4), {"batch_size": 1.5}, "batch_size"),
-        (None, (3, 4, 4), {"batch_size": True}, "batch_size"),
-        (None, (3, 4, 4), {"rounds": 0}, "rounds"),
+        ({}, (3, 4, 4), {}, ValueError, "models"),
+        (None, (), {}, ValueError, "input_shape"),
+        (None, (3, 0, 4), {}, ValueError, "input_shape"),
+        (None, (-1,), {}, ValueError, "input_shape"),
+        (None, 3, {}, ValueError, "input_shape"),
+        (None, (3, 4, 4), {"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+        (None, (3, 4, 4), {"batch_size": -2}, ValueError, "batch_size must be an integer >= 1"),
+        (None, (3, 4, 4), {"batch_size": 1.5}, TypeError, r"batch_size .* got 1\.5 \(float\)"),
+        (None, (3, 4, 4), {"batch_size": True}, TypeError, r"batch_size .* got True \(bool\)"),
+        (None, (3, 4, 4), {"rounds": 0}, ValueError, "rounds must be an integer >= 1; got 0"),
+        (None, (3, 4, 4), {"warmup": -1}, ValueError, "warmup must be an integer >= 0; got -1"),
+        (None, (3, 4, 4), {"warmup": 1.0}, TypeError, r"warmup .* got 1\.0 \(float\)"),
     ],
 )
-def test_fps_bad_arguments(calls, models, shape, kwargs, name):
-    with pytest.raises(ValueError, match=name):
+def test_fps_bad_arguments(calls, models, shape, kwargs, error, name):
+    with pytest.raises(error, match=name):
         measure_fps({"m": Sleeper()} if models is None else models, shape, **kwargs)
     assert calls == []  # checked before any call
 

@@ -10,8 +10,12 @@ from _torch_models import INPUT_SIZE, small_resnet
 from torch import nn
 
 from gdws_approx import GDWSApproximator
-from gdws_torch import GDWSConv2d, convert, weighting
-from gdws_torch.conversion.weightings import batchnorm_output_weights, input_patch_transforms
+from gdws_torch import GDWSConv2d, Weighting, convert
+from gdws_torch.conversion.weightings import (
+    batchnorm_output_weights,
+    input_patch_transforms,
+    strategy_weights,
+)
 
 
 def batches(n=12, batch=4):
@@ -66,9 +70,15 @@ def test_patch_transforms_are_square_roots_of_each_channels_patch_moments():
 @pytest.mark.parametrize("strategy", ["unit", "output", "data", "output+data", "noise_gains"])
 def test_convert_plans_exactly_the_estimators_weighted_fit(strategy):
     model = small_resnet()
-    kwargs = weighting(strategy, model, INPUT_SIZE, loader=batches(), n_samples=8)
+    kwargs = strategy_weights(strategy, model, INPUT_SIZE, loader=batches(), n_samples=8)
     converted, report = convert(
-        model, input_size=INPUT_SIZE, n_kernels=20, only_if_cheaper=False, **kwargs
+        model,
+        input_size=INPUT_SIZE,
+        n_kernels=20,
+        only_if_cheaper=False,
+        weighting=Weighting.from_strategy(
+            strategy, model, INPUT_SIZE, loader=batches(), n_samples=8
+        ),
     )
     for layer in report.layers:
         conv = model.get_submodule(layer.name)
@@ -92,28 +102,30 @@ def test_convert_plans_exactly_the_estimators_weighted_fit(strategy):
 
 def test_global_allocation_through_convert_meets_the_target():
     model = small_resnet()
-    kwargs = weighting("data", model, INPUT_SIZE, loader=batches(), n_samples=8)
-    _, report = convert(
-        model, input_size=INPUT_SIZE, target_mac_reduction=1.6, allocation="global", **kwargs
+    weights = Weighting.from_strategy(
+        "data", model, INPUT_SIZE, loader=batches(), n_samples=8, allocation="global"
     )
+    _, report = convert(model, input_size=INPUT_SIZE, target_mac_reduction=1.6, weighting=weights)
     assert report.mac_reduction >= 1.6 and report.solver == "mego"
 
 
 def test_bad_strategies_and_inputs():
     model = small_resnet()
     with pytest.raises(ValueError, match="strategy must be one of"):
-        weighting("whiten", model, INPUT_SIZE)
+        Weighting.from_strategy("whiten", model, INPUT_SIZE)
     with pytest.raises(ValueError, match="needs a loader"):
-        weighting("data", model, INPUT_SIZE)
+        Weighting.from_strategy("data", model, INPUT_SIZE)
     with pytest.raises(ValueError, match="ran out after 12"):
         input_patch_transforms(model, batches(), 13)
-    with pytest.raises(ValueError, match="n_samples"):
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1; got 0"):
         input_patch_transforms(model, batches(), 0)
+    with pytest.raises(TypeError, match=r"n_samples must be an integer >= 1; got 2\.0 \(float\)"):
+        input_patch_transforms(model, batches(), 2.0)
     with pytest.raises(TypeError, match="output_weights must be a mapping"):
-        convert(model, input_size=INPUT_SIZE, output_weights=[1.0])
+        convert(model, input_size=INPUT_SIZE, weighting=Weighting(output_weights=[1.0]))
     bad = {"dilated": -torch.ones(24)}
     with pytest.raises(ValueError, match=r"layer 'dilated'.*positive"):
-        convert(model, input_size=INPUT_SIZE, beta=0.2, output_weights=bad)
+        convert(model, input_size=INPUT_SIZE, beta=0.2, weighting=Weighting(output_weights=bad))
 
 
 def test_no_batchnorm_means_unit_output_weights():

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_torch.cli._errors import UsageError
 from gdws_torch.cli._outputs import Outputs
+from gdws_torch.conversion.convert import convert
+from gdws_torch.conversion.options import Latency, Recovery, Weighting
 from gdws_torch.cost.throughput import BACKENDS
 from gdws_torch.io.checkpoints import check_state_dict, load_alphas, load_state_dict_file
 from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
@@ -671,8 +673,6 @@ def approximate(
     end (:func:`gdws_torch.compress`). Returns ``(converted copy, report, alphas file or
     None)``; prints the report.
     """
-    from gdws_torch.conversion.convert import convert
-
     recipe, why = chosen_recipe(args, default_recipe)
     if recipe is not None:
         converted, report = _run_recipe(args, network, shape, recipe, why)
@@ -680,51 +680,93 @@ def approximate(
     if why:
         print(f"no recipe: {why}")
     alphas, alphas_path = load_alpha_file(args)
-    budget = {}
-    if getattr(args, "target_speedup", None) is not None:
-        budget.update(
-            target_speedup=args.target_speedup,
-            latency_table=args.latency_table,
-            progress=not getattr(args, "no_progress", False),
-        )
-    elif args.target_mac_reduction is not None:
-        budget["target_mac_reduction"] = args.target_mac_reduction
-    elif args.n_kernels is not None:
-        budget["n_kernels"] = args.n_kernels
-    else:
-        budget["beta"] = 0.0 if args.beta is None else args.beta  # the original's default
-    weights = {}
+    reads_data = args.weighting != "unit" or bool(args.refit or args.recalibrate_bn)
+    # Weights, attacks and statistics from the data see pixels, as the data loader gives.
+    model = with_normalization(args, network) if reads_data else network
+    weighting = Weighting(alphas=alphas, allocation=args.allocation)
     if args.weighting != "unit":
-        from gdws_torch.conversion.weightings import weighting
-
         data = dataset(args, "train")
-        weights = weighting(
+        weighting = Weighting.from_strategy(
             args.weighting,
-            with_normalization(args, network),  # the inputs the convs really see
+            model,
             shape,
             loader=loader(data, args),
             n_samples=min(256, len(data)),
+            allocation=args.allocation,
         )
+    from gdws_torch.recovery import batchnorm_layers
+
+    if args.recalibrate_bn and not batchnorm_layers(network):
+        print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
+        args.recalibrate_bn = 0
+    train = loader(dataset(args, "train"), args, shuffle=True) if reads_data else None
+    recovery = Recovery(
+        refit=train if args.refit else None,
+        refit_samples=args.refit or 1,
+        refit_attack=_recovery_attack(args, args.refit_attack),
+        refit_depthwise=getattr(args, "refit_depthwise", False),
+        refit_iterations=args.refit_iterations,
+        recalibrate=train if args.recalibrate_bn else None,
+        recalibrate_samples=args.recalibrate_bn or 1,
+        recalibrate_attack=_recovery_attack(args, args.recalibrate_attack),
+    )
     converted, report = convert(
-        network,
-        alphas=alphas,
+        model,
+        **cli_budget(args, n_kernels=True),
+        weighting=weighting,
+        recovery=recovery,
+        latency=cli_latency(args, keep_faster=args.latency_aware),
         input_size=shape,
         only_if_cheaper=not args.replace_all,
         skip_first=not args.include_first,
-        latency_aware=args.latency_aware,
-        backend=args.backend,
-        latency_batch_size=args.latency_batch_size,
-        device=device(args) if hasattr(args, "device") else "cpu",
-        allocation=args.allocation,
-        **weights,
-        **budget,
+        progress=not getattr(args, "no_progress", False),
     )
+    converted, report = _unwrapped(model, network, converted, report)
     print(report.format_table())
-    if args.refit:
-        refit(args, network, converted)
-    if args.recalibrate_bn:
-        recalibrate(args, converted)
+    if args.refit and not any(layer.replaced for layer in report.layers):
+        print("no GDWS layer: nothing to refit (--refit ignored)")
+        recovery = dataclasses.replace(recovery, refit=None)
+    print(recovery.summary(attack_name="PGD", inputs="training inputs"))
     return converted, report, alphas_path
+
+
+def cli_budget(args: argparse.Namespace, n_kernels: bool = False) -> dict[str, Any]:
+    """The budget keyword of ``--target-speedup``/``--target-mac-reduction``/``--n-kernels``
+    /``--beta`` (the original's default: ``beta=0``)."""
+    if getattr(args, "target_speedup", None) is not None:
+        return {"target_speedup": args.target_speedup}
+    if args.target_mac_reduction is not None:
+        return {"target_mac_reduction": args.target_mac_reduction}
+    if n_kernels and args.n_kernels is not None:
+        return {"n_kernels": args.n_kernels}
+    return {"beta": 0.0 if args.beta is None else args.beta}
+
+
+def cli_latency(args: argparse.Namespace, keep_faster: bool = False) -> Latency:
+    """Where ``--target-speedup`` and ``--latency-aware`` time layers."""
+    return Latency(
+        backend=args.backend,
+        batch_size=args.latency_batch_size,
+        device=device(args) if hasattr(args, "device") else "cpu",
+        table=getattr(args, "latency_table", None),
+        keep_faster=keep_faster,
+    )
+
+
+def _unwrapped(model: nn.Module, network: nn.Module, converted: nn.Module, report):
+    """The converted network without the normalisation ``model`` wrapped around
+    ``network``, and its report with the layer names of ``network``."""
+    if model is network:
+        return converted, report
+    report.layers = [
+        dataclasses.replace(layer, name=layer.name.removeprefix("module."))
+        for layer in report.layers
+    ]
+    if report.latency and "forms" in report.latency:
+        report.latency["forms"] = {
+            k.removeprefix("module."): v for k, v in report.latency["forms"].items()
+        }
+    return converted.module, report
 
 
 def _run_recipe(
@@ -743,18 +785,7 @@ def _run_recipe(
             print(f"the training data hold {available} inputs: the recipe uses at most that many")
             recipe = recipe.replace(**fewer)
     print(f"{recipe.summary()} ({why})")
-    budget = {}
-    if getattr(args, "target_speedup", None) is not None:
-        budget.update(
-            target_speedup=args.target_speedup,
-            latency_table=args.latency_table,
-            backend=args.backend,
-            latency_batch_size=args.latency_batch_size,
-        )
-    elif args.target_mac_reduction is not None:
-        budget["target_mac_reduction"] = args.target_mac_reduction
-    else:
-        budget["beta"] = 0.0 if args.beta is None else args.beta
+    latency = cli_latency(args)
     model = with_normalization(args, network)  # attacks and statistics in pixel space
     data = loader(dataset(args, "train"), args) if recipe.needs_data else None
     converted, report = compress(
@@ -765,26 +796,20 @@ def _run_recipe(
         attack_steps=getattr(args, "attack_iters", 10),
         attack_alpha=args.pgd_alpha / 255 if hasattr(args, "pgd_alpha") else None,
         input_size=shape,
-        device=device(args) if hasattr(args, "device") else "cpu",
+        backend=latency.backend,
+        latency_batch_size=latency.batch_size,
+        latency_table=latency.table,
+        device=latency.device,
         seed=args.seed,
         progress=not getattr(args, "no_progress", False),
         convert_options={
             "only_if_cheaper": not args.replace_all,
             "skip_first": not args.include_first,
-            "latency_aware": args.latency_aware,
+            **({"latency": cli_latency(args, keep_faster=True)} if args.latency_aware else {}),
         },
-        **budget,
+        **cli_budget(args),
     )
-    if model is not network:  # unwrap the normalisation
-        converted = converted.module
-        report.layers = [
-            dataclasses.replace(layer, name=layer.name.removeprefix("module."))
-            for layer in report.layers
-        ]
-        if report.latency and "forms" in report.latency:
-            report.latency["forms"] = {
-                k.removeprefix("module."): v for k, v in report.latency["forms"].items()
-            }
+    converted, report = _unwrapped(model, network, converted, report)
     print(report.format_table())
     return converted, report
 
@@ -792,38 +817,6 @@ def _run_recipe(
 def _recovery_attack(args: argparse.Namespace, adversarial: bool):
     """The attack factory of ``--refit-attack``/``--recalibrate-attack``, or ``None``."""
     return (lambda model: make_attack(args, model)) if adversarial else None
-
-
-def refit(args: argparse.Namespace, network: nn.Module, converted: nn.Module) -> None:
-    """``--refit N``: pointwise (and with ``--refit-depthwise`` depthwise) weights re-solved
-    on N (adversarial) training inputs."""
-    from gdws_torch.nn.layers import GDWSConv2d
-    from gdws_torch.recovery import refit_gdws
-
-    if not any(isinstance(m, GDWSConv2d) for m in converted.modules()):
-        print("no GDWS layer: nothing to refit (--refit ignored)")
-        return
-    depthwise = getattr(args, "refit_depthwise", False)
-    iterations = args.refit_iterations
-    attack = _recovery_attack(args, args.refit_attack)
-    refit_gdws(
-        with_normalization(args, network),
-        with_normalization(args, converted),
-        loader(dataset(args, "train"), args, shuffle=True),
-        args.refit,
-        depthwise=depthwise,
-        iterations=iterations,
-        attack=attack,
-        inplace=True,
-        progress=not getattr(args, "no_progress", False),
-    )
-    kind = "PGD" if attack else "natural"
-    what = (
-        f"pointwise and depthwise weights ({iterations} alternation{'s' * (iterations != 1)})"
-        if depthwise
-        else "pointwise weights"
-    )
-    print(f"{what} refitted on {args.refit} {kind} training inputs")
 
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gdws_torch.cli import _common as common
+from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.experiments.sweep import DEFAULT_REFIT, REFIT_VARIANTS
 from gdws_torch.io.datasets import DATASETS
@@ -163,11 +164,9 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         allocations=allocations,
         speedup_targets=args.target_speedup,
-        latency={
-            "backend": args.backend,
-            "latency_batch_size": args.latency_batch_size,
-            "latency_table": args.latency_table,
-        },
+        latency=Latency(
+            backend=args.backend, batch_size=args.latency_batch_size, table=args.latency_table
+        ),
         recalibration_samples=min(args.recalibrate_bn, len(train)),
         weighting_samples=min(args.weighting_samples, len(train)),
         refit_samples=min(args.refit, len(train)),

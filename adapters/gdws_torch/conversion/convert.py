@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_network
 from gdws_torch.conversion.eligibility import LayerPredicate, eligible_convs
+from gdws_torch.conversion.options import Latency, Recovery, Weighting, from_legacy_keywords
 from gdws_torch.cost.latency import layer_input_shapes, time_layers
 from gdws_torch.cost.macs import count_macs
 from gdws_torch.nn.layers import GDWSConv2d
@@ -25,9 +25,12 @@ def convert(
     model: nn.Module,
     *,
     beta: float | None = None,
-    alphas: Mapping[str, Any] | None = None,
     n_kernels: int | Mapping[str, int] | None = None,
     target_mac_reduction: float | None = None,
+    target_speedup: float | None = None,
+    weighting: Weighting | None = None,
+    recovery: Recovery | None = None,
+    latency: Latency | None = None,
     input_size: Sequence[int] = (3, 32, 32),
     layers: Iterable[str] | LayerPredicate | None = None,
     exclude: Iterable[str] = (),
@@ -36,32 +39,18 @@ def convert(
     fused: bool = False,
     inplace: bool = False,
     svd_solver: str = "auto",
-    latency_aware: bool = False,
-    backend: str = "eager",
-    latency_batch_size: int = 1,
-    device: Any = "cpu",
-    recalibrate: Iterable | None = None,
-    recalibrate_samples: int = 1000,
-    refit: Iterable | None = None,
-    refit_samples: int = 1000,
-    refit_attack: Any = None,
-    refit_depthwise: bool | None = None,
-    refit_iterations: int = 3,
-    output_weights: Mapping[str, Any] | None = None,
-    input_transforms: Mapping[str, Any] | None = None,
-    allocation: str = "common_beta",
-    target_speedup: float | None = None,
-    latency_table: Any = None,
     progress: bool = False,
+    **deprecated: Any,
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
 
-    Give one budget: ``beta`` (LEGO with this error budget for every layer, each layer's
-    error weighted by its ``alphas``, the original work's Algorithm 3), ``n_kernels``
-    (MEGO: a kernel budget for all layers or one per layer name) or
-    ``target_mac_reduction`` (LEGO with the smallest common ``beta`` that makes the
-    network's convolutions that many times cheaper at ``input_size``). With none,
-    ``beta=0``: an exact representation.
+    Give one budget: ``beta`` (LEGO with this error budget for every layer, the original
+    work's Algorithm 3), ``n_kernels`` (MEGO: a kernel budget for all layers or one per
+    layer name), ``target_mac_reduction`` (the network's convolutions that many times
+    cheaper at ``input_size``) or ``target_speedup`` (that many times faster, measured).
+    With none, ``beta=0``: an exact representation. The other settings come in three
+    groups: how errors are weighted (``weighting``), the training-free recovery that
+    follows (``recovery``) and where layers are timed (``latency``).
 
     Parameters
     ----------
@@ -69,16 +58,34 @@ def convert(
         Not modified unless ``inplace=True``.
     beta : float, optional
         LEGO's budget on each layer's weighted squared error.
-    alphas : mapping, optional
-        Per-layer noise gains ``{name: tensor(C)}``, keyed by parameter name
-        (``"layer1.0.conv1.weight"``, as :func:`gdws_torch.noise_gains` and the original's
-        files) or module name, with or without a ``"module."`` prefix. Every converted
-        layer must have one. Unit weights when ``None``.
     n_kernels : int or mapping of str to int, optional
         MEGO kernel budgets.
     target_mac_reduction : float, optional
         Overall ``dense conv MACs / converted conv MACs`` to reach (``> 1``), counting every
-        convolution of the network, converted or not.
+        convolution of the network, converted or not; shared between layers as
+        ``weighting.allocation`` says.
+    target_speedup : float, optional
+        The measured speed-up (``> 1``) to reach on ``latency.backend``, ``.device`` and
+        ``.batch_size``. Every eligible layer's latency is taken from ``latency.table``
+        (timed and cached when missing), each layer becomes dense, depthwise-separable,
+        grouped or GDWS at the ``G`` of least total error whose predicted network latency
+        meets the target (:func:`gdws_approx.plan_latency`); then the converted network
+        is timed against the dense one and, if it misses the target by more than 5 %
+        either way, planned again (3 attempts at most; the least-error attempt that
+        reached the target is kept). ``report.latency`` records the prediction, the
+        measurement and whether the target was reached
+        (:mod:`gdws_torch.conversion.speed_target`).
+    weighting : Weighting, optional
+        The per-layer error weights (``alphas``, output weights ``A``, input transforms
+        ``B_c``) and the MAC allocation; unit weights and a common ``beta`` when
+        ``None``. :meth:`Weighting.from_strategy` computes a named strategy's.
+    recovery : Recovery, optional
+        Least-squares refit of the GDWS factors, then BatchNorm re-estimation, after the
+        conversion; none when ``None``.
+    latency : Latency, optional
+        Backend, device, batch size and table for ``target_speedup``, and
+        ``keep_faster`` (time every planned layer, keep the dense conv wherever GDWS is
+        not faster). Eager PyTorch on the CPU at batch 1 when ``None``.
     input_size : sequence of int, default=(3, 32, 32)
         One input sample's shape (no batch dimension), for the MAC counts.
     layers, exclude, skip_first
@@ -92,66 +99,19 @@ def convert(
         faster robustness evaluation in eager PyTorch; the explicit form is the deployed one).
     inplace : bool, default=False
         Modify ``model`` itself instead of a deep copy. Planning errors leave it as it
-        was; an error of ``refit`` or ``recalibrate`` (which run last) leaves it
-        converted but not recovered.
+        was; an error of the recovery (which runs last) leaves it converted but not
+        recovered.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
-    latency_aware : bool, default=False
-        Hardware-aware conversion: time every planned layer dense vs GDWS on ``backend``
-        (``"eager"``, ``"channels_last"`` or ``"onnxruntime"``) and ``device``, on its own
-        input shape at ``input_size`` with ``latency_batch_size`` samples, and keep the
-        dense conv wherever GDWS is not faster. The report gives the measured times
-        (``timings_ms``). Layers kept so lower the MAC reduction: a
-        ``target_mac_reduction`` is then no longer guaranteed (the report says what was
-        reached).
-    backend, latency_batch_size, device
-        Where and how ``latency_aware`` times the layers.
-    recalibrate : iterable, optional
-        A loader of (training) inputs: after the conversion, the converted model's
-        BatchNorm statistics are re-estimated on ``recalibrate_samples`` of them
-        (:func:`gdws_torch.recalibrate_batchnorm`, natural inputs; training-free
-        recovery of accuracy).
-    recalibrate_samples : int, default=1000
-    refit : iterable, optional
-        A loader of calibration inputs: every GDWS layer's pointwise weights (and with
-        ``refit_depthwise`` its depthwise kernels) are then re-solved by least squares to
-        match the dense network (:func:`gdws_torch.recovery.refit_gdws`), before any
-        ``recalibrate``. ``G`` and the MACs do not change.
-    refit_samples : int, default=1000
-    refit_attack : callable, optional
-        ``attack(model) -> attack``: refit on adversarial inputs crafted against ``model``.
-    refit_depthwise : bool, optional
-        Refit the depthwise kernels too, by alternating least squares. Not given: the
-        pointwise weights only, with a ``FutureWarning`` when ``refit`` is given, because
-        the default becomes ``True`` (the joint refit, as
-        :func:`gdws_torch.recovery.refit_gdws` and the ``robust`` recipe do) in the next
-        release.
-    refit_iterations : int, default=3
-        Alternations of the depthwise refit.
-    output_weights, input_transforms : mapping, optional
-        Per-layer ``A`` (``tensor(M)``) and ``B_c`` (``tensor(C, K2, K2)``) of the weighted
-        error ``sum_c alpha_c ||A (W_c - What_c) B_c||^2``, keyed like ``alphas``; layers
-        without an entry get identities. :func:`gdws_torch.conversion.weightings.weighting` computes
-        them for the strategies "output" (BatchNorm scales) and "data" (input patch
-        moments).
-    allocation : {"common_beta", "global"}, default="common_beta"
-        How ``target_mac_reduction`` is met (see :func:`gdws_approx.plan_network`):
-        one LEGO ``beta`` for all layers, or the least total error for the MACs.
-    target_speedup : float, optional
-        A budget of its own: the measured speed-up (``> 1``) to reach on ``backend``,
-        ``device`` and ``latency_batch_size``. Every eligible layer's latency is taken
-        from ``latency_table`` (timed and cached when missing), each layer becomes dense,
-        depthwise-separable or GDWS at the ``G`` of least total error whose predicted
-        network latency meets the target (:func:`gdws_approx.plan_latency`); then the
-        converted network is timed against the dense one and, if it misses the target
-        by more than 5 % either way, planned again for the measured ratio (3 attempts at
-        most; the least-error attempt that reached the target is kept).
-        ``report.latency`` records the prediction, the measurement and whether the
-        target was reached (:mod:`gdws_torch.conversion.speed_target`).
-    latency_table : LatencyTable, path-like or None, default=None
-        With ``target_speedup``: the table to use and extend, or the JSON file of one;
-        ``None``: the user's cache (:func:`gdws_torch.cost.latency_tables.default_cache`).
     progress : bool, default=False
         Progress bars while timing layers for ``target_speedup``.
+    **deprecated
+        The keywords the option groups replace (``alphas``, ``output_weights``,
+        ``input_transforms``, ``allocation``; ``refit``, ``refit_samples``,
+        ``refit_attack``, ``refit_depthwise``, ``refit_iterations``, ``recalibrate``,
+        ``recalibrate_samples``; ``latency_aware``, ``backend``, ``latency_batch_size``,
+        ``device``, ``latency_table``) still work until the next release, with a
+        ``FutureWarning`` and their old meaning (``refit=`` without ``refit_depthwise``
+        refits the pointwise weights only).
 
     Returns
     -------
@@ -165,69 +125,87 @@ def convert(
 
     Raises
     ------
+    TypeError
+        A setting of the wrong type, an unknown keyword.
     ValueError
         No eligible convolution, an alpha missing or of the wrong length, a budget that
         keeps no kernel in a layer, an unreachable target. The model is untouched then.
 
     Examples
     --------
-    >>> from gdws_torch import convert
+    >>> from gdws_torch import Recovery, convert
     >>> from gdws_torch.models import PreActResNet18
     >>> net = PreActResNet18().eval()
     >>> fast, report = convert(net, target_mac_reduction=2.0)  # doctest: +SKIP
+    >>> fast, report = convert(  # doctest: +SKIP
+    ...     net, target_mac_reduction=2.0, recovery=Recovery(refit=train_loader)
+    ... )
     >>> print(report)  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if refit_depthwise is None:
-        if refit is not None:
-            warnings.warn(
-                "convert(refit=...) refits the pointwise weights only when refit_depthwise is "
-                "not given; the default becomes refit_depthwise=True (the joint refit, as "
-                "refit_gdws and the robust recipe) in the next release. Pass "
-                "refit_depthwise=False to keep this behaviour, True for the joint refit.",
-                FutureWarning,
-                stacklevel=2,
+    groups = {"weighting": weighting, "recovery": recovery, "latency": latency}
+    for name, cls in (("weighting", Weighting), ("recovery", Recovery), ("latency", Latency)):
+        if groups[name] is not None and not isinstance(groups[name], cls):
+            raise TypeError(
+                f"{name} must be a {cls.__name__} or None; got {type(groups[name]).__name__}."
             )
-        refit_depthwise = False
-    if refit is not None and (
-        isinstance(refit_iterations, bool)
-        or not isinstance(refit_iterations, int)
-        or refit_iterations < 0
-    ):
-        raise ValueError(
-            f"refit_iterations must be a non-negative integer; got {refit_iterations!r}."
-        )
+    groups = from_legacy_keywords(deprecated, groups)
+    weighting, recovery, latency = groups["weighting"], groups["recovery"], groups["latency"]
     if target_speedup is not None:
-        given = [n for n, v in (("beta", beta), ("n_kernels", n_kernels)) if v is not None]
-        if target_mac_reduction is not None:
-            given.append("target_mac_reduction")
-        if given or latency_aware or allocation != "common_beta":
-            extra = (
-                given
-                + ["latency_aware"] * latency_aware
-                + ["allocation"] * (allocation != "common_beta")
-            )
+        budgets = {
+            "beta": beta,
+            "n_kernels": n_kernels,
+            "target_mac_reduction": target_mac_reduction,
+        }
+        given = [name for name, value in budgets.items() if value is not None]
+        given += ["latency.keep_faster"] * latency.keep_faster
+        given += ["weighting.allocation"] * (weighting.allocation != "common_beta")
+        if given:
             raise ValueError(
-                f"target_speedup is a budget of its own; it excludes {', '.join(extra)}."
-            )
-    if latency_aware or target_speedup is not None:
-        from gdws_torch.cost.throughput import BACKENDS
-
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
-        if (
-            isinstance(latency_batch_size, bool)
-            or not isinstance(latency_batch_size, int)
-            or latency_batch_size < 1
-        ):
-            raise ValueError(
-                f"latency_batch_size must be a positive integer; got {latency_batch_size!r}."
+                f"target_speedup is a budget of its own; it excludes {', '.join(given)}."
             )
     # Plan on the original (read only); copy only once everything is known to work.
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     macs = count_macs(model, input_size)
+    specs = _layer_specs(model, chosen, macs, weighting, input_size)
     names = {name for name, _ in chosen}
+    other = sum(
+        la.macs for la in macs.layers if la.kind in ("conv", "gdws") and la.name not in names
+    )
+    if target_speedup is not None:
+        converted, plan, originals = _convert_for_speedup(
+            model,
+            specs,
+            other,
+            latency,
+            input_size=input_size,
+            target_speedup=target_speedup,
+            svd_solver=svd_solver,
+            fused=fused,
+            inplace=inplace,
+            progress=progress,
+        )
+    else:
+        plan = plan_network(
+            specs,
+            beta=beta,
+            n_kernels=n_kernels,
+            target_mac_reduction=target_mac_reduction,
+            other_macs=other,
+            only_if_cheaper=only_if_cheaper,
+            svd_solver=svd_solver,
+            allocation=weighting.allocation,
+        )
+        converted, plan, originals = _build(
+            model, plan, latency, input_size=input_size, fused=fused, inplace=inplace
+        )
+    _recover(model, converted, originals, recovery, inplace=inplace)
+    return converted, plan
+
+
+def _layer_specs(model, chosen, macs, weighting: Weighting, input_size) -> list[LayerSpec]:
+    """One :class:`~gdws_approx.LayerSpec` per eligible conv that runs exactly once."""
     specs = []
     for name, conv in chosen:
         calls = [layer for layer in macs.layers if layer.name == name]
@@ -239,54 +217,30 @@ def convert(
                 f"{tuple(input_size)}; only convolutions called exactly once can be planned. "
                 "Exclude it with exclude=[...]."
             )
-        alpha = None if alphas is None else lookup_alpha(alphas, name, conv)
+        alphas = weighting.alphas
         specs.append(
             LayerSpec(
                 name,
                 conv.weight.detach(),
                 calls[0].output_pixels,
-                alpha,
-                output_weights=_optional_entry(output_weights, name, "output_weights"),
-                input_transforms=_optional_entry(input_transforms, name, "input_transforms"),
+                None if alphas is None else lookup_alpha(alphas, name, conv),
+                output_weights=_optional_entry(weighting.output_weights, name, "output_weights"),
+                input_transforms=_optional_entry(
+                    weighting.input_transforms, name, "input_transforms"
+                ),
             )
         )
-    other = sum(
-        la.macs for la in macs.layers if la.kind in ("conv", "gdws") and la.name not in names
-    )
     if not specs:
         raise ValueError(
             "none of the eligible convolutions runs in a forward pass at input_size "
             f"{tuple(input_size)}; nothing to convert."
         )
-    if target_speedup is not None:
-        return _convert_for_speedup(
-            model,
-            specs,
-            other,
-            input_size=input_size,
-            target_speedup=target_speedup,
-            table=latency_table,
-            backend=backend,
-            batch_size=latency_batch_size,
-            device=device,
-            svd_solver=svd_solver,
-            fused=fused,
-            inplace=inplace,
-            progress=progress,
-            recovery=(refit, refit_samples, refit_attack, refit_depthwise, refit_iterations),
-            recalibration=(recalibrate, recalibrate_samples),
-        )
-    plan = plan_network(
-        specs,
-        beta=beta,
-        n_kernels=n_kernels,
-        target_mac_reduction=target_mac_reduction,
-        other_macs=other,
-        only_if_cheaper=only_if_cheaper,
-        svd_solver=svd_solver,
-        allocation=allocation,
-    )
-    if latency_aware:
+    return specs
+
+
+def _build(model, plan, latency: Latency, *, input_size, fused, inplace):
+    """``model`` with the plan's layers built (and, with ``keep_faster``, timed)."""
+    if latency.keep_faster:
         names = [layer.name for layer in plan.layers if layer.replaced]
         input_shapes = layer_input_shapes(model, names, input_size)
     converted = model if inplace else copy.deepcopy(model)
@@ -297,78 +251,66 @@ def convert(
             originals[layer.name] = modules[layer.name]
             built[layer.name] = GDWSConv2d.from_plan(layer, modules[layer.name], fused=fused)
             replace_module(converted, layer.name, built[layer.name])
-    if latency_aware:
+    if latency.keep_faster:
         plan, slower = time_layers(
             plan,
             originals,
             built,
             input_shapes,
-            backend=backend,
-            batch_size=latency_batch_size,
-            device=device,
+            backend=latency.backend,
+            batch_size=latency.batch_size,
+            device=latency.device,
         )
         for name in slower:
             replace_module(converted, name, originals[name])
-    _recover(
-        model,
-        converted,
-        originals if built else {},
-        inplace=inplace,
-        recovery=(refit, refit_samples, refit_attack, refit_depthwise, refit_iterations),
-        recalibration=(recalibrate, recalibrate_samples),
-    )
-    return converted, plan
+    return converted, plan, originals
 
 
-def _recover(model, converted, originals, *, inplace, recovery, recalibration) -> None:
+def _recover(model, converted, originals, recovery: Recovery, *, inplace) -> None:
     """The refit (if any GDWS layer was built), then the BatchNorm recalibration."""
-    refit, samples, attack, depthwise, iterations = recovery
-    if refit is not None and originals:
+    if recovery.refit is not None and originals:
         refit_gdws(
             model if not inplace else _dense_twin(converted, originals),
             converted,
-            refit,
-            samples,
-            depthwise=depthwise,
-            iterations=iterations,
-            attack=attack,
+            recovery.refit,
+            recovery.refit_samples,
+            depthwise=recovery.refit_depthwise,
+            iterations=recovery.refit_iterations,
+            attack=recovery.refit_attack,
             inplace=True,
             progress=False,
         )
-    loader, n = recalibration
-    if loader is not None:
-        recalibrate_batchnorm(converted, loader, n, inplace=True, progress=False)
+    if recovery.recalibrate is not None:
+        recalibrate_batchnorm(
+            converted,
+            recovery.recalibrate,
+            recovery.recalibrate_samples,
+            attack=recovery.recalibrate_attack,
+            inplace=True,
+            progress=False,
+        )
 
 
-def _convert_for_speedup(
-    model, specs, other, *, table, backend, batch_size, device, recovery, recalibration, **kw
-):
+def _convert_for_speedup(model, specs, other, latency: Latency, **kw):
     from gdws_torch.conversion.speed_target import convert_for_speedup
     from gdws_torch.cost.latency_tables import LatencyTable, default_cache
 
+    table = latency.table
     if not isinstance(table, LatencyTable):
         table = LatencyTable(
-            backend, batch_size, device, default_cache() if table is None else table
+            latency.backend,
+            latency.batch_size,
+            latency.device,
+            default_cache() if table is None else table,
         )
-    elif (table.backend, table.batch_size) != (backend, batch_size):
+    elif (table.backend, table.batch_size) != (latency.backend, latency.batch_size):
         raise ValueError(
-            f"latency_table is for {table.backend} at batch {table.batch_size}, not "
-            f"backend={backend!r} at latency_batch_size={batch_size}."
+            f"latency.table is for {table.backend} at batch {table.batch_size}, not "
+            f"backend={latency.backend!r} at batch_size={latency.batch_size}."
         )
     names = [spec.name for spec in specs]
     input_shapes = layer_input_shapes(model, names, kw["input_size"])
-    converted, plan, originals = convert_for_speedup(
-        model, specs, input_shapes, table=table, other_macs=other, **kw
-    )
-    _recover(
-        model,
-        converted,
-        originals,
-        inplace=kw["inplace"],
-        recovery=recovery,
-        recalibration=recalibration,
-    )
-    return converted, plan
+    return convert_for_speedup(model, specs, input_shapes, table=table, other_macs=other, **kw)
 
 
 def _dense_twin(converted: nn.Module, originals: Mapping[str, nn.Module]) -> nn.Module:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from gdws_approx import NetworkPlan
+from gdws_torch.common import take_samples
+from gdws_torch.conversion.options import Latency, Recovery, Weighting
 
 __all__ = ["RECIPES", "Recipe", "RecipeInputs", "compress", "get_recipe", "recipe_inputs"]
 
@@ -165,21 +167,19 @@ class RecipeInputs:
     Attributes
     ----------
     recipe : Recipe
-    weights : dict
-        ``convert`` keyword arguments of the weighting (``alphas``, ``output_weights``,
-        ``input_transforms``); empty for unit weights.
-    calibration : list of (inputs, labels) or None
-        The refit's calibration batches (PGD-perturbed when the recipe asks).
-    recalibration : iterable or None
-        The data the BatchNorm statistics are re-estimated on.
+    weighting : Weighting
+        The error weights (``alphas``, ``output_weights``, ``input_transforms``; none
+        for unit weights), with the recipe's ``allocation``.
+    recovery : Recovery
+        The refit on the calibration batches (PGD-perturbed when the recipe asks) and the
+        BatchNorm re-estimation, as the recipe sets them.
     attack : dict
         The calibration attack: ``norm``, ``eps``, ``alpha``, ``steps``, ``seed``.
     """
 
     recipe: Recipe
-    weights: dict
-    calibration: list | None
-    recalibration: Iterable | None
+    weighting: Weighting
+    recovery: Recovery
     attack: dict
 
 
@@ -200,7 +200,6 @@ def recipe_inputs(
     See :func:`compress` for the parameters. ``model`` is not modified (it is put in eval
     mode for the attack and the statistics, and its mode restored).
     """
-    from gdws_torch.conversion.weightings import weighting
     from gdws_torch.nn.module_tree import eval_mode
     from gdws_torch.robustness.attacks import PGD
 
@@ -221,29 +220,37 @@ def recipe_inputs(
     attack_alpha = _positive_real(attack_alpha, "attack_alpha")
     attack = {"eps": epsilon, "alpha": attack_alpha, "steps": attack_steps}
     with eval_mode(model):
-        weights = {}
+        weighting = Weighting(allocation=chosen.allocation)
         if chosen.weighting != "unit":
             extra = {}
             if chosen.weighting == "noise_gains":
                 attacker = PGD(model, **attack, seed=seed)
                 extra["noise_gain_kwargs"] = {"attack": attacker, "progress": progress}
-            weights = weighting(
+            weighting = Weighting.from_strategy(
                 chosen.weighting,
                 model,
                 input_size,
                 loader=data,
                 n_samples=chosen.weighting_samples,
+                allocation=chosen.allocation,
                 **extra,
             )
         calibration = None
         if chosen.refit_samples:
             crafter = PGD(model, **attack, seed=seed) if chosen.refit_adversarial else None
             calibration = _first_inputs(data, chosen, crafter)
+    recovery = Recovery(
+        refit=calibration,
+        refit_samples=chosen.refit_samples or 1,
+        refit_depthwise=chosen.refit_depthwise,
+        refit_iterations=chosen.refit_iterations,
+        recalibrate=data if chosen.recalibrate_samples else None,
+        recalibrate_samples=chosen.recalibrate_samples or 1,
+    )
     return RecipeInputs(
         chosen,
-        weights,
-        calibration,
-        data if chosen.recalibrate_samples else None,
+        weighting,
+        recovery,
         {"norm": "l_inf", **attack, "random_start": True, "seed": seed},
     )
 
@@ -309,7 +316,7 @@ def compress(
     progress : bool, default=False
     convert_options : dict, optional
         Further :func:`gdws_torch.convert` keywords (``layers``, ``exclude``,
-        ``skip_first``, ``svd_solver``, ...).
+        ``skip_first``, ``svd_solver``, ``latency=Latency(keep_faster=True)``, ...).
 
     Returns
     -------
@@ -352,28 +359,28 @@ def compress(
     elif not isinstance(inputs, RecipeInputs):
         raise TypeError(f"inputs must be a RecipeInputs; got {type(inputs).__name__}.")
     chosen = inputs.recipe
+    weighting = inputs.weighting
+    if target_mac_reduction is None:  # the allocation shares a MAC target only
+        weighting = dataclasses.replace(weighting, allocation="common_beta")
     options = dict(convert_options or {})
-    if target_mac_reduction is not None:
-        options.setdefault("allocation", chosen.allocation)
+    latency = options.pop("latency", None)
     if target_speedup is not None:
-        options.update(
-            backend=backend,
-            latency_batch_size=latency_batch_size,
-            latency_table=latency_table,
-            device=device,
+        if latency is not None:
+            raise ValueError(
+                "give target_speedup's backend, latency_batch_size, latency_table and device "
+                "to compress itself, not convert_options['latency']."
+            )
+        latency = Latency(
+            backend=backend, batch_size=latency_batch_size, device=device, table=latency_table
         )
     converted, report = convert(
         model,
         **given,
-        **inputs.weights,
         **options,
+        weighting=weighting,
+        recovery=inputs.recovery,
+        latency=latency,
         input_size=input_size,
-        refit=inputs.calibration,
-        refit_samples=chosen.refit_samples or 1000,
-        refit_depthwise=chosen.refit_depthwise,
-        refit_iterations=chosen.refit_iterations,
-        recalibrate=inputs.recalibration,
-        recalibrate_samples=chosen.recalibrate_samples or 1000,
         progress=progress,
     )
     report.recipe = {**chosen.to_dict(), "calibration_attack": inputs.attack}
@@ -393,17 +400,13 @@ def _first_inputs(
     data: Iterable, recipe: Recipe, crafter: Any
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``refit_samples`` inputs of ``data``, PGD-perturbed by ``crafter``."""
-    batches, seen = [], 0
-    for images, labels in data:
-        if seen >= recipe.refit_samples:
-            break
-        take = min(len(images), recipe.refit_samples - seen)
-        images, labels = images[:take], labels[:take]
-        batches.append((crafter(images, labels) if crafter else images, labels))
-        seen += take
-    if seen < recipe.refit_samples:
-        raise ValueError(
-            f"data ran out after {seen} inputs; recipe {recipe.name!r} refits on "
-            f"{recipe.refit_samples} (use recipe.replace(refit_samples=...))."
-        )
-    return batches
+    batches = take_samples(
+        data,
+        recipe.refit_samples,
+        labels=True,
+        name=f"recipe {recipe.name!r}: refit_samples",
+        hint="Use recipe.replace(refit_samples=...).",
+    )
+    return [
+        (crafter(images, labels) if crafter else images, labels) for images, labels, *_ in batches
+    ]

@@ -18,15 +18,16 @@ MEGO/LEGO stay exact under the weighted error
 
 from __future__ import annotations
 
-import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from gdws_approx.checks import check_integer
+from gdws_torch.common import conv_patches, take_samples
 from gdws_torch.conversion.eligibility import eligible_convs
-from gdws_torch.conversion.noise_gains import _patches
 from gdws_torch.cost.macs import example_input
 from gdws_torch.nn.module_tree import eval_mode
 
@@ -34,6 +35,7 @@ __all__ = [
     "STRATEGIES",
     "batchnorm_output_weights",
     "input_patch_transforms",
+    "strategy_weights",
     "weighting",
 ]
 
@@ -113,8 +115,7 @@ def input_patch_transforms(
     own padding, stride and dilation) on ``n_samples`` inputs of ``loader`` (eval mode);
     ``ridge`` times the mean diagonal is added so that ``B_c`` is invertible.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    check_integer(n_samples, "n_samples", minimum=1)
     chosen = dict(eligible_convs(model))
     if layers is not None:
         chosen = {name: chosen[name] for name in layers}
@@ -124,7 +125,7 @@ def input_patch_transforms(
     def hook(name: str, conv: nn.Conv2d):
         def record(module, inputs) -> None:
             x = inputs[0].detach().to(torch.float64)
-            patches = _patches(conv, x)  # (N, C * K2, P)
+            patches = conv_patches(conv, x)  # (N, C * K2, P)
             n, _, p = patches.shape
             c, k2 = conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1]
             by_channel = patches.reshape(n, c, k2, p).permute(1, 2, 0, 3).reshape(c, k2, n * p)
@@ -135,24 +136,16 @@ def input_patch_transforms(
         return record
 
     device = next(iter(model.parameters())).device
-    seen = 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        images = images[: n_samples - seen].to(device)
+    for images, *_ in take_samples(loader, n_samples, device=device):
         hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
         _forward_with_hooks(model, images, hooks)
-        seen += len(images)
-        if seen >= n_samples:
-            break
-    if seen < n_samples:
-        raise ValueError(f"the loader ran out after {seen} samples; n_samples={n_samples}.")
     missing = sorted(set(chosen) - set(sums))
     if missing:
         raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
     return {name: _matrix_sqrt(sums[name] / counts[name], ridge) for name in sorted(chosen)}
 
 
-def weighting(
+def strategy_weights(
     strategy: str,
     model: nn.Module,
     input_size: Sequence[int],
@@ -161,21 +154,43 @@ def weighting(
     n_samples: int = 256,
     noise_gain_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``convert`` keyword arguments (``alphas``, ``output_weights``, ``input_transforms``)
-    for a strategy of :data:`STRATEGIES`; ``loader`` feeds the data-driven ones."""
+    """The weights of a strategy of :data:`STRATEGIES`, as :class:`Weighting`'s fields
+    (``alphas``, ``output_weights``, ``input_transforms``; the ones it sets only).
+
+    Prefer :meth:`gdws_torch.conversion.options.Weighting.from_strategy`, which wraps this.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-    kwargs: dict[str, Any] = {}
+    weights: dict[str, Any] = {}
     if strategy == "noise_gains":
         from gdws_torch.conversion.noise_gains import noise_gains
 
         if loader is None:
             raise ValueError("strategy 'noise_gains' needs a loader.")
-        kwargs["alphas"] = noise_gains(model, loader, n_samples, **(noise_gain_kwargs or {}))
+        weights["alphas"] = noise_gains(model, loader, n_samples, **(noise_gain_kwargs or {}))
     if strategy in ("output", "output+data"):
-        kwargs["output_weights"] = batchnorm_output_weights(model, input_size)
+        weights["output_weights"] = batchnorm_output_weights(model, input_size)
     if strategy in ("data", "output+data"):
         if loader is None:
             raise ValueError(f"strategy {strategy!r} needs a loader.")
-        kwargs["input_transforms"] = input_patch_transforms(model, loader, n_samples)
-    return kwargs
+        weights["input_transforms"] = input_patch_transforms(model, loader, n_samples)
+    return weights
+
+
+def weighting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Deprecated: ``convert`` keywords for a strategy; use ``Weighting.from_strategy``.
+
+    Takes :func:`strategy_weights`'s arguments and returns its result, the old keyword
+    arguments of ``convert`` (``alphas``, ``output_weights``, ``input_transforms``), with a
+    ``FutureWarning``; removed in the next release. ``convert(model,
+    weighting=Weighting.from_strategy(strategy, model, input_size, loader=loader))`` does
+    the same.
+    """
+    warnings.warn(
+        "weighting() is deprecated and will be removed in the next release; use "
+        "convert(..., weighting=Weighting.from_strategy(strategy, model, input_size, "
+        "loader=...)).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return strategy_weights(*args, **kwargs)

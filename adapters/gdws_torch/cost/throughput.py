@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import numbers
 import statistics
 import time
 import warnings
@@ -29,15 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gdws_approx.checks import check_integer
+
 __all__ = ["BACKENDS", "available_backends", "make_runner", "measure_fps", "measure_throughput"]
 
 BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino", "tensorrt")
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return int(value)
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -245,10 +240,9 @@ def measure_throughput(
     if not models:
         raise ValueError("models must name at least one model.")
     shape = _check_shape(input_shape)
-    rounds = _check_count(rounds, "rounds")
-    sizes = [_check_count(b, f"batch_sizes[{i}]") for i, b in enumerate(batch_sizes)]
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer; got {warmup!r}.")
+    rounds = check_integer(rounds, "rounds", minimum=1)
+    sizes = [check_integer(b, f"batch_sizes[{i}]", minimum=1) for i, b in enumerate(batch_sizes)]
+    check_integer(warmup, "warmup", minimum=0)
     if not sizes:
         raise ValueError("batch_sizes must hold at least one batch size.")
     backends = list(backends)
@@ -329,7 +323,7 @@ def measure_fps(
 
     A shortcut for :func:`measure_throughput` with one backend and one batch size.
     """
-    batch_size = _check_count(batch_size, "batch_size")
+    batch_size = check_integer(batch_size, "batch_size", minimum=1)
     rows = measure_throughput(
         models,
         input_shape,

@@ -31,6 +31,7 @@ library call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -42,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from gdws_torch.conversion.convert import convert, set_fused
+from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.recipes import RECIPES as LIBRARY_RECIPES
 from gdws_torch.conversion.recipes import Recipe, RecipeInputs, compress, recipe_inputs
 from gdws_torch.cost.macs import count_macs
@@ -352,10 +354,9 @@ def _speed_headline(
             _, plan = convert(
                 network,
                 target_speedup=target,
-                backend=name,
-                latency_table=tables[name],
+                latency=Latency(backend=name, table=tables[name]),
                 input_size=INPUT_SHAPE,
-                **inputs.weights,
+                weighting=dataclasses.replace(inputs.weighting, allocation="common_beta"),
             )
         except ValueError as exc:  # out of reach on this backend
             backends.append({"backend": name, "reached": False, "why": str(exc)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gdws_torch.conversion.convert import convert, set_fused
-from gdws_torch.conversion.weightings import STRATEGIES, weighting
+from gdws_torch.conversion.options import Latency, Weighting
+from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.cost.macs import count_macs
 from gdws_torch.cost.throughput import measure_throughput
 from gdws_torch.io.figures import save_figure
@@ -40,7 +42,7 @@ def run_sweep(
     targets: Sequence[float] = (1.5, 2.0, 2.5),
     allocations: Sequence[str] = ("common_beta",),
     speedup_targets: Sequence[float] = (),
-    latency: dict[str, Any] | None = None,
+    latency: Latency | None = None,
     recalibration_samples: int = 1000,
     weighting_samples: int = 256,
     refit_samples: int = 0,
@@ -73,9 +75,9 @@ def run_sweep(
     speedup_targets : sequence of float
         Measured speed-ups: each strategy is also converted with ``target_speedup``
         (rows with ``allocation="latency"``, ``target`` the speed-up).
-    latency : dict, optional
-        Keyword arguments of those conversions: ``backend``, ``latency_batch_size``,
-        ``latency_table`` (see :func:`gdws_torch.convert`).
+    latency : Latency, optional
+        Where those conversions are timed (:class:`gdws_torch.Latency`: backend, batch
+        size, table).
     recalibration_samples : int
         ``0``: no recovery rows; otherwise every model also gets a recalibrated twin.
     weighting_samples : int
@@ -126,7 +128,7 @@ def run_sweep(
     weights = {}
     for strategy in strategies:
         log(f"weighting {strategy!r} ...")
-        weights[strategy] = weighting(
+        weights[strategy] = Weighting.from_strategy(
             strategy, wrap(network), input_shape, loader=train_loader, n_samples=weighting_samples
         )
         # Names under a wrapper carry ``module.``; convert's lookups accept both forms.
@@ -141,14 +143,15 @@ def run_sweep(
     jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
     jobs += [(s, "latency", t) for s in strategies for t in speedup_targets]
     for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
-        budget = (
-            {"target_speedup": target, **(latency or {})}
-            if allocation == "latency"
-            else {"target_mac_reduction": target, "allocation": allocation}
-        )
+        if allocation == "latency":
+            budget = {"target_speedup": target, "latency": latency}
+            weights_used = weights[strategy]
+        else:
+            budget = {"target_mac_reduction": target}
+            weights_used = dataclasses.replace(weights[strategy], allocation=allocation)
         try:
             converted, report = convert(
-                network, input_size=input_shape, **budget, **weights[strategy]
+                network, input_size=input_shape, **budget, weighting=weights_used
             )
         except ValueError as exc:
             log(f"{strategy}, {allocation}, {target:g}x: skipped ({exc})")

@@ -10,7 +10,6 @@ from gdws_torch.recovery.batchnorm import batchnorm_layers, recalibrate_batchnor
 from gdws_torch.recovery.refit import (
     calibration_inputs,
     depthwise_step,
-    layer_patches,
     pointwise_step,
     refit_error,
     refit_gdws,
@@ -22,7 +21,6 @@ __all__ = [
     "batchnorm_layers",
     "calibration_inputs",
     "depthwise_step",
-    "layer_patches",
     "pointwise_step",
     "recalibrate_batchnorm",
     "refit_error",

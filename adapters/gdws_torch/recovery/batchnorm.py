@@ -9,7 +9,6 @@ no weight changed, recovers much of what was lost.
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from gdws_approx.checks import check_integer
+from gdws_torch.common import take_samples
 
 __all__ = ["batchnorm_layers", "recalibrate_batchnorm"]
 
@@ -82,11 +84,12 @@ def recalibrate_batchnorm(
     ValueError
         Bad ``n_samples``, neither ``natural`` nor ``attack``, a loader with fewer samples,
         inputs whose shape the model rejects, or adversarial inputs without labels.
+    TypeError
+        ``model`` not a module, ``n_samples`` not an integer, ``attack`` not callable.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    check_integer(n_samples, "n_samples", minimum=1)
     if not natural and attack is None:
         raise ValueError("nothing to recalibrate on: natural=False and no attack.")
     if attack is not None and not callable(attack):
@@ -117,21 +120,12 @@ def recalibrate_batchnorm(
             module.reset_running_stats()
             module.momentum = None  # a cumulative average over every batch
             module.train()
-        seen = 0
-        for batch in loader:
-            images, labels = (
-                (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-            )
-            images = images[: n_samples - seen].to(device)
-            if labels is not None:
-                labels = torch.as_tensor(labels)[: n_samples - seen].to(device)
-            inputs = []
-            if natural:
-                inputs.append(images)
+        for images, *rest in take_samples(
+            loader, n_samples, labels=crafter is not None, device=device
+        ):
+            inputs = [images] if natural else []
             if crafter is not None:
-                if labels is None:
-                    raise ValueError("adversarial recalibration needs (images, labels) batches.")
-                inputs.append(crafter(images, labels).detach())
+                inputs.append(crafter(images, rest[0]).detach())
             with torch.no_grad():
                 for x in inputs:
                     try:
@@ -142,13 +136,6 @@ def recalibrate_batchnorm(
                             f"{str(exc).splitlines()[0]}"
                         ) from None
                     bar.update(len(x))
-            seen += len(images)
-            if seen >= n_samples:
-                break
-        if seen < n_samples:
-            raise ValueError(
-                f"the loader ran out after {seen} samples; n_samples={n_samples} asks for more."
-            )
     finally:
         bar.close()
         for module, momentum in momenta:

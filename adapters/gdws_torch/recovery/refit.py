@@ -12,21 +12,20 @@ calibration set-up and the per-layer Gram accumulation.
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_approx.checks import check_integer, check_real
+from gdws_torch.common import conv_patches, take_samples
 from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = [
     "calibration_inputs",
     "depthwise_step",
-    "layer_patches",
     "pointwise_step",
     "refit_error",
     "refit_gdws",
@@ -39,23 +38,12 @@ def calibration_inputs(
     loader: Iterable, n_samples: int, dense: nn.Module, attack: Any, device: Any
 ) -> list[torch.Tensor]:
     """``n_samples`` inputs of ``loader`` in batches; adversarial against ``dense`` if asked."""
-    batches, seen = [], 0
+    batches = []
     crafter = None if attack is None else attack(copy.deepcopy(dense).eval())
-    for batch in loader:
-        images, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        images = images[: n_samples - seen].to(device)
-        if crafter is not None:
-            if labels is None:
-                raise ValueError("adversarial calibration needs (images, labels) batches.")
-            labels = torch.as_tensor(labels)[: n_samples - seen].to(device)
-            images = crafter(images, labels).detach()
+    for batch in take_samples(loader, n_samples, labels=crafter is not None, device=device):
+        images = batch[0] if crafter is None else crafter(batch[0], batch[1]).detach()
         batches.append(images)
-        seen += len(images)
-        if seen >= n_samples:
-            return batches
-    raise ValueError(
-        f"the loader ran out after {seen} samples; n_samples={n_samples} asks for more."
-    )
+    return batches
 
 
 # -- refit: pointwise and depthwise factors by (alternating) least squares -------------------
@@ -66,46 +54,6 @@ MAX_DIRECT_UNKNOWNS = 6144
 _CG_TOLERANCE = 1e-10
 _CG_MAX_ITERATIONS = 2000
 _PATCH_CHUNK_BYTES = 64 * 2**20
-
-
-def layer_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The input patches ``conv`` multiplies, ``(N, C * Kh * Kw, L)``.
-
-    Honours the conv's stride, padding (including ``"same"``), dilation and padding mode, so
-    that ``conv._conv_forward(x, W, None)`` equals ``W.reshape(M, -1) @ patches`` (reshaped
-    to the output's ``(N, M, H', W')``). Rows are ordered as ``W.reshape(M, -1)``'s columns:
-    channel-major, then the kernel positions row by row.
-
-    Parameters
-    ----------
-    conv : torch.nn.Conv2d
-        Any conv with the geometry (a GDWS layer's ``depthwise`` conv, or the dense one).
-    x : torch.Tensor of shape (N, C, H, W)
-
-    Returns
-    -------
-    torch.Tensor of shape (N, C * Kh * Kw, L)
-    """
-    mode = conv.padding_mode
-    if any(conv._reversed_padding_repeated_twice):
-        pad_mode = "constant" if mode == "zeros" else mode
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=pad_mode)
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    n, c, h, w = x.shape
-    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    # One strided view per kernel position: plain copies (F.unfold's im2col is much slower
-    # on CPU in float64).
-    views = [
-        x[
-            :,
-            :,
-            i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
-            j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
-        ]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return torch.stack(views, dim=2).reshape(n, c * kh * kw, out_h * out_w)
 
 
 def _check_factors(gram, cross, kernel_channels, pointwise, kernels) -> tuple[int, int, int, int]:
@@ -363,10 +311,12 @@ def refit_layer_factors(
     ------
     ValueError
         Inconsistent shapes, a negative ``ridge``, ``iterations`` or ``max_direct``.
+    TypeError
+        ``iterations`` or ``max_direct`` not an integer, ``ridge`` not a real number.
     """
-    _check_count(iterations, "iterations")
-    _check_count(max_direct, "max_direct")
-    _check_ridge(ridge)
+    check_integer(iterations, "iterations", minimum=0)
+    check_integer(max_direct, "max_direct", minimum=0)
+    check_real(ridge, "ridge", minimum=0)
     _check_factors(gram, cross, kernel_channels, pointwise, kernels)
     error = refit_error(gram, cross, energy, kernel_channels, pointwise, kernels)
     errors = [error]
@@ -390,16 +340,6 @@ def refit_layer_factors(
     return pointwise, kernels, errors
 
 
-def _check_count(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer; got {value!r}.")
-
-
-def _check_ridge(ridge: Any) -> None:
-    if isinstance(ridge, bool) or not (isinstance(ridge, numbers.Real) and ridge >= 0):
-        raise ValueError(f"ridge must be a non-negative number; got {ridge!r}.")
-
-
 def refit_gdws(
     dense: nn.Module,
     converted: nn.Module,
@@ -421,7 +361,7 @@ def refit_gdws(
     In execution order, for each :class:`~gdws_torch.GDWSConv2d` ``L`` of ``converted``
     (replacing the conv ``W`` of ``dense`` with the same name), with ``x`` the inputs
     ``converted`` feeds ``L`` (earlier layers already refitted) and ``patch`` their
-    ``C Kh Kw`` input patches (:func:`layer_patches`): the patch Gram matrix
+    ``C Kh Kw`` input patches (:func:`gdws_torch.common.conv_patches`): the patch Gram matrix
     ``S = sum patch patch^T`` over all calibration inputs and output positions is
     accumulated in float64, and :func:`refit_layer_factors` minimises the layer's output
     error ``sum ||W patch - P D patch||^2 = tr((W - P D) S (W - P D)^T)`` over the
@@ -469,14 +409,16 @@ def refit_gdws(
         Bad ``n_samples``, ``iterations``, ``ridge`` or ``max_direct``, no GDWS
         layer, a ``dense`` without the matching convs, a loader with fewer samples, or
         adversarial calibration without labels. ``converted`` is untouched then.
+    TypeError
+        ``n_samples``, ``iterations`` or ``max_direct`` not an integer, ``ridge`` not a
+        real number. ``converted`` is untouched then.
     """
     from gdws_torch.nn.layers import GDWSConv2d
 
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-    _check_count(iterations, "iterations")
-    _check_count(max_direct, "max_direct")
-    _check_ridge(ridge)
+    check_integer(n_samples, "n_samples", minimum=1)
+    check_integer(iterations, "iterations", minimum=0)
+    check_integer(max_direct, "max_direct", minimum=0)
+    check_real(ridge, "ridge", minimum=0)
     steps = iterations if depthwise else 0
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
@@ -546,10 +488,10 @@ def _layer_statistics(layer, conv, work, batches):
             with torch.no_grad():
                 work(images)
                 x = captured["x"].to(torch.float64)
-                per_sample = n * layer_patches(layer.depthwise, x[:1]).shape[-1] * 8
+                per_sample = n * conv_patches(layer.depthwise, x[:1]).shape[-1] * 8
                 chunk = max(1, _PATCH_CHUNK_BYTES // max(per_sample, 1))
                 for start in range(0, len(x), chunk):
-                    patches = layer_patches(layer.depthwise, x[start : start + chunk])
+                    patches = conv_patches(layer.depthwise, x[start : start + chunk])
                     flat = patches.transpose(0, 1).reshape(n, -1)
                     gram += flat @ flat.T
     finally:

@@ -8,26 +8,16 @@ perturbation only, so the model's parameters and ``.grad`` are never touched.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "check_labels", "sample_seed"]
-
-
-def _check_positive(value: Any, name: str, integer: bool = False, allow_zero: bool = False) -> Any:
-    kind = numbers.Integral if integer else numbers.Real
-    low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, kind) or not low_ok:
-        what = "an integer" if integer else "a number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {what} {bound}; got {value!r}.")
-    return int(value) if integer else float(value)
 
 
 class Attack:
@@ -80,10 +70,10 @@ class Attack:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         self.model = model
-        self.eps = _check_positive(eps, "eps")
-        self.alpha = _check_positive(alpha, "alpha")
-        self.steps = _check_positive(steps, "steps", integer=True)
-        self.restarts = _check_positive(restarts, "restarts", integer=True)
+        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.alpha = check_real(alpha, "alpha", minimum=0, strict=True, unit="pixel units")
+        self.steps = check_integer(steps, "steps", minimum=1)
+        self.restarts = check_integer(restarts, "restarts", minimum=1)
         self.random_start = bool(random_start)
         self.early_stop = bool(early_stop)
         self.seed = seed
@@ -381,13 +371,10 @@ class PGDL1(Attack):
         self, model: nn.Module, eps: float, alpha: float, *args, sparsity: float = 0.99, **kwargs
     ):
         super().__init__(model, eps, alpha, *args, **kwargs)
-        if (
-            isinstance(sparsity, bool)
-            or not isinstance(sparsity, numbers.Real)
-            or not 0 <= sparsity < 1
-        ):
+        value = check_real(sparsity, "sparsity")
+        if not 0 <= value < 1:
             raise ValueError(f"sparsity must be a number in [0, 1); got {sparsity!r}.")
-        self.sparsity = float(sparsity)
+        self.sparsity = value
 
     def _random_delta(self, x, generator):
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)

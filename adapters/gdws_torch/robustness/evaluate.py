@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import math
 import os
 import time
 import uuid
@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.attacks import Attack, check_labels
 from gdws_torch.robustness.distributed import Group, shard
@@ -89,10 +90,8 @@ def _check_arguments(attacks: Mapping | None, n_samples: Any) -> dict[str, Calla
     for name, attack in attacks.items():
         if not callable(attack):
             raise TypeError(f"attacks[{name!r}] must be callable; got {type(attack).__name__}.")
-    if n_samples is not None and (
-        isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1
-    ):
-        raise ValueError(f"n_samples must be a positive integer or None; got {n_samples!r}.")
+    if n_samples is not None:
+        check_integer(n_samples, "n_samples (or None: all samples)", minimum=1)
     return attacks
 
 
@@ -166,17 +165,17 @@ def evaluate_dataset(
         Bad arguments; a ``resume_dir`` holding another evaluation's results, a damaged
         part or files the project did not write; processes evaluating different models,
         data or attacks.
+    TypeError
+        An argument of the wrong type (``n_samples``, ``batch_size`` or ``num_workers``
+        not an integer, ``save_every_s`` not a real number, an attack not callable).
     RuntimeError
         Samples missing or counted twice after the processes' results are combined.
     """
     attacks = _check_arguments(attacks, n_samples)
-    for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer; got {value!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size!r}.")
-    if not (isinstance(save_every_s, numbers.Real) and save_every_s >= 0):
-        raise ValueError(f"save_every_s must be a number >= 0; got {save_every_s!r}.")
+    check_integer(batch_size, "batch_size", minimum=1)
+    check_integer(num_workers, "num_workers", minimum=0)
+    if save_every_s != math.inf:  # inf: save only when the evaluation finishes
+        check_real(save_every_s, "save_every_s", minimum=0)
     group = group or Group()
     total = len(dataset) if n_samples is None else min(int(n_samples), len(dataset))
     if total == 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["accuracy", "random_crop_flip", "train"]
@@ -42,8 +42,7 @@ def random_crop_flip(
 
     ``generator`` is a CPU generator (the random offsets are drawn on the CPU).
     """
-    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
-        raise ValueError(f"padding must be a non-negative integer; got {padding!r}.")
+    check_integer(padding, "padding", minimum=0)
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError("images must be a 4-D tensor (N, C, H, W).")
     n, c, h, w = images.shape
@@ -115,11 +114,8 @@ def train(
         once, naming the epoch and batch (typically the learning rate is too high). The
         model is left with the weights of that step.
     """
-    for name, value in (("epochs", epochs),):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and lr > 0):
-        raise ValueError(f"lr must be a positive number; got {lr!r}.")
+    check_integer(epochs, "epochs", minimum=1)
+    check_real(lr, "lr", minimum=0, strict=True)
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
