@@ -74,6 +74,10 @@ def test_compress_is_the_recipe_assembled_by_hand(digits):
     assert report.recipe["calibration_attack"]["eps"] == EPS
     assert "recipe 'robust'" in report.format_table()
     assert report.to_dict()["recipe"]["allocation"] == "global"
+    stages = ["weighting", "calibration", "conversion", "refit", "recalibration"]
+    assert list(report.seconds) == stages and all(t > 0 for t in report.seconds.values())
+    assert "time: weighting" in report.format_table()
+    assert list(report.to_dict()["seconds"]) == stages
 
 
 def test_the_original_recipe_is_lego_with_noise_gains(digits):
@@ -133,8 +137,10 @@ def test_recipes_are_immutable_copyable_and_validated():
         Recipe("x", allocation="greedy")
     with pytest.raises(TypeError, match="refit_samples must be an integer"):
         Recipe("x", refit_samples=1.5)
-    with pytest.raises(ValueError, match="recalibrate_samples must be >= 0"):
+    with pytest.raises(ValueError, match="recalibrate_samples must be an integer >= 0"):
         Recipe("x", recalibrate_samples=-1)
+    with pytest.raises(ValueError, match="refit_tolerance must be a finite real number >= 0"):
+        Recipe("x", refit_tolerance=-0.1)
 
 
 @pytest.mark.parametrize(
@@ -142,12 +148,12 @@ def test_recipes_are_immutable_copyable_and_validated():
     [
         ({}, ValueError, "exactly one of"),
         ({"beta": 1.0, "target_mac_reduction": 2.0}, ValueError, "exactly one of"),
-        ({"beta": 1.0, "epsilon": 0.0}, ValueError, "epsilon must be > 0"),
-        ({"beta": 1.0, "epsilon": 8.0}, ValueError, r"epsilon must be in \(0, 1\]"),
-        ({"beta": 1.0, "epsilon": "8/255"}, TypeError, "epsilon must be a real number"),
-        ({"beta": 1.0, "attack_steps": 0}, ValueError, "attack_steps must be a positive"),
+        ({"beta": 1.0, "epsilon": 0.0}, ValueError, r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 0\.0"),
+        ({"beta": 1.0, "epsilon": 8.0}, ValueError, r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 8\.0"),
+        ({"beta": 1.0, "epsilon": "8/255"}, TypeError, "epsilon must be a finite real number"),
+        ({"beta": 1.0, "attack_steps": 0}, ValueError, "attack_steps must be an integer >= 1; got 0"),
         ({"beta": 1.0, "attack_steps": 2.0}, TypeError, "attack_steps must be an integer"),
-        ({"beta": 1.0, "attack_alpha": -0.1}, ValueError, "attack_alpha must be > 0"),
+        ({"beta": 1.0, "attack_alpha": -0.1}, ValueError, "attack_alpha must be a finite real number > 0"),
         ({"beta": 1.0, "inputs": {}}, TypeError, "RecipeInputs"),
     ],
 )

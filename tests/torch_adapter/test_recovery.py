@@ -341,6 +341,7 @@ def test_alternating_steps_never_increase_the_error_and_report_it(ridge, max_dir
         iterations=6,
         ridge=ridge,
         max_direct=max_direct,
+        tolerance=0.0,
     )
     assert len(errors) == 2 * 6 + 2
     assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(errors))
@@ -352,6 +353,22 @@ def test_alternating_steps_never_increase_the_error_and_report_it(ridge, max_dir
     np.testing.assert_allclose(torch.linalg.vector_norm(k, dim=1).numpy(), 1.0, rtol=1e-12)
     zero = refit_layer_factors(*as_torch(gram, cross, channels, pointwise, kernels), iterations=0)
     assert len(zero[2]) == 2 and torch.equal(zero[1], torch.as_tensor(kernels))
+
+
+@pytest.mark.parametrize("tolerance", [1e-3, 0.05])
+def test_the_alternation_stops_when_the_error_stops_falling(tolerance):
+    x, weight, channels, pointwise, kernels = tiny_layer(3, m=6)
+    y = weight @ x
+    gram, cross, energy = x @ x.T, y @ x.T, float((y**2).sum())
+    arguments = as_torch(gram, cross, channels, pointwise, kernels)
+    _, _, full = refit_layer_factors(*arguments, energy=energy, iterations=40, tolerance=0.0)
+    *_, errors = refit_layer_factors(*arguments, energy=energy, iterations=40, tolerance=tolerance)
+    assert len(errors) < len(full)  # stopped early ...
+    assert errors == full[: len(errors)]  # ... on the same path
+    rounds = [errors[i] - errors[i + 2] for i in range(1, len(errors) - 2, 2)]
+    ends = errors[3::2]
+    assert rounds[-1] <= tolerance * ends[-1]  # the last round no longer paid
+    assert all(r > tolerance * e for r, e in zip(rounds[:-1], ends[:-1], strict=True))
 
 
 def test_an_exact_factorisation_is_kept():

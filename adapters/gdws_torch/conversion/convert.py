@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,7 +104,8 @@ def convert(
         recovered.
     svd_solver : {"auto", "full", "covariance_eigh"}, default="auto"
     progress : bool, default=False
-        Progress bars while timing layers for ``target_speedup``.
+        Progress bars: timing layers for ``target_speedup``, the refit (per layer) and
+        the BatchNorm re-estimation. ``report.seconds`` gives each stage's time.
     **deprecated
         The keywords the option groups replace (``alphas``, ``output_weights``,
         ``input_transforms``, ``allocation``; ``refit``, ``refit_samples``,
@@ -165,6 +167,7 @@ def convert(
             raise ValueError(
                 f"target_speedup is a budget of its own; it excludes {', '.join(given)}."
             )
+    start = time.perf_counter()
     # Plan on the original (read only); copy only once everything is known to work.
     chosen = eligible_convs(model, layers=layers, exclude=exclude, skip_first=skip_first)
     macs = count_macs(model, input_size)
@@ -200,7 +203,11 @@ def convert(
         converted, plan, originals = _build(
             model, plan, latency, input_size=input_size, fused=fused, inplace=inplace
         )
-    _recover(model, converted, originals, recovery, inplace=inplace)
+    seconds = {"conversion": time.perf_counter() - start}
+    seconds.update(
+        _recover(model, converted, originals, recovery, inplace=inplace, progress=progress)
+    )
+    plan.seconds = {**(plan.seconds or {}), **seconds}
     return converted, plan
 
 
@@ -266,8 +273,11 @@ def _build(model, plan, latency: Latency, *, input_size, fused, inplace):
     return converted, plan, originals
 
 
-def _recover(model, converted, originals, recovery: Recovery, *, inplace) -> None:
-    """The refit (if any GDWS layer was built), then the BatchNorm recalibration."""
+def _recover(model, converted, originals, recovery: Recovery, *, inplace, progress) -> dict:
+    """The refit (if any GDWS layer was built), then the BatchNorm recalibration; returns
+    the seconds of each."""
+    seconds = {}
+    start = time.perf_counter()
     if recovery.refit is not None and originals:
         refit_gdws(
             model if not inplace else _dense_twin(converted, originals),
@@ -277,9 +287,12 @@ def _recover(model, converted, originals, recovery: Recovery, *, inplace) -> Non
             depthwise=recovery.refit_depthwise,
             iterations=recovery.refit_iterations,
             attack=recovery.refit_attack,
+            tolerance=recovery.refit_tolerance,
             inplace=True,
-            progress=False,
+            progress=progress,
         )
+        seconds["refit"] = time.perf_counter() - start
+        start = time.perf_counter()
     if recovery.recalibrate is not None:
         recalibrate_batchnorm(
             converted,
@@ -287,8 +300,10 @@ def _recover(model, converted, originals, recovery: Recovery, *, inplace) -> Non
             recovery.recalibrate_samples,
             attack=recovery.recalibrate_attack,
             inplace=True,
-            progress=False,
+            progress=progress,
         )
+        seconds["recalibration"] = time.perf_counter() - start
+    return seconds
 
 
 def _convert_for_speedup(model, specs, other, latency: Latency, **kw):

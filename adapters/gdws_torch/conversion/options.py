@@ -20,7 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from gdws_approx.checks import check_integer
+from gdws_approx.checks import check_integer, check_real
+from gdws_torch.recovery.refit import DEFAULT_TOLERANCE
 
 __all__ = ["LEGACY_KEYWORDS", "Latency", "Recovery", "Weighting", "from_legacy_keywords"]
 
@@ -132,7 +133,10 @@ class Recovery:
         as :func:`gdws_torch.recovery.refit_gdws` does by default); ``False``: the
         pointwise weights only.
     refit_iterations : int, default=3
-        Alternations of the joint refit.
+        Alternations of the joint refit, at most.
+    refit_tolerance : float, default=DEFAULT_TOLERANCE (1e-3)
+        A layer stops alternating when one alternation lowers its output error by less
+        than this fraction of it; ``0``: always ``refit_iterations``.
     recalibrate : iterable, optional
         A loader of (training) inputs: the converted model's BatchNorm statistics are
         re-estimated on ``recalibrate_samples`` of them
@@ -148,6 +152,7 @@ class Recovery:
     refit_attack: Callable[[nn.Module], Any] | None = None
     refit_depthwise: bool = True
     refit_iterations: int = 3
+    refit_tolerance: float = DEFAULT_TOLERANCE
     recalibrate: Iterable | None = None
     recalibrate_samples: int = 1000
     recalibrate_attack: Callable[[nn.Module], Any] | None = None
@@ -155,6 +160,7 @@ class Recovery:
     def __post_init__(self) -> None:
         check_integer(self.refit_samples, "refit_samples", minimum=1)
         check_integer(self.refit_iterations, "refit_iterations", minimum=0)
+        check_real(self.refit_tolerance, "refit_tolerance", minimum=0)
         check_integer(self.recalibrate_samples, "recalibrate_samples", minimum=1)
         if not isinstance(self.refit_depthwise, bool):
             raise TypeError(f"refit_depthwise must be a bool; got {self.refit_depthwise!r}.")

@@ -10,16 +10,20 @@ data, crafting the adversarial calibration inputs itself.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from gdws_approx import NetworkPlan
+from gdws_approx.checks import check_integer, check_real
 from gdws_torch.common import take_samples
 from gdws_torch.conversion.options import Latency, Recovery, Weighting
+from gdws_torch.recovery.refit import DEFAULT_TOLERANCE
 
 __all__ = ["RECIPES", "Recipe", "RecipeInputs", "compress", "get_recipe", "recipe_inputs"]
 
@@ -47,7 +51,10 @@ class Recipe:
         Re-solve the depthwise kernels too (alternating least squares), not only the
         pointwise weights.
     refit_iterations : int, default=3
-        Alternations of the depthwise refit.
+        Alternations of the depthwise refit, at most.
+    refit_tolerance : float, default=1e-3
+        A layer stops alternating when an alternation lowers its error by less than this
+        fraction (:class:`gdws_torch.Recovery`).
     refit_adversarial : bool, default=True
         Calibrate on PGD inputs crafted against the dense model (the threat model's
         ``epsilon``), not on the natural ones.
@@ -64,6 +71,7 @@ class Recipe:
     refit_samples: int = 0
     refit_depthwise: bool = True
     refit_iterations: int = 3
+    refit_tolerance: float = DEFAULT_TOLERANCE
     refit_adversarial: bool = True
     recalibrate_samples: int = 0
     description: str = ""
@@ -77,15 +85,10 @@ class Recipe:
             raise ValueError(
                 f"allocation must be 'common_beta' or 'global'; got {self.allocation!r}."
             )
-        counts = ("weighting_samples", "refit_samples", "refit_iterations", "recalibrate_samples")
-        for field in counts:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{field} must be an integer; got {value!r}.")
-            if value < (1 if field == "weighting_samples" else 0):
-                raise ValueError(
-                    f"{field} must be >= {int(field == 'weighting_samples')}; got {value}."
-                )
+        check_integer(self.weighting_samples, "weighting_samples", minimum=1)
+        for field in ("refit_samples", "refit_iterations", "recalibrate_samples"):
+            check_integer(getattr(self, field), field, minimum=0)
+        check_real(self.refit_tolerance, "refit_tolerance", minimum=0)
 
     @property
     def needs_data(self) -> bool:
@@ -175,12 +178,15 @@ class RecipeInputs:
         BatchNorm re-estimation, as the recipe sets them.
     attack : dict
         The calibration attack: ``norm``, ``eps``, ``alpha``, ``steps``, ``seed``.
+    seconds : dict
+        Wall-clock seconds of computing them: ``weighting``, ``calibration``.
     """
 
     recipe: Recipe
     weighting: Weighting
     recovery: Recovery
     attack: dict
+    seconds: dict = dataclasses.field(default_factory=dict)
 
 
 def recipe_inputs(
@@ -206,20 +212,19 @@ def recipe_inputs(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     chosen = get_recipe(recipe)
-    epsilon = _positive_real(epsilon, "epsilon")
-    if epsilon > 1:
-        raise ValueError(f"epsilon must be in (0, 1] (pixel units); got {epsilon!r}.")
-    if isinstance(attack_steps, bool) or not isinstance(attack_steps, int):
-        raise TypeError(f"attack_steps must be an integer; got {attack_steps!r}.")
-    if attack_steps < 1:
-        raise ValueError(f"attack_steps must be a positive integer; got {attack_steps!r}.")
+    epsilon = check_real(epsilon, "epsilon", minimum=0, strict=True, maximum=1, unit="pixel units")
+    check_integer(attack_steps, "attack_steps", minimum=1)
     if chosen.needs_data and data is None:
         raise ValueError(f"recipe {chosen.name!r} reads training data: give data (a loader).")
     if attack_alpha is None:
         attack_alpha = 2.5 * epsilon / attack_steps
-    attack_alpha = _positive_real(attack_alpha, "attack_alpha")
+    attack_alpha = check_real(
+        attack_alpha, "attack_alpha", minimum=0, strict=True, unit="pixel units"
+    )
     attack = {"eps": epsilon, "alpha": attack_alpha, "steps": attack_steps}
+    seconds = {}
     with eval_mode(model):
+        start = time.perf_counter()
         weighting = Weighting(allocation=chosen.allocation)
         if chosen.weighting != "unit":
             extra = {}
@@ -235,15 +240,19 @@ def recipe_inputs(
                 allocation=chosen.allocation,
                 **extra,
             )
+        seconds["weighting"] = time.perf_counter() - start
+        start = time.perf_counter()
         calibration = None
         if chosen.refit_samples:
             crafter = PGD(model, **attack, seed=seed) if chosen.refit_adversarial else None
-            calibration = _first_inputs(data, chosen, crafter)
+            calibration = _first_inputs(data, chosen, crafter, progress)
+        seconds["calibration"] = time.perf_counter() - start
     recovery = Recovery(
         refit=calibration,
         refit_samples=chosen.refit_samples or 1,
         refit_depthwise=chosen.refit_depthwise,
         refit_iterations=chosen.refit_iterations,
+        refit_tolerance=chosen.refit_tolerance,
         recalibrate=data if chosen.recalibrate_samples else None,
         recalibrate_samples=chosen.recalibrate_samples or 1,
     )
@@ -252,6 +261,7 @@ def recipe_inputs(
         weighting,
         recovery,
         {"norm": "l_inf", **attack, "random_start": True, "seed": seed},
+        seconds,
     )
 
 
@@ -344,6 +354,7 @@ def compress(
         raise ValueError(
             f"give exactly one of target_mac_reduction, target_speedup, beta; got {sorted(given)}."
         )
+    computed_here = inputs is None
     if inputs is None:
         inputs = recipe_inputs(
             model,
@@ -384,20 +395,13 @@ def compress(
         progress=progress,
     )
     report.recipe = {**chosen.to_dict(), "calibration_attack": inputs.attack}
+    if computed_here:  # the stages of this call, in the order they ran
+        report.seconds = {**inputs.seconds, **(report.seconds or {})}
     return converted, report
 
 
-def _positive_real(value: Any, name: str) -> float:
-    """``value`` as a float when it is a real number > 0 (pixel units)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number (pixel units); got {value!r}.")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be > 0 and finite (pixel units); got {value!r}.")
-    return float(value)
-
-
 def _first_inputs(
-    data: Iterable, recipe: Recipe, crafter: Any
+    data: Iterable, recipe: Recipe, crafter: Any, progress: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``refit_samples`` inputs of ``data``, PGD-perturbed by ``crafter``."""
     batches = take_samples(
@@ -407,6 +411,10 @@ def _first_inputs(
         name=f"recipe {recipe.name!r}: refit_samples",
         hint="Use recipe.replace(refit_samples=...).",
     )
-    return [
-        (crafter(images, labels) if crafter else images, labels) for images, labels, *_ in batches
-    ]
+    kind = "PGD calibration" if crafter else "calibration"
+    crafted = []
+    with tqdm(total=recipe.refit_samples, desc=kind, unit="input", disable=not progress) as bar:
+        for images, labels, *_ in batches:
+            crafted.append((crafter(images, labels) if crafter else images, labels))
+            bar.update(len(images))
+    return crafted
