@@ -14,6 +14,7 @@ from gdws_torch.recovery.reference_steps import (
     reference_depthwise_step,
     reference_pointwise_step,
     reference_refit_error,
+    reference_refit_layer_factors,
 )
 
 
@@ -120,13 +121,13 @@ def test_the_alternation_reaches_the_reference_alternations_error(max_direct):
         iterations=4,
         max_direct=max_direct,
         tolerance=0.0,
+        solve_tolerance=0.0,
     )
-    # The same alternation by the reference steps (kernels rescaled as refit does).
-    p = reference_pointwise_step(gram, cross, channels, kernels)
-    k = kernels
-    for _ in range(4):
-        new_k = reference_depthwise_step(gram, cross, channels, p, k, 1e-4, max_direct)
-        norms = torch.linalg.vector_norm(new_k, dim=1)
-        p, k = p * norms, new_k / norms[:, None]
-        p = reference_pointwise_step(gram, cross, channels, k)
-    assert errors[-1] == pytest.approx(objective(gram, cross, energy, channels, p, k), rel=1e-8)
+    *_, expected = reference_refit_layer_factors(
+        gram, cross, channels, pointwise, kernels, energy=energy, iterations=4
+    )
+    reference = expected[-1]
+    # Each step is exact to ~1e-10 of the error; over 4 alternations the paths may part by
+    # a little more (the early-stopped conjugate gradients), never to a worse error.
+    assert errors[-1] <= reference * (1 + 1e-8)
+    assert errors[-1] == pytest.approx(reference, rel=1e-6)

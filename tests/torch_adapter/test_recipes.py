@@ -148,12 +148,28 @@ def test_recipes_are_immutable_copyable_and_validated():
     [
         ({}, ValueError, "exactly one of"),
         ({"beta": 1.0, "target_mac_reduction": 2.0}, ValueError, "exactly one of"),
-        ({"beta": 1.0, "epsilon": 0.0}, ValueError, r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 0\.0"),
-        ({"beta": 1.0, "epsilon": 8.0}, ValueError, r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 8\.0"),
+        (
+            {"beta": 1.0, "epsilon": 0.0},
+            ValueError,
+            r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 0\.0",
+        ),
+        (
+            {"beta": 1.0, "epsilon": 8.0},
+            ValueError,
+            r"epsilon must be a finite real number > 0 and <= 1 \(pixel units\); got 8\.0",
+        ),
         ({"beta": 1.0, "epsilon": "8/255"}, TypeError, "epsilon must be a finite real number"),
-        ({"beta": 1.0, "attack_steps": 0}, ValueError, "attack_steps must be an integer >= 1; got 0"),
+        (
+            {"beta": 1.0, "attack_steps": 0},
+            ValueError,
+            "attack_steps must be an integer >= 1; got 0",
+        ),
         ({"beta": 1.0, "attack_steps": 2.0}, TypeError, "attack_steps must be an integer"),
-        ({"beta": 1.0, "attack_alpha": -0.1}, ValueError, "attack_alpha must be a finite real number > 0"),
+        (
+            {"beta": 1.0, "attack_alpha": -0.1},
+            ValueError,
+            "attack_alpha must be a finite real number > 0",
+        ),
         ({"beta": 1.0, "inputs": {}}, TypeError, "RecipeInputs"),
     ],
 )

@@ -527,13 +527,18 @@ def test_conjugate_gradients_give_the_direct_solution_on_a_model():
     dense = small_resnet()
     converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
     batches = loader(24, 12)
-    direct = refit_gdws(dense, converted, batches, 24, iterations=2, progress=False)
-    iterative = refit_gdws(
-        dense, converted, batches, 24, iterations=2, max_direct=0, progress=False
+    options = {"iterations": 2, "progress": False, "return_errors": True}
+    direct, exact = refit_gdws(dense, converted, batches, 24, **options)
+    iterative, _ = refit_gdws(
+        dense, converted, batches, 24, max_direct=0, solve_tolerance=0.0, **options
     )
     x = loader(8, 8)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(iterative(x), direct(x), rtol=1e-6, atol=1e-8)
+    # Inexact steps (the default): each layer's error within the solve tolerance's reach.
+    _, inexact = refit_gdws(dense, converted, batches, 24, max_direct=0, **options)
+    for name, errors in exact.items():
+        assert inexact[name][-1] <= errors[-1] * (1 + 1e-3)
 
 
 def test_joint_refit_of_an_exact_conversion_keeps_the_dense_outputs():

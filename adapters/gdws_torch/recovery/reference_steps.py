@@ -17,7 +17,16 @@ from gdws_torch.recovery.factor_steps import (
     solve_spd,
 )
 
-__all__ = ["reference_depthwise_step", "reference_pointwise_step", "reference_refit_error"]
+__all__ = [
+    "REFERENCE_MAX_DIRECT",
+    "reference_depthwise_step",
+    "reference_pointwise_step",
+    "reference_refit_error",
+    "reference_refit_layer_factors",
+]
+
+#: The direct-solve threshold the reference solver used (``G * K2`` unknowns).
+REFERENCE_MAX_DIRECT = 6144
 
 
 def _dense_weight(pointwise, kernels, kernel_channels, c: int) -> torch.Tensor:
@@ -80,3 +89,27 @@ def reference_depthwise_step(
         return torch.einsum("mg,mgi->gi", pointwise, z)
 
     return conjugate_gradients(hessian, blocks, lam, b, kernels)
+
+
+def reference_refit_layer_factors(
+    gram, cross, kernel_channels, pointwise, kernels, *, energy=0.0, iterations=3, ridge=1e-4
+):
+    """:func:`gdws_torch.recovery.refit_layer_factors` as it was: the dense steps, the
+    direct solve up to :data:`REFERENCE_MAX_DIRECT` unknowns, every alternation run."""
+    from gdws_torch.recovery.refit import alternate
+
+    def depthwise(p, k, _error):
+        return reference_depthwise_step(
+            gram, cross, kernel_channels, p, k, ridge, REFERENCE_MAX_DIRECT
+        )
+
+    return alternate(
+        lambda p, k: reference_refit_error(gram, cross, energy, kernel_channels, p, k),
+        lambda k: reference_pointwise_step(gram, cross, kernel_channels, k, ridge),
+        depthwise,
+        pointwise,
+        kernels,
+        energy=energy,
+        iterations=iterations,
+        tolerance=0.0,
+    )

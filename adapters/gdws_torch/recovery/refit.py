@@ -60,6 +60,9 @@ def calibration_inputs(
 _PATCH_CHUNK_BYTES = 64 * 2**20
 #: The default relative error decrease below which the alternation stops.
 DEFAULT_TOLERANCE = 1e-3
+#: The default relative error decrease below which a depthwise step's conjugate
+#: gradients stop (a tenth of the alternation's).
+DEFAULT_SOLVE_TOLERANCE = 1e-4
 
 
 def refit_layer_factors(
@@ -74,6 +77,7 @@ def refit_layer_factors(
     ridge: float = 1e-4,
     max_direct: int = MAX_DIRECT_UNKNOWNS,
     tolerance: float = DEFAULT_TOLERANCE,
+    solve_tolerance: float = DEFAULT_SOLVE_TOLERANCE,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Alternating least squares for one GDWS layer from its patch statistics.
 
@@ -109,6 +113,11 @@ def refit_layer_factors(
         Stop alternating when one alternation lowers the error by less than this fraction
         of it (of the starting error's magnitude when ``energy`` is 0); ``0``: run all
         ``iterations``.
+    solve_tolerance : float, default=DEFAULT_SOLVE_TOLERANCE
+        A depthwise step solved by conjugate gradients stops once its last iterations
+        lower the error by less than this fraction of it: an inexact step (the
+        alternation only keeps steps that lower the error), far cheaper on wide layers.
+        ``0``: solved to the residual tolerance, as :func:`depthwise_step`.
 
     Returns
     -------
@@ -129,28 +138,60 @@ def refit_layer_factors(
     check_integer(max_direct, "max_direct", minimum=0)
     check_real(ridge, "ridge", minimum=0)
     check_real(tolerance, "tolerance", minimum=0)
+    check_real(solve_tolerance, "solve_tolerance", minimum=0)
     k2 = check_factors(gram, cross, kernel_channels, pointwise, kernels)[3]
     blocks = KernelBlocks(gram, cross, kernel_channels, k2)
-    error = blocks.error(energy, pointwise, kernels)
+    return alternate(
+        lambda p, k: blocks.error(energy, p, k),
+        lambda k: _pointwise_step(blocks, k, ridge),
+        lambda p, k, error: _depthwise_step(
+            blocks, p, k, ridge, max_direct, solve_tolerance * max(abs(error), 1e-6 * energy)
+        ),
+        pointwise,
+        kernels,
+        energy=energy,
+        iterations=iterations,
+        tolerance=tolerance,
+    )
+
+
+def alternate(
+    error_of: Callable[[torch.Tensor, torch.Tensor], float],
+    pointwise_step_of: Callable[[torch.Tensor], torch.Tensor],
+    depthwise_step_of: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+    pointwise: torch.Tensor,
+    kernels: torch.Tensor,
+    *,
+    energy: float,
+    iterations: int,
+    tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The alternation of :func:`refit_layer_factors` over given steps.
+
+    ``error_of(P, D)``, ``pointwise_step_of(D)`` and ``depthwise_step_of(P, D, error)``
+    (``error``: the current layer error, for the solver's own stopping rule) define the
+    problem; the reference steps of :mod:`.reference_steps` run through here too.
+    """
+    error = error_of(pointwise, kernels)
     errors = [error]
     # Relative slack for accepting a step: rounding of the error's cancellations.
     slack = 1e-10 * (abs(energy) + abs(error) + 1e-300)
 
     def accept(new_p, new_k):
         nonlocal pointwise, kernels, error
-        candidate = blocks.error(energy, new_p, new_k)
+        candidate = error_of(new_p, new_k)
         if candidate <= error + slack:
             pointwise, kernels, error = new_p, new_k, min(candidate, error)
         errors.append(error)
 
-    accept(_pointwise_step(blocks, kernels, ridge), kernels)
+    accept(pointwise_step_of(kernels), kernels)
     for _ in range(iterations):
         before = error
-        new_k = _depthwise_step(blocks, pointwise, kernels, ridge, max_direct)
+        new_k = depthwise_step_of(pointwise, kernels, error)
         norms = torch.linalg.vector_norm(new_k, dim=1)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         accept(pointwise * norms, new_k / norms[:, None])
-        accept(_pointwise_step(blocks, kernels, ridge), kernels)
+        accept(pointwise_step_of(kernels), kernels)
         if tolerance and before - error <= tolerance * (error if energy > 0 else abs(errors[0])):
             break  # the alternation stopped paying
     return pointwise, kernels, errors
@@ -169,6 +210,7 @@ def refit_gdws(
     ridge: float = 1e-4,
     max_direct: int = MAX_DIRECT_UNKNOWNS,
     tolerance: float = DEFAULT_TOLERANCE,
+    solve_tolerance: float = DEFAULT_SOLVE_TOLERANCE,
     inplace: bool = False,
     progress: bool = True,
     return_errors: bool = False,
@@ -212,6 +254,8 @@ def refit_gdws(
     tolerance : float, default=DEFAULT_TOLERANCE
         A layer stops alternating when one alternation lowers its error by less than this
         fraction (:func:`refit_layer_factors`); ``0``: always ``iterations``.
+    solve_tolerance : float, default=DEFAULT_SOLVE_TOLERANCE
+        Of the depthwise steps' conjugate gradients (:func:`refit_layer_factors`).
     inplace, progress : bool
         ``progress``: a bar over the layers, with the current layer's name.
     return_errors : bool, default=False
@@ -241,6 +285,7 @@ def refit_gdws(
     check_integer(max_direct, "max_direct", minimum=0)
     check_real(ridge, "ridge", minimum=0)
     check_real(tolerance, "tolerance", minimum=0)
+    check_real(solve_tolerance, "solve_tolerance", minimum=0)
     steps = iterations if depthwise else 0
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
@@ -262,8 +307,13 @@ def refit_gdws(
     errors: dict[str, list[float]] = {}
     what = "refit pointwise" if steps == 0 else "refit pointwise + depthwise"
     bar = tqdm(total=len(layers), desc=what, unit="layer", disable=not progress)
+    # The passes to each layer run the GDWS layers fused (one dense conv each: faster in
+    # eager PyTorch, the same outputs); each layer's own mode comes back afterwards.
+    modes = [(layer, layer.fused) for _, layer in layers]
     with eval_mode(work):
         try:
+            for layer, _ in modes:
+                layer.fused = True
             for name, layer in layers:
                 bar.set_postfix_str(name)
                 gram, cross, energy = _layer_statistics(layer, dense_modules[name], work, batches)
@@ -278,6 +328,7 @@ def refit_gdws(
                     ridge=ridge,
                     max_direct=max_direct,
                     tolerance=tolerance,
+                    solve_tolerance=solve_tolerance,
                 )
                 with torch.no_grad():
                     for parameter, value in (
@@ -288,6 +339,8 @@ def refit_gdws(
                 bar.update()
         finally:
             bar.close()
+            for layer, fused in modes:
+                layer.fused = fused
     if inplace:
         converted.load_state_dict(work.state_dict())
         work = converted
