@@ -693,3 +693,22 @@ def test_cli_refit_flags(tmp_path, capsys):
     assert main(["eval", *base, *flags, "--refit", "10", "--refit-iterations", "-1"]) == 2
     assert "--refit-iterations must be >= 0; got -1" in capsys.readouterr().err
     assert main(["sweep", "--refit", "10", "--refit-variants", "both"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_joint_refit_on_a_gpu_matches_the_cpu():
+    """The same code on a GPU: the statistics, the structured steps and the alternation."""
+    dense = small_resnet()
+    converted, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    batches = loader(24, 12)
+    options = {"iterations": 2, "max_direct": 0, "progress": False, "return_errors": True}
+    on_cpu, cpu_errors = refit_gdws(dense, converted, batches, 24, **options)
+    on_gpu, gpu_errors = refit_gdws(
+        copy.deepcopy(dense).cuda(), copy.deepcopy(converted).cuda(), batches, 24, **options
+    )
+    assert next(on_gpu.parameters()).is_cuda
+    for name, errors in cpu_errors.items():
+        assert gpu_errors[name][-1] == pytest.approx(errors[-1], rel=1e-6)
+    x = loader(8, 8)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(x.cuda()).cpu(), on_cpu(x), rtol=1e-6, atol=1e-8)

@@ -30,6 +30,7 @@ from gdws_torch.io.checkpoints import check_state_dict, load_alphas, load_state_
 from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
 from gdws_torch.models import ARCHITECTURES
 from gdws_torch.nn.normalization import normalized
+from gdws_torch.recovery import batchnorm_layers
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
 from gdws_torch.robustness.distributed import process_group, world_from_environment
 
@@ -694,11 +695,10 @@ def approximate(
             n_samples=min(256, len(data)),
             allocation=args.allocation,
         )
-    from gdws_torch.recovery import batchnorm_layers
-
-    if args.recalibrate_bn and not batchnorm_layers(network):
+    recalibrate_n = args.recalibrate_bn
+    if recalibrate_n and not batchnorm_layers(network):
         print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
-        args.recalibrate_bn = 0
+        recalibrate_n = 0
     train = loader(dataset(args, "train"), args, shuffle=True) if reads_data else None
     recovery = Recovery(
         refit=train if args.refit else None,
@@ -706,8 +706,8 @@ def approximate(
         refit_attack=_recovery_attack(args, args.refit_attack),
         refit_depthwise=getattr(args, "refit_depthwise", False),
         refit_iterations=args.refit_iterations,
-        recalibrate=train if args.recalibrate_bn else None,
-        recalibrate_samples=args.recalibrate_bn or 1,
+        recalibrate=train if recalibrate_n else None,
+        recalibrate_samples=recalibrate_n or 1,
         recalibrate_attack=_recovery_attack(args, args.recalibrate_attack),
     )
     converted, report = convert(
@@ -821,7 +821,7 @@ def _recovery_attack(args: argparse.Namespace, adversarial: bool):
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:
     """``--recalibrate-bn N``: BatchNorm statistics of ``network`` from N training inputs."""
-    from gdws_torch.recovery import batchnorm_layers, recalibrate_batchnorm
+    from gdws_torch.recovery import recalibrate_batchnorm
 
     if not batchnorm_layers(network):
         print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")

@@ -5,7 +5,8 @@ least squares) are re-solved, layer after layer, so that its output matches the 
 convolution's on the inputs the converted network really feeds it (natural or
 adversarial calibration inputs); ``G``, hence the MACs, stay as they are. The steps
 themselves are in :mod:`.factor_steps`; this module gathers each layer's statistics and
-alternates them.
+alternates them. Over 400 lines because of its three public entry points' documentation
+(``refit_gdws``, ``refit_pointwise``, ``refit_layer_factors``).
 """
 
 from __future__ import annotations
