@@ -38,34 +38,20 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from alpha_speed import network  # the same random PreActResNet-18 (bench/ is on sys.path)
 from torch.utils.data import DataLoader, TensorDataset
 
 from gdws_approx.files import write_json_atomic
 from gdws_torch import compress, recipe_inputs
 from gdws_torch.conversion.recipes import RECIPES
-from gdws_torch.models import PreActResNet18
 from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.recovery import refit_layer_factors
 from gdws_torch.recovery.reference_steps import reference_refit_layer_factors
-from gdws_torch.recovery.refit import _layer_statistics
+from gdws_torch.recovery.refit import layer_statistics
 
 INPUT_SHAPE = (3, 32, 32)
 EPSILON = 8 / 255
 DEFAULT_LAYERS = ("layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2")
-
-
-def network(seed: int = 0) -> nn.Module:
-    """PreActResNet-18, random weights, BatchNorm statistics away from (0, 1), eval mode."""
-    torch.manual_seed(seed)
-    model = PreActResNet18()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def data(samples: int, seed: int = 1) -> DataLoader:
@@ -154,7 +140,7 @@ def main() -> None:
             print(f"{name} stayed dense at {args.targets[0]:g}x: skipped")
             continue
         with torch.no_grad():
-            gram, cross, energy = _layer_statistics(layer, dense[name], plain, batches)
+            gram, cross, energy = layer_statistics(layer, dense[name], plain, batches)
         factors = (
             gram,
             cross,

@@ -36,6 +36,7 @@ from gdws_torch.recovery.factor_steps import (
 __all__ = [
     "calibration_inputs",
     "depthwise_step",
+    "layer_statistics",
     "pointwise_step",
     "refit_error",
     "refit_gdws",
@@ -317,7 +318,7 @@ def refit_gdws(
                 layer.fused = True
             for name, layer in layers:
                 bar.set_postfix_str(name)
-                gram, cross, energy = _layer_statistics(layer, dense_modules[name], work, batches)
+                gram, cross, energy = layer_statistics(layer, dense_modules[name], work, batches)
                 pointwise, kernels, errors[name] = refit_layer_factors(
                     gram,
                     cross,
@@ -352,8 +353,31 @@ class _LayerReached(Exception):
     """Raised by the hook that captured a layer's input: stops the forward pass there."""
 
 
-def _layer_statistics(layer, conv, work, batches):
-    """``(S, W S, tr(W S W^T))`` of one GDWS layer over the calibration batches, in float64."""
+def layer_statistics(
+    layer: nn.Module, conv: nn.Conv2d, work: nn.Module, batches: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The least-squares statistics of one GDWS layer over calibration batches, in float64.
+
+    Parameters
+    ----------
+    layer : GDWSConv2d
+        A layer of ``work``.
+    conv : torch.nn.Conv2d
+        The dense conv it replaces (its weight ``W``).
+    work : torch.nn.Module
+        The model whose forward pass feeds ``layer`` (stopped at the layer).
+    batches : iterable of torch.Tensor
+        Calibration inputs of ``work``.
+
+    Returns
+    -------
+    gram : torch.Tensor of shape (C*K2, C*K2)
+        ``S = sum patch patch^T`` over the inputs and output positions.
+    cross : torch.Tensor of shape (M, C*K2)
+        ``W S``.
+    energy : float
+        ``tr(W S W^T)``, the dense outputs' energy.
+    """
     device = layer.kernel_channels.device
     weight = conv.weight.detach().to(device=device, dtype=torch.float64)
     m = weight.shape[0]
