@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from gdws_torch import RECIPES, Recipe, compress, convert, get_recipe, recipe_inputs
+from gdws_torch import RECIPES, Latency, Recipe, compress, convert, get_recipe, recipe_inputs
 from gdws_torch.conversion.noise_gains import noise_gains
 from gdws_torch.conversion.options import Recovery, Weighting
 from gdws_torch.experiments.demo import INPUT_SHAPE, demo_network
@@ -189,3 +189,31 @@ def test_compress_needs_data_for_a_recipe_that_reads_it_and_enough_of_it(digits)
         compress(net, digits, target_mac_reduction=2, recipe=too_many, input_size=INPUT_SHAPE)
     with pytest.raises(TypeError, match="model must be"):
         compress("net", digits, beta=1.0)
+
+
+def test_compress_takes_where_to_time_as_a_latency_group_and_its_old_keywords_warn(monkeypatch):
+    """``backend=``... still reach convert as the same ``Latency``, with a FutureWarning."""
+    from gdws_torch.conversion import convert as convert_module
+
+    seen = []
+
+    def recording_convert(model, **kwargs):
+        seen.append(kwargs["latency"])
+        raise RuntimeError("stop here")  # the conversion itself is tested elsewhere
+
+    monkeypatch.setattr(convert_module, "convert", recording_convert)
+    net = demo_network()
+    unit = {"recipe": "unit", "input_size": INPUT_SHAPE, "target_speedup": 1.2}
+    wanted = Latency(backend="channels_last", batch_size=4, table="t.json")
+    with pytest.raises(RuntimeError, match="stop here"):
+        compress(net, latency=wanted, **unit)
+    with pytest.warns(FutureWarning, match=r"compress\(\)'s keywords .* latency=Latency\("):
+        with pytest.raises(RuntimeError, match="stop here"):
+            compress(
+                net, backend="channels_last", latency_batch_size=4, latency_table="t.json", **unit
+            )
+    assert seen == [wanted, wanted]
+    with pytest.raises(TypeError, match="latency= and its old keyword"):
+        compress(net, latency=wanted, backend="eager", **unit)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'latency_aware'"):
+        compress(net, latency_aware=True, **unit)

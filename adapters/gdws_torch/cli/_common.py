@@ -785,7 +785,6 @@ def _run_recipe(
             print(f"the training data hold {available} inputs: the recipe uses at most that many")
             recipe = recipe.replace(**fewer)
     print(f"{recipe.summary()} ({why})")
-    latency = cli_latency(args)
     model = with_normalization(args, network)  # attacks and statistics in pixel space
     data = loader(dataset(args, "train"), args) if recipe.needs_data else None
     converted, report = compress(
@@ -796,16 +795,12 @@ def _run_recipe(
         attack_steps=getattr(args, "attack_iters", 10),
         attack_alpha=args.pgd_alpha / 255 if hasattr(args, "pgd_alpha") else None,
         input_size=shape,
-        backend=latency.backend,
-        latency_batch_size=latency.batch_size,
-        latency_table=latency.table,
-        device=latency.device,
+        latency=cli_latency(args, keep_faster=args.latency_aware),
         seed=args.seed,
         progress=not getattr(args, "no_progress", False),
         convert_options={
             "only_if_cheaper": not args.replace_all,
             "skip_first": not args.include_first,
-            **({"latency": cli_latency(args, keep_faster=True)} if args.latency_aware else {}),
         },
         **cli_budget(args),
     )

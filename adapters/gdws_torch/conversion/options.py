@@ -269,7 +269,11 @@ _GROUPS = {"weighting": Weighting, "recovery": Recovery, "latency": Latency}
 
 
 def from_legacy_keywords(
-    keywords: Mapping[str, Any], groups: Mapping[str, Any], *, stacklevel: int = 3
+    keywords: Mapping[str, Any],
+    groups: Mapping[str, Any],
+    *,
+    function: str = "convert",
+    stacklevel: int = 3,
 ) -> dict[str, Any]:
     """The option groups, with the old keywords of ``convert`` translated into them.
 
@@ -280,8 +284,10 @@ def from_legacy_keywords(
     groups : mapping
         The option groups received (``{"weighting": ..., "recovery": ..., "latency": ...}``,
         ``None`` where not given).
+    function : str, default="convert"
+        The function that received them, for the messages.
     stacklevel : int, default=3
-        Of the ``FutureWarning``, so that it points at the caller of ``convert``.
+        Of the ``FutureWarning``, so that it points at the caller of ``function``.
 
     Returns
     -------
@@ -296,13 +302,13 @@ def from_legacy_keywords(
     known = {old: group for group, table in LEGACY_KEYWORDS.items() for old in table}
     unknown = sorted(set(keywords) - set(known))
     if unknown:
-        raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}.")
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}.")
     result = {}
     for group, cls in _GROUPS.items():
         given = {old: keywords[old] for old in LEGACY_KEYWORDS[group] if old in keywords}
         if given and groups.get(group) is not None:
             raise TypeError(
-                f"convert() got {group}= and its old keyword(s) {sorted(given)}; give the "
+                f"{function}() got {group}= and its old keyword(s) {sorted(given)}; give the "
                 f"settings in {group}={cls.__name__}(...) only."
             )
         if not given:
@@ -322,7 +328,7 @@ def from_legacy_keywords(
         if group == "recovery" and fields.get("refit_depthwise", False) is None:
             fields["refit_depthwise"] = False
         warnings.warn(
-            f"convert()'s keywords {sorted(given)} are deprecated and will be removed in the "
+            f"{function}()'s keywords {sorted(given)} are deprecated and will be removed in the "
             f"next release; pass {group}={cls.__name__}({advice}) instead.{note}",
             FutureWarning,
             stacklevel=stacklevel,

@@ -22,10 +22,13 @@ from tqdm.auto import tqdm
 from gdws_approx import NetworkPlan
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.common import take_samples
-from gdws_torch.conversion.options import Latency, Recovery, Weighting
+from gdws_torch.conversion.options import Latency, Recovery, Weighting, from_legacy_keywords
 from gdws_torch.recovery.refit import DEFAULT_TOLERANCE
 
 __all__ = ["RECIPES", "Recipe", "RecipeInputs", "compress", "get_recipe", "recipe_inputs"]
+
+#: The keywords of :func:`compress` that ``latency=Latency(...)`` replaces (deprecated).
+COMPRESS_LEGACY_KEYWORDS = ("backend", "latency_batch_size", "latency_table", "device")
 
 _WEIGHTINGS = ("unit", "noise_gains", "output", "data", "output+data")
 
@@ -278,18 +281,16 @@ def compress(
     attack_alpha: float | None = None,
     input_size: Sequence[int] = (3, 32, 32),
     inputs: RecipeInputs | None = None,
-    backend: str = "eager",
-    latency_batch_size: int = 1,
-    latency_table: Any = None,
-    device: Any = "cpu",
+    latency: Latency | None = None,
     seed: int = 0,
     progress: bool = False,
     convert_options: dict[str, Any] | None = None,
+    **deprecated: Any,
 ) -> tuple[nn.Module, NetworkPlan]:
     """``model`` converted to GDWS and recovered by ``recipe``, in one call.
 
-    Give one budget: ``target_mac_reduction``, ``target_speedup`` (measured on
-    ``backend``) or ``beta``. The recipe's weighting, allocation and recovery run in
+    Give one budget: ``target_mac_reduction``, ``target_speedup`` (measured where
+    ``latency`` says) or ``beta``. The recipe's weighting, allocation and recovery run in
     order; its adversarial calibration inputs are crafted here by l_inf PGD against the
     dense model (radius ``epsilon`` in pixel units, ``attack_steps`` steps of
     ``attack_alpha``, one seeded random start).
@@ -319,14 +320,18 @@ def compress(
         Computed by :func:`recipe_inputs` for this model and data: then ``data``,
         ``recipe``, ``epsilon``, ``attack_steps`` and ``seed`` are taken from it and
         nothing is computed again.
-    backend, latency_batch_size, latency_table, device
-        Where a ``target_speedup`` is measured (:func:`gdws_torch.convert`).
+    latency : Latency, optional
+        Where a ``target_speedup`` is measured, or ``keep_faster``
+        (:class:`gdws_torch.Latency`, as :func:`gdws_torch.convert` takes it).
     seed : int, default=0
         Seed of the attack's random start.
     progress : bool, default=False
     convert_options : dict, optional
         Further :func:`gdws_torch.convert` keywords (``layers``, ``exclude``,
-        ``skip_first``, ``svd_solver``, ``latency=Latency(keep_faster=True)``, ...).
+        ``skip_first``, ``only_if_cheaper``, ``svd_solver``).
+    **deprecated
+        ``backend``, ``latency_batch_size``, ``latency_table``, ``device``: the settings
+        ``latency`` replaces, with a ``FutureWarning`` until the next release.
 
     Returns
     -------
@@ -344,6 +349,10 @@ def compress(
     """
     from gdws_torch.conversion.convert import convert
 
+    if set(deprecated) - set(COMPRESS_LEGACY_KEYWORDS):
+        unknown = sorted(set(deprecated) - set(COMPRESS_LEGACY_KEYWORDS))[0]
+        raise TypeError(f"compress() got an unexpected keyword argument {unknown!r}.")
+    latency = from_legacy_keywords(deprecated, {"latency": latency}, function="compress")["latency"]
     budgets = {
         "target_mac_reduction": target_mac_reduction,
         "target_speedup": target_speedup,
@@ -373,21 +382,10 @@ def compress(
     weighting = inputs.weighting
     if target_mac_reduction is None:  # the allocation shares a MAC target only
         weighting = dataclasses.replace(weighting, allocation="common_beta")
-    options = dict(convert_options or {})
-    latency = options.pop("latency", None)
-    if target_speedup is not None:
-        if latency is not None:
-            raise ValueError(
-                "give target_speedup's backend, latency_batch_size, latency_table and device "
-                "to compress itself, not convert_options['latency']."
-            )
-        latency = Latency(
-            backend=backend, batch_size=latency_batch_size, device=device, table=latency_table
-        )
     converted, report = convert(
         model,
         **given,
-        **options,
+        **dict(convert_options or {}),
         weighting=weighting,
         recovery=inputs.recovery,
         latency=latency,

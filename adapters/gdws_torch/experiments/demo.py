@@ -379,8 +379,7 @@ def _speed_headline(
             inputs=inputs,
             target_speedup=target,
             input_size=INPUT_SHAPE,
-            backend=name,
-            latency_table=tables[name],
+            latency=Latency(backend=name, table=tables[name]),
             convert_options={"layers": layers},
         )
 
