@@ -1,6 +1,7 @@
 """The bottom layer: small mechanisms every other part of gdws_torch uses once.
 
-- :func:`conv_patches` (:mod:`.patches`): the input patches a convolution multiplies;
+- :func:`conv_patches`, :func:`conv_patch_rows` (:mod:`.patches`): the input patches a
+  convolution multiplies;
 - :func:`take_samples` (:mod:`.samples`): the first ``n`` samples of a loader, or a
   clear error when it has fewer.
 
@@ -10,7 +11,7 @@ restored), :mod:`gdws_approx.checks` (scalar arguments) and
 :func:`gdws_approx.files.atomic_output` (atomic file writes).
 """
 
-from gdws_torch.common.patches import conv_patches
+from gdws_torch.common.patches import conv_patch_rows, conv_patches
 from gdws_torch.common.samples import take_samples
 
-__all__ = ["conv_patches", "take_samples"]
+__all__ = ["conv_patch_rows", "conv_patches", "take_samples"]

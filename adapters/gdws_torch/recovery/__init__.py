@@ -3,7 +3,8 @@
 - :func:`recalibrate_batchnorm` (:mod:`.batchnorm`): BatchNorm statistics re-estimated on
   unlabelled inputs, no weight changed.
 - :func:`refit_gdws`, :func:`refit_pointwise` (:mod:`.refit`): the GDWS factors re-solved
-  by least squares to match the dense convolutions on calibration inputs.
+  by least squares to match the dense convolutions on calibration inputs; each layer's
+  statistics from :mod:`.statistics`, its steps from :mod:`.factor_steps`.
 """
 
 from gdws_torch.recovery.batchnorm import batchnorm_layers, recalibrate_batchnorm

@@ -43,7 +43,9 @@ CG_WINDOW = 20
 #: At most this many iterations for such an inexact step: where the layer can be fitted
 #: almost exactly (fewer calibration patches than unknowns), the error keeps falling
 #: slowly towards zero and the window test alone would run to :data:`CG_MAX_ITERATIONS`.
-CG_INEXACT_MAX_ITERATIONS = 250
+#: Measured on PreActResNet-18's wide layers (300 PGD calibration inputs): 60 iterations
+#: end at the same layer errors (8 digits) as 250, four to five times sooner.
+CG_INEXACT_MAX_ITERATIONS = 60
 
 
 def check_factors(gram, cross, kernel_channels, pointwise, kernels) -> tuple[int, int, int, int]:

@@ -4,9 +4,8 @@ Each GDWS layer's ``1 x 1`` weights (and, jointly, its depthwise kernels, by alt
 least squares) are re-solved, layer after layer, so that its output matches the dense
 convolution's on the inputs the converted network really feeds it (natural or
 adversarial calibration inputs); ``G``, hence the MACs, stay as they are. The steps
-themselves are in :mod:`.factor_steps`; this module gathers each layer's statistics and
-alternates them. Over 400 lines because of its three public entry points' documentation
-(``refit_gdws``, ``refit_pointwise``, ``refit_layer_factors``).
+themselves are in :mod:`.factor_steps`, the statistics they need are gathered by
+:mod:`.statistics`; this module alternates the steps, layer after layer.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gdws_approx.checks import check_integer, check_real
-from gdws_torch.common import conv_patches, take_samples
+from gdws_torch.common import take_samples
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.recovery.factor_steps import (
     MAX_DIRECT_UNKNOWNS,
@@ -32,6 +31,7 @@ from gdws_torch.recovery.factor_steps import (
     pointwise_step,
     refit_error,
 )
+from gdws_torch.recovery.statistics import DEFAULT_CACHE_BYTES, LayerInputs, layer_statistics
 
 __all__ = [
     "calibration_inputs",
@@ -59,7 +59,6 @@ def calibration_inputs(
 
 # -- refit: pointwise and depthwise factors by (alternating) least squares -------------------
 
-_PATCH_CHUNK_BYTES = 64 * 2**20
 #: The default relative error decrease below which the alternation stops.
 DEFAULT_TOLERANCE = 1e-3
 #: The default relative error decrease below which a depthwise step's conjugate
@@ -213,6 +212,7 @@ def refit_gdws(
     max_direct: int = MAX_DIRECT_UNKNOWNS,
     tolerance: float = DEFAULT_TOLERANCE,
     solve_tolerance: float = DEFAULT_SOLVE_TOLERANCE,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     inplace: bool = False,
     progress: bool = True,
     return_errors: bool = False,
@@ -258,6 +258,11 @@ def refit_gdws(
         fraction (:func:`refit_layer_factors`); ``0``: always ``iterations``.
     solve_tolerance : float, default=DEFAULT_SOLVE_TOLERANCE
         Of the depthwise steps' conjugate gradients (:func:`refit_layer_factors`).
+    cache_bytes : int, default=2 GiB
+        Memory for the cached inputs of enclosing modules (stages, blocks), from which
+        each layer's pass over the calibration inputs resumes instead of running the
+        network's whole prefix (:class:`~gdws_torch.recovery.statistics.LayerInputs`: the
+        same inputs, fewer passes); ``0``: every pass from the model's input.
     inplace, progress : bool
         ``progress``: a bar over the layers, with the current layer's name.
     return_errors : bool, default=False
@@ -288,6 +293,7 @@ def refit_gdws(
     check_real(ridge, "ridge", minimum=0)
     check_real(tolerance, "tolerance", minimum=0)
     check_real(solve_tolerance, "solve_tolerance", minimum=0)
+    check_integer(cache_bytes, "cache_bytes", minimum=0)
     steps = iterations if depthwise else 0
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
@@ -316,9 +322,12 @@ def refit_gdws(
         try:
             for layer, _ in modes:
                 layer.fused = True
+            feeds = LayerInputs(work, batches, cache_bytes)
             for name, layer in layers:
                 bar.set_postfix_str(name)
-                gram, cross, energy = layer_statistics(layer, dense_modules[name], work, batches)
+                gram, cross, energy = layer_statistics(
+                    layer, dense_modules[name], work, batches, inputs=feeds.of(name)
+                )
                 pointwise, kernels, errors[name] = refit_layer_factors(
                     gram,
                     cross,
@@ -347,69 +356,6 @@ def refit_gdws(
         converted.load_state_dict(work.state_dict())
         work = converted
     return (work, errors) if return_errors else work
-
-
-class _LayerReached(Exception):
-    """Raised by the hook that captured a layer's input: stops the forward pass there."""
-
-
-def layer_statistics(
-    layer: nn.Module, conv: nn.Conv2d, work: nn.Module, batches: Iterable[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The least-squares statistics of one GDWS layer over calibration batches, in float64.
-
-    Parameters
-    ----------
-    layer : GDWSConv2d
-        A layer of ``work``.
-    conv : torch.nn.Conv2d
-        The dense conv it replaces (its weight ``W``).
-    work : torch.nn.Module
-        The model whose forward pass feeds ``layer`` (stopped at the layer).
-    batches : iterable of torch.Tensor
-        Calibration inputs of ``work``.
-
-    Returns
-    -------
-    gram : torch.Tensor of shape (C*K2, C*K2)
-        ``S = sum patch patch^T`` over the inputs and output positions.
-    cross : torch.Tensor of shape (M, C*K2)
-        ``W S``.
-    energy : float
-        ``tr(W S W^T)``, the dense outputs' energy.
-    """
-    device = layer.kernel_channels.device
-    weight = conv.weight.detach().to(device=device, dtype=torch.float64)
-    m = weight.shape[0]
-    n = weight[0].numel()
-    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, inputs):
-        captured["x"] = inputs[0].detach()
-        raise _LayerReached  # the rest of the network is not needed
-
-    handle = layer.register_forward_pre_hook(capture)
-    try:
-        for images in batches:
-            with torch.no_grad():
-                try:
-                    work(images)
-                except _LayerReached:
-                    pass
-                x = captured.pop("x").to(torch.float64)
-                per_sample = n * conv_patches(layer.depthwise, x[:1]).shape[-1] * 8
-                chunk = max(1, _PATCH_CHUNK_BYTES // max(per_sample, 1))
-                for start in range(0, len(x), chunk):
-                    patches = conv_patches(layer.depthwise, x[start : start + chunk])
-                    flat = patches.transpose(0, 1).reshape(n, -1)
-                    gram += flat @ flat.T
-    finally:
-        handle.remove()
-    gram = (gram + gram.T) / 2
-    flat_weight = weight.reshape(m, n)
-    cross = flat_weight @ gram
-    return gram, cross, float((flat_weight * cross).sum())
 
 
 def refit_pointwise(

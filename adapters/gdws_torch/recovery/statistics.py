@@ -1,0 +1,239 @@
+"""Each GDWS layer's least-squares statistics over the calibration inputs.
+
+The refit needs, per layer, the Gram matrix ``S = sum patch patch^T`` of the input
+patches the converted network feeds it (earlier layers already refitted). Two costs
+dominate, and this module keeps both down without changing a single number:
+
+- **The forward passes.** Layer ``k``'s inputs depend on layers ``< k``, so each layer
+  needs its own pass over the calibration inputs. :class:`LayerInputs` resumes each pass
+  from the cached inputs of the layer's deepest enclosing module that the model calls
+  exactly once with one tensor (a residual stage, a block): the modules refitted since
+  the cache was made all run inside that module, so its inputs are still exact, and the
+  passes cost about one block each instead of the network's prefix. The cache is bounded
+  (``cache_bytes``); beyond it the pass resumes from a higher module, or the model.
+- **The Gram matrix**, ``(C K2)^2 * N L`` multiply-adds per layer in float64:
+  :class:`GramAccumulator` multiplies row-major patches (:func:`conv_patch_rows`, one
+  copy) and computes only the upper block triangle of the symmetric product.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gdws_torch.common import conv_patch_rows
+
+__all__ = ["GramAccumulator", "LayerInputs", "layer_statistics"]
+
+_PATCH_CHUNK_BYTES = 64 * 2**20
+#: The default memory bound of :class:`LayerInputs`'s cached module inputs.
+DEFAULT_CACHE_BYTES = 2 * 2**30
+_GRAM_BLOCK_COLUMNS = 256
+_GRAM_MAX_BLOCKS = 8
+
+
+class GramAccumulator:
+    """``S = sum rows^T rows`` over batches of row-major patches, in float64.
+
+    Only the blocks on and above the diagonal are multiplied (``k`` column blocks:
+    ``(k + 1) / 2k`` of the work); :meth:`result` mirrors them.
+
+    Parameters
+    ----------
+    n : int
+        Columns of the patches (``C * Kh * Kw``).
+    device : torch.device
+    """
+
+    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
+        blocks = max(1, min(_GRAM_MAX_BLOCKS, n // _GRAM_BLOCK_COLUMNS))
+        self.edges = [round(i * n / blocks) for i in range(blocks + 1)]
+        self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add ``rows^T rows`` (``rows``: ``(R, n)`` float64) to the upper block triangle."""
+        for low, high in itertools.pairwise(self.edges):
+            self.gram[low:high, low:].addmm_(rows[:, low:high].T, rows[:, low:])
+
+    def result(self) -> torch.Tensor:
+        """The symmetric ``(n, n)`` Gram matrix."""
+        gram = self.gram
+        for low, high in itertools.pairwise(self.edges):
+            gram[high:, low:high] = gram[low:high, high:].T
+        return (gram + gram.T) / 2
+
+
+class _LayerReached(Exception):
+    """Raised by the hook that captured a module's input: stops the forward pass there."""
+
+
+@dataclass
+class _Cached:
+    name: str
+    module: nn.Module
+    batches: list[torch.Tensor]
+    bytes: int
+
+
+class LayerInputs:
+    """The inputs a model feeds its modules over calibration batches, passes resumed.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (run as it is: the caller sets eval mode, fused layers, ...).
+    batches : list of torch.Tensor
+        Its calibration inputs.
+    cache_bytes : int, default=DEFAULT_CACHE_BYTES
+        Memory bound of the cached module inputs; ``0`` runs every pass from the model.
+
+    Notes
+    -----
+    Ask for modules in the order the refit changes them (:meth:`of`): a cached module's
+    inputs are kept while the requested modules lie inside it, and dropped at the first
+    one outside. A module is resumable when one probe pass (the first sample) calls it
+    exactly once, with one tensor and no keyword. Resuming calls exactly the modules the
+    full pass would, on the same inputs, so the captured inputs are the same.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model, self.batches, self.cache_bytes = model, batches, cache_bytes
+        self.modules = dict(model.named_modules())
+        self.samples = sum(len(b) for b in batches)
+        self._stack: list[_Cached] = []
+        self._bytes_per_sample = self._probe() if cache_bytes > 0 and batches else {}
+
+    def _probe(self) -> dict[str, int]:
+        """Per resumable module, the bytes of one sample's input."""
+        calls: dict[str, list] = {}
+
+        def hook(name):
+            def record(module, args, kwargs):
+                single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                size = args[0][:1].nelement() * args[0].element_size() if single else None
+                calls.setdefault(name, []).append(size)
+
+            return record
+
+        handles = [
+            module.register_forward_pre_hook(hook(name), with_kwargs=True)
+            for name, module in self.modules.items()
+            if name
+        ]
+        try:
+            with torch.no_grad():
+                self.model(self.batches[0][:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {
+            name: sizes[0]
+            for name, sizes in calls.items()
+            if len(sizes) == 1 and sizes[0] is not None
+        }
+
+    def of(self, name: str) -> Iterator[torch.Tensor]:
+        """The inputs of module ``name``, batch after batch (a fresh pass from the cache)."""
+        while self._stack and not name.startswith(self._stack[-1].name + "."):
+            self._stack.pop()
+        depth = len(self._stack[-1].name.split(".")) if self._stack else 0
+        parts = name.split(".")
+        for level in range(depth + 1, len(parts)):
+            ancestor = ".".join(parts[:level])
+            size = self._bytes_per_sample.get(ancestor)
+            if size is None:
+                continue
+            size *= self.samples
+            if sum(c.bytes for c in self._stack) + size <= self.cache_bytes:
+                batches = list(self._pass_to(ancestor))
+                self._stack.append(_Cached(ancestor, self.modules[ancestor], batches, size))
+        return self._pass_to(name)
+
+    def _pass_to(self, name: str) -> Iterator[torch.Tensor]:
+        target = self.modules[name]
+        if self._stack:
+            source, inputs = self._stack[-1].module, self._stack[-1].batches
+        else:
+            source, inputs = self.model, self.batches
+        captured: list[torch.Tensor] = []
+
+        def capture(module, args):
+            captured.append(args[0].detach())
+            raise _LayerReached  # the rest of the network is not needed
+
+        handle = target.register_forward_pre_hook(capture)
+        try:
+            for batch in inputs:
+                with torch.no_grad():
+                    try:
+                        # A copy: a module may work on its input in place.
+                        source(batch.clone())
+                    except _LayerReached:
+                        pass
+                if not captured:
+                    raise RuntimeError(f"the forward pass never reached {name!r}.")
+                yield captured.pop()
+        finally:
+            handle.remove()
+
+
+def layer_statistics(
+    layer: nn.Module,
+    conv: nn.Conv2d,
+    work: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    inputs: Iterable[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The least-squares statistics of one GDWS layer over calibration batches, in float64.
+
+    Parameters
+    ----------
+    layer : GDWSConv2d
+        A layer of ``work``.
+    conv : torch.nn.Conv2d
+        The dense conv it replaces (its weight ``W``).
+    work : torch.nn.Module
+        The model whose forward pass feeds ``layer`` (stopped at the layer).
+    batches : iterable of torch.Tensor
+        Calibration inputs of ``work``.
+    inputs : iterable of torch.Tensor, optional
+        The layer's own inputs, batch after batch, when already at hand (from
+        :meth:`LayerInputs.of`); ``work`` and ``batches`` are not used then.
+
+    Returns
+    -------
+    gram : torch.Tensor of shape (C*K2, C*K2)
+        ``S = sum patch patch^T`` over the inputs and output positions.
+    cross : torch.Tensor of shape (M, C*K2)
+        ``W S``.
+    energy : float
+        ``tr(W S W^T)``, the dense outputs' energy.
+    """
+    device = layer.kernel_channels.device
+    weight = conv.weight.detach().to(device=device, dtype=torch.float64)
+    m = weight.shape[0]
+    n = weight[0].numel()
+    if inputs is None:
+        names = {module: name for name, module in work.named_modules()}
+        inputs = LayerInputs(work, list(batches), cache_bytes=0).of(names[layer])
+    accumulator = GramAccumulator(n, device)
+    for x in inputs:
+        x = x.to(torch.float64)
+        per_sample = n * conv_patch_rows(layer.depthwise, x[:1]).shape[0] * 8
+        chunk = max(1, _PATCH_CHUNK_BYTES // max(per_sample, 1))
+        for start in range(0, len(x), chunk):
+            accumulator.add(conv_patch_rows(layer.depthwise, x[start : start + chunk]))
+    gram = accumulator.result()
+    flat_weight = weight.reshape(m, n)
+    cross = flat_weight @ gram
+    return gram, cross, float((flat_weight * cross).sum())
