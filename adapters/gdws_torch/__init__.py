@@ -31,6 +31,7 @@ from gdws_torch.io.checkpoints import (
     save_checkpoint,
     save_converted,
 )
+from gdws_torch.io.original_checkpoints import load_original_checkpoint
 from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
@@ -60,6 +61,7 @@ __all__ = [
     "load_alphas",
     "load_checkpoint",
     "load_converted",
+    "load_original_checkpoint",
     "load_state_dict_file",
     "noise_gains",
     "pad_kernels",

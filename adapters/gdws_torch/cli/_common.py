@@ -26,17 +26,24 @@ from gdws_torch.cli._outputs import Outputs
 from gdws_torch.conversion.convert import convert
 from gdws_torch.conversion.options import Latency, Recovery, Weighting
 from gdws_torch.cost.throughput import BACKENDS
-from gdws_torch.io.checkpoints import check_state_dict, load_alphas, load_state_dict_file
+from gdws_torch.io.checkpoints import load_alphas
 from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
+from gdws_torch.io.original_checkpoints import (
+    CHECKPOINT_FORMATS,
+    LoadedCheckpoint,
+    find_checkpoint,
+    load_checked_state,
+    read_checkpoint,
+)
 from gdws_torch.models import ARCHITECTURES
 from gdws_torch.nn.normalization import normalized
 from gdws_torch.recovery import batchnorm_layers
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
 from gdws_torch.robustness.distributed import process_group, world_from_environment
 
-# The original's model names (its get_architecture) and other spellings users type.
+# The original's model names (its get_architecture) not registered as they are, and
+# other spellings users type.
 MODEL_ALIASES = {
-    "wideresnet_28_4": "wrn_28_4",
     "wrn28_4": "wrn_28_4",
     "vgg16_hydra": "vgg16_bn",
     "digits": "digits_cnn",
@@ -58,8 +65,7 @@ def add_model_arguments(
     parser: argparse.ArgumentParser, checkpoint: bool = True, device: bool = True
 ) -> None:
     group = parser.add_argument_group("model and data")
-    names = ", ".join(sorted(ARCHITECTURES))
-    group.add_argument("--model", required=True, help=f"architecture: {names}")
+    group.add_argument("--model", required=True, help=f"architecture: {model_names()}")
     group.add_argument("--dataset", default="cifar10", choices=DATASETS)
     group.add_argument(
         "--data-dir",
@@ -68,10 +74,13 @@ def add_model_arguments(
         help="folder holding the dataset's files (cifar-10-batches-py/, ...); not for digits",
     )
     group.add_argument(
-        "--fname", help="run folder: holds model_best.pth; other file names are relative to it"
+        "--fname",
+        help="run folder: holds model_best.pth (or, by --checkpoint-format, the original's "
+        "other checkpoint files); other file names are relative to it",
     )
     if checkpoint:
         group.add_argument("--checkpoint", help="checkpoint file (default: FNAME/model_best.pth)")
+        add_checkpoint_format_argument(group)
     group.add_argument(
         "--no-norm",
         action="store_true",
@@ -85,6 +94,26 @@ def add_model_arguments(
             "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
         )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def model_names() -> str:
+    """The ``--model`` names, and the aliases, for the help."""
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in MODEL_ALIASES.items())
+    return f"{', '.join(sorted(ARCHITECTURES))} (aliases: {aliases})"
+
+
+def add_checkpoint_format_argument(group) -> None:
+    """``--checkpoint-format``: the layout of the original's checkpoint files."""
+    group.add_argument(
+        "--checkpoint-format",
+        default="auto",
+        choices=CHECKPOINT_FORMATS,
+        help="the checkpoint's layout: original (FNAME/model_best.pth), hydra "
+        "(model_best_dense.pth), admm (pretrained.pt or retrained_bn.pt, 'basic_model.' "
+        "names), msd (MSD_V0.pt, a bare state dict), robnet (RobNet_free_cifar10.pth.tar, "
+        "loaded non-strictly); auto (default): by the file's name and keys, and the "
+        "original's run-folder names (hydra, admm, msd, nas in the --fname folder's name)",
+    )
 
 
 def add_attack_arguments(
@@ -444,22 +473,63 @@ def build_network(args: argparse.Namespace, checkpoint: Path | None) -> nn.Modul
     torch.manual_seed(args.seed)
     network = ARCHITECTURES[architecture](num_classes=num_classes(args.dataset))
     if checkpoint is not None:
-        state = load_state_dict_file(checkpoint)
-        if hasattr(network, "sub_block1") and not any("sub_block1" in k for k in state):
-            network.sub_block1 = None  # the original deleted WRN's unused block before saving
-        network.load_state_dict(check_state_dict(network, state, repr(str(checkpoint))))
+        state, fmt, reason = read_checkpoint(
+            checkpoint,
+            getattr(args, "checkpoint_format", "auto"),
+            folder_name=getattr(args, "fname", None) or None,
+        )
+        unused_block = any(_top_name(k) == "sub_block1" for k in state)
+        if getattr(network, "sub_block1", None) is not None and not unused_block:
+            network.sub_block1 = None  # the original deleted WRN's unused block before loading
+        elif hasattr(network, "sub_block1") and network.sub_block1 is None and unused_block:
+            raise UsageError(
+                f"{str(checkpoint)!r} holds WRN's unused sub_block1, which --model "
+                f"{args.model} lacks (the original deleted it before loading): use --model "
+                "wrn_28_4, which keeps it."
+            )
+        try:
+            missing = load_checked_state(network, state, fmt, repr(str(checkpoint)))
+        except ValueError as exc:
+            fits = [name for name in _architectures_named_like(state) if name != architecture]
+            if not fits:
+                raise
+            aliases = {name: alias for alias, name in MODEL_ALIASES.items()}
+            fits = [f"{n} (alias {aliases[n]})" if n in aliases else n for n in fits]
+            raise ValueError(f"{exc} Its names are those of --model {' or '.join(fits)}.") from None
+        print(LoadedCheckpoint(network, checkpoint, fmt, reason, missing).summary())
     return network.eval()
 
 
+def _top_name(key: str) -> str:
+    """The first component of a state-dict name, past ``module.``."""
+    return key.removeprefix("module.").split(".", 1)[0]
+
+
+def _architectures_named_like(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The architectures whose state dicts have exactly the names of ``state``."""
+    names = {k.removeprefix("module.") for k in state}
+    fits = []
+    with torch.device("meta"):  # names only: no memory, no initialisation
+        for name, build in ARCHITECTURES.items():
+            if set(build().state_dict()) == names:
+                fits.append(name)
+    return fits
+
+
 def checkpoint_path(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, or the run folder's checkpoint of ``--checkpoint-format`` (auto:
+    the original's file for the folder's name, else ``model_best.pth``)."""
     if getattr(args, "checkpoint", None):
         path = Path(args.checkpoint)
-    elif args.fname:
-        path = Path(args.fname) / "model_best.pth"
-    else:
+        if not path.is_file():
+            raise UsageError(f"no checkpoint at {str(path)!r}.")
+        return path
+    if not args.fname:
         raise UsageError("give --fname RUN (holding model_best.pth) or --checkpoint FILE.")
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {str(path)!r}.")
+    try:
+        path, _, _ = find_checkpoint(args.fname, getattr(args, "checkpoint_format", "auto"))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     return path
 
 

@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--dataset", default="cifar10", choices=DATASETS)
     group.add_argument("--fname", help="run folder holding model_best.pth")
     group.add_argument("--checkpoint", help="checkpoint file (default: FNAME/model_best.pth)")
+    common.add_checkpoint_format_argument(group)
     group.add_argument(
         "--random-weights", action="store_true", help="no checkpoint: timings need shapes only"
     )

@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
     model.add_argument("--data-dir", "--root", dest="data_dir")
     model.add_argument("--fname")
     model.add_argument("--checkpoint")
+    common.add_checkpoint_format_argument(model)
     model.add_argument("--no-norm", action="store_true")
     model.add_argument("--batch-size", type=int, default=128)
     model.add_argument("--seed", type=int, default=0)

@@ -45,24 +45,28 @@ class PreActResNet(nn.Module):
     num_blocks : sequence of 4 int
         Blocks per stage (``(2, 2, 2, 2)`` for PreActResNet-18).
     num_classes : int, default=10
+    block : type, default=PreActBlock
+        The block class, with an ``expansion`` attribute (its output channels per
+        ``planes``): :class:`PreActBlock`, or the bottleneck of PreActResNet-50.
     """
 
-    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10) -> None:
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, block=None) -> None:
         super().__init__()
+        block = PreActBlock if block is None else block
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        self.bn = nn.BatchNorm2d(512)
-        self.linear = nn.Linear(512, num_classes)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.bn = nn.BatchNorm2d(512 * block.expansion)
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
 
-    def _make_layer(self, planes: int, n_blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, n_blocks: int, stride: int) -> nn.Sequential:
         blocks = []
         for s in [stride] + [1] * (n_blocks - 1):
-            blocks.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
+            blocks.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
         return nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

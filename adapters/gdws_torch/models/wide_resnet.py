@@ -1,8 +1,11 @@
 """Wide ResNet (WRN-28-4) for 32x32 inputs, with the parameter names of the original checkpoints.
 
-The robust WRN checkpoints the original used carry an unused ``sub_block1`` (a copy of
-the first stage's structure that the forward pass never calls); it is kept so that their
-state dicts load strictly. It never runs, so it is neither counted nor converted.
+The WRN definition the original used has an unused ``sub_block1`` (a copy of the first
+stage's structure that the forward pass never calls). :func:`WRN28_4` keeps it, so
+checkpoints saved with it load strictly; it never runs, so it is neither counted nor
+converted. The original's evaluation deleted it (``model.sub_block1 = None``) before
+loading, so its WRN checkpoints lack those entries: :func:`WRN28_4_WithoutSubBlock`
+(``--model wideresnet_28_4``) is that network.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WRN28_4", "WideBasicBlock", "WideResNet"]
+__all__ = ["WRN28_4", "WRN28_4_WithoutSubBlock", "WideBasicBlock", "WideResNet"]
 
 
 class WideBasicBlock(nn.Module):
@@ -57,9 +60,15 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen for 32x32 inputs (stages of 16k, 32k, 64k channels)."""
+    """WRN-depth-widen for 32x32 inputs (stages of 16k, 32k, 64k channels).
 
-    def __init__(self, depth: int = 28, widen_factor: int = 4, num_classes: int = 10) -> None:
+    ``sub_block1=False`` sets the unused ``sub_block1`` to ``None``, as the original's
+    evaluation did: the state dict then has no ``sub_block1.*`` entries.
+    """
+
+    def __init__(
+        self, depth: int = 28, widen_factor: int = 4, num_classes: int = 10, sub_block1: bool = True
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n + 4; got {depth!r}.")
@@ -67,7 +76,8 @@ class WideResNet(nn.Module):
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
-        self.sub_block1 = NetworkBlock(n, channels[0], channels[1], 1)  # unused, see above
+        # unused, see above
+        self.sub_block1 = NetworkBlock(n, channels[0], channels[1], 1) if sub_block1 else None
         self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
@@ -83,3 +93,8 @@ class WideResNet(nn.Module):
 def WRN28_4(num_classes: int = 10) -> WideResNet:
     """WRN-28-4 for 32x32 inputs."""
     return WideResNet(28, 4, num_classes)
+
+
+def WRN28_4_WithoutSubBlock(num_classes: int = 10) -> WideResNet:
+    """WRN-28-4 without the unused ``sub_block1``: the original's ``wideresnet_28_4``."""
+    return WideResNet(28, 4, num_classes, sub_block1=False)
