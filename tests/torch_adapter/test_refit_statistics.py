@@ -12,7 +12,7 @@ from torch import nn
 
 from gdws_torch import GDWSConv2d, convert
 from gdws_torch.common import conv_patch_rows
-from gdws_torch.recovery import refit_gdws
+from gdws_torch.recovery import refit_error, refit_gdws, refit_layer_factors
 from gdws_torch.recovery.statistics import GramAccumulator, LayerInputs, layer_statistics
 
 
@@ -202,3 +202,50 @@ def test_bad_cache_bytes_is_refused(value, error):
     )
     with pytest.raises(error, match="cache_bytes"):
         refit_gdws(model, converted, [(data[0], None)], 4, cache_bytes=value, progress=False)
+
+
+def test_float32_products_sum_in_float64_within_their_rounding():
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.rand(5000, 300, generator=generator)  # float32, like a network's activations
+    accumulator = GramAccumulator(300)
+    accumulator.add(rows)
+    want = rows.double().numpy().T @ rows.double().numpy()
+    got = accumulator.result().numpy()
+    # Sums of at most 1024 float32 products, then float64: far below 1e-6 relative.
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert np.abs(got - want).max() > 0  # the float32 products did run
+
+
+def test_float32_statistics_give_the_float64_refit_within_their_tolerance():
+    model = staged().float()
+    data = [x.float() for x in batches(4, 8)]
+    converted, _ = convert(
+        model, input_size=(3, 8, 8), target_mac_reduction=1.5, exclude=["shared"]
+    )
+    dense = dict(model.named_modules())
+    for name in ("stage1.0.conv1", "stage2.1.conv2"):
+        layer = converted.get_submodule(name)
+        wide = layer_statistics(layer, dense[name], converted, data, products=torch.float64)
+        narrow = layer_statistics(layer, dense[name], converted, data, products=torch.float32)
+        assert not torch.equal(wide[0], narrow[0])
+        torch.testing.assert_close(narrow[0], wide[0], rtol=1e-6, atol=1e-6 * wide[0].abs().max())
+        factors = (
+            layer.kernel_channels,
+            layer.pointwise.weight.detach().double().flatten(1),
+            layer.depthwise.weight.detach().double().flatten(1),
+        )
+        _, _, errors = refit_layer_factors(*wide[:2], *factors, energy=wide[2])
+        p32, k32, _ = refit_layer_factors(*narrow[:2], *factors, energy=narrow[2])
+        # The float32 statistics' factors, judged by the float64 statistics.
+        error = refit_error(wide[0], wide[1], wide[2], layer.kernel_channels, p32, k32)
+        assert error == pytest.approx(errors[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize(("value", "error"), [(torch.float16, ValueError), ("float32", TypeError)])
+def test_bad_products_are_refused_before_any_work(value, error):
+    model, data = staged(), batches(1)
+    converted, _ = convert(
+        model, input_size=(3, 8, 8), target_mac_reduction=1.5, exclude=["shared"]
+    )
+    with pytest.raises(error, match="products"):
+        refit_gdws(model, converted, [(data[0], None)], 4, products=value, progress=False)

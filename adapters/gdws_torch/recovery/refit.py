@@ -31,7 +31,12 @@ from gdws_torch.recovery.factor_steps import (
     pointwise_step,
     refit_error,
 )
-from gdws_torch.recovery.statistics import DEFAULT_CACHE_BYTES, LayerInputs, layer_statistics
+from gdws_torch.recovery.statistics import (
+    DEFAULT_CACHE_BYTES,
+    LayerInputs,
+    check_products,
+    layer_statistics,
+)
 
 __all__ = [
     "calibration_inputs",
@@ -213,6 +218,7 @@ def refit_gdws(
     tolerance: float = DEFAULT_TOLERANCE,
     solve_tolerance: float = DEFAULT_SOLVE_TOLERANCE,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    products: torch.dtype = torch.float32,
     inplace: bool = False,
     progress: bool = True,
     return_errors: bool = False,
@@ -263,6 +269,12 @@ def refit_gdws(
         each layer's pass over the calibration inputs resumes instead of running the
         network's whole prefix (:class:`~gdws_torch.recovery.statistics.LayerInputs`: the
         same inputs, fewer passes); ``0``: every pass from the model's input.
+    products : torch.dtype, default=torch.float32
+        Of the patch products behind ``S``: float32 multiplies a float32 network's inputs
+        as they are, 1024 patches at a time, summed in float64 (about twice as fast on a
+        CPU; on PreActResNet-18 the layer errors agree with float64 products to 5e-6
+        relative but the last layer's 2e-4); ``torch.float64`` multiplies in float64.
+        Inputs of a float64 network are always multiplied in float64.
     inplace, progress : bool
         ``progress``: a bar over the layers, with the current layer's name.
     return_errors : bool, default=False
@@ -294,6 +306,7 @@ def refit_gdws(
     check_real(tolerance, "tolerance", minimum=0)
     check_real(solve_tolerance, "solve_tolerance", minimum=0)
     check_integer(cache_bytes, "cache_bytes", minimum=0)
+    check_products(products)
     steps = iterations if depthwise else 0
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
@@ -326,7 +339,12 @@ def refit_gdws(
             for name, layer in layers:
                 bar.set_postfix_str(name)
                 gram, cross, energy = layer_statistics(
-                    layer, dense_modules[name], work, batches, inputs=feeds.of(name)
+                    layer,
+                    dense_modules[name],
+                    work,
+                    batches,
+                    inputs=feeds.of(name),
+                    products=products,
                 )
                 pointwise, kernels, errors[name] = refit_layer_factors(
                     gram,
