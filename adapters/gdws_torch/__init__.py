@@ -1,9 +1,11 @@
 """gdws_torch: the PyTorch adapter of gdws-approx.
 
 GDWS layers, whole-model conversion (:func:`compress` runs a whole recipe), MAC
-counting, noise gains and checkpoint files.
+counting, noise gains and checkpoint files; :func:`compress_baseline` builds the
+training-free baselines (DWS, low-rank, channel pruning) at the same conv MACs.
 """
 
+from gdws_torch.baselines import BaselineReport, compress_baseline
 from gdws_torch.conversion.convert import convert, pad_kernels, replace_module, set_fused
 from gdws_torch.conversion.eligibility import eligible_convs, is_approximable
 from gdws_torch.conversion.noise_gains import (
@@ -34,15 +36,25 @@ from gdws_torch.io.checkpoints import (
 from gdws_torch.io.original_checkpoints import load_original_checkpoint
 from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
+from gdws_torch.robustness.apgd import APGD, APGDT
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.robustness.autoattack import AutoAttack
 from gdws_torch.robustness.evaluate import evaluate
+from gdws_torch.robustness.fab import FAB
+from gdws_torch.robustness.masking import check_gradient_masking
+from gdws_torch.robustness.square import Square
 
 __all__ = [
+    "APGD",
+    "APGDT",
+    "FAB",
     "PGD",
     "PGDL1",
     "PGDL2",
     "RECIPES",
     "Attack",
+    "AutoAttack",
+    "BaselineReport",
     "GDWSConv2d",
     "Latency",
     "LayerMacs",
@@ -50,8 +62,11 @@ __all__ = [
     "Recipe",
     "RecipeInputs",
     "Recovery",
+    "Square",
     "Weighting",
+    "check_gradient_masking",
     "compress",
+    "compress_baseline",
     "convert",
     "count_macs",
     "eligible_convs",

@@ -87,6 +87,8 @@ def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
     assert result["robust_accuracy"] == pytest.approx(expected)
     assert result["attacks"] == [
         {
+            "attack": "pgd",
+            "label": "l_inf PGD-2 (eps 8/255)",
             "norm": "l_inf",
             "epsilon": 8 / 255,
             "step": 2 / 255,

@@ -180,3 +180,12 @@ def test_bad_input(trained):
         PGD(model, 0.1, 0.1)(x[:4], y[:4].float())
     with pytest.raises(ValueError, match="shape"):
         PGD(model, 0.1, 0.1)(x[:4], y[:3])
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), ATTACKS, ids=["linf", "l2", "l1"])
+def test_an_empty_batch_comes_back_empty(trained, cls, kwargs):
+    model, (x, y) = trained
+    attack = cls(model, steps=2, seed=0, **kwargs)
+    for ids in (None, torch.zeros(0, dtype=torch.long)):
+        out = attack(x[:0], y[:0], sample_ids=ids)
+        assert out.shape == (0, *x.shape[1:]) and out.dtype == x.dtype

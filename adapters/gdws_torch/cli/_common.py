@@ -38,7 +38,9 @@ from gdws_torch.io.original_checkpoints import (
 from gdws_torch.models import ARCHITECTURES
 from gdws_torch.nn.normalization import normalized
 from gdws_torch.recovery import batchnorm_layers
+from gdws_torch.robustness.apgd import APGD
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.robustness.autoattack import AutoAttack
 from gdws_torch.robustness.distributed import process_group, world_from_environment
 
 # The original's model names (its get_architecture) not registered as they are, and
@@ -49,6 +51,14 @@ MODEL_ALIASES = {
     "digits": "digits_cnn",
 }
 DIGITS_SIZE = 16  # the demo network's input side
+# --attack of the evaluating commands (eval, sweep, demo); the others craft PGD inputs.
+EVALUATION_ATTACKS = ("pgd", "apgd", "autoattack", "autoattack-fast", "none")
+ATTACK_HELP = (
+    "pgd: the original's PGD (--attack-iters, --pgd-alpha, --restarts); apgd: APGD-CE "
+    "(--attack-iters, default 100; --restarts); autoattack: the standard AutoAttack "
+    "(APGD-CE, APGD-T, FAB-T, Square; docs/attacks.md); autoattack-fast: APGD-CE + APGD-T"
+)
+MASKING_SAMPLES = 100  # test inputs the gradient-masking checks run on
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -117,11 +127,21 @@ def add_checkpoint_format_argument(group) -> None:
 
 
 def add_attack_arguments(
-    parser: argparse.ArgumentParser, default_attack: str = "pgd", union: bool = False
+    parser: argparse.ArgumentParser,
+    default_attack: str = "pgd",
+    union: bool = False,
+    evaluation: bool = False,
 ) -> None:
+    """The attack flags; ``evaluation``: the robust-accuracy attacks too (APGD, AutoAttack),
+    else PGD only (the commands crafting training or calibration inputs)."""
     group = parser.add_argument_group("attack (the original's flags; sizes in 1/255 units)")
     several = {"nargs": "+"} if union else {}
-    group.add_argument("--attack", default=default_attack, choices=("pgd", "none"))
+    if evaluation:
+        group.add_argument(
+            "--attack", default=default_attack, choices=EVALUATION_ATTACKS, help=ATTACK_HELP
+        )
+    else:
+        group.add_argument("--attack", default=default_attack, choices=("pgd", "none"))
     group.add_argument(
         "--norm",
         default=["l_inf"] if union else "l_inf",
@@ -144,7 +164,15 @@ def add_attack_arguments(
         help=f"step, in 1/255 (default 2){each}",
         **several,
     )
-    group.add_argument("--attack-iters", type=int, default=10)
+    if evaluation:
+        group.add_argument(
+            "--attack-iters",
+            type=int,
+            help="PGD iterations (default 10; also of the recovery's PGD inputs), or APGD's "
+            "with --attack apgd (default 100); AutoAttack's are fixed",
+        )
+    else:
+        group.add_argument("--attack-iters", type=int, default=10)
     group.add_argument("--restarts", type=int, default=1)
     group.add_argument(
         "--l1-sparsity", type=float, default=0.99, help="l_1 only: quantile of |grad| not moved"
@@ -310,8 +338,8 @@ def check_common(args: argparse.Namespace) -> None:
             if value is not None and not (math.isfinite(value) and value > 0):
                 flag = f"--{name.replace('_', '-')}"
                 raise UsageError(f"{flag} must be a positive number; got {value}.")
-    if getattr(args, "attack", "none") != "none":
-        attack_specs(args)  # norms and sizes agree, before any long work
+    if getattr(args, "attack", "none") != "none" and hasattr(args, "norm"):
+        attack_specs(args)  # norms and sizes agree, before any long work (not demo's)
     if hasattr(args, "workers"):
         if args.workers is None:  # image files are decoded on the fly; the rest is in memory
             args.workers = min(4, os.cpu_count() or 1) if args.dataset == "imagenet" else 0
@@ -581,31 +609,111 @@ def attack_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
-def make_attacks(args: argparse.Namespace, model: nn.Module) -> dict[str, Attack]:
-    """``{label: attack}`` for ``--attack/--norm/--epsilon/...``; empty for ``none``."""
-    if args.attack == "none":
+def resolve_attack_iters(args: argparse.Namespace) -> None:
+    """``--attack-iters`` of an evaluating command (``None`` when not given): PGD's
+    iterations (default 10, also the recovery's PGD) and APGD's (default 100)."""
+    given = args.attack_iters
+    args.apgd_iters = 100 if given is None else given
+    args.attack_iters = 10 if given is None else given
+
+
+def attack_label(kind: str, norm: str, epsilon_255: float, steps: int | None = None) -> str:
+    """How tables and JSON name an attack: ``"l_inf AutoAttack (eps 8/255)"``."""
+    name = {
+        "pgd": f"PGD-{steps}",
+        "apgd": f"APGD-CE-{steps}",
+        "autoattack": "AutoAttack",
+        "autoattack-fast": "AutoAttack-fast",
+    }[kind]
+    return f"{norm} {name} (eps {epsilon_255:g}/255)"
+
+
+def build_attack(
+    kind: str,
+    model: nn.Module,
+    norm: str,
+    eps: float,
+    *,
+    step: float | None = None,
+    steps: int = 10,
+    restarts: int = 1,
+    seed: int = 0,
+    l1_sparsity: float = 0.99,
+):
+    """One attack of ``--attack`` (not ``none``) on ``model``; sizes in pixel units."""
+    library_norm = {"l_inf": "Linf", "l_2": "L2", "l_1": "L1"}[norm]
+    if kind == "pgd":
+        classes = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}
+        extra = {"sparsity": l1_sparsity} if norm == "l_1" else {}
+        return classes[norm](
+            model, eps=eps, alpha=step, steps=steps, restarts=restarts, seed=seed, **extra
+        )
+    if kind == "apgd":
+        return APGD(model, norm=library_norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed)
+    version = "fast" if kind == "autoattack-fast" else "standard"
+    return AutoAttack(model, norm=library_norm, eps=eps, version=version, seed=seed)
+
+
+def make_attacks(
+    args: argparse.Namespace, model: nn.Module, kind: str | None = None
+) -> dict[str, Attack]:
+    """``{label: attack}`` for ``--attack/--norm/--epsilon/...``; empty for ``none``.
+
+    ``kind`` overrides ``--attack`` (the recovery's inputs are always PGD's).
+    """
+    kind = args.attack if kind is None else kind
+    if kind == "none":
         return {}
-    classes = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}
     attacks = {}
     for spec in attack_specs(args):
-        extra = {"sparsity": args.l1_sparsity} if spec["norm"] == "l_1" else {}
-        label = f"{spec['norm']} PGD-{args.attack_iters} (eps {spec['epsilon_255']:g}/255)"
-        attacks[label] = classes[spec["norm"]](
+        steps = getattr(args, "apgd_iters", 100) if kind == "apgd" else args.attack_iters
+        label = attack_label(kind, spec["norm"], spec["epsilon_255"], steps)
+        attacks[label] = build_attack(
+            kind,
             model,
-            eps=spec["epsilon"],
-            alpha=spec["step"],
-            steps=args.attack_iters,
+            spec["norm"],
+            spec["epsilon"],
+            step=spec["step"],
+            steps=steps,
             restarts=args.restarts,
             seed=args.seed,
-            **extra,
+            l1_sparsity=args.l1_sparsity,
         )
     return attacks
 
 
-def make_attack(args: argparse.Namespace, model: nn.Module) -> Attack | None:
+def make_attack(
+    args: argparse.Namespace, model: nn.Module, kind: str | None = None
+) -> Attack | None:
     """The one attack of a command that takes a single ``--norm``."""
-    attacks = make_attacks(args, model)
+    attacks = make_attacks(args, model, kind)
     return next(iter(attacks.values()), None)
+
+
+def masking_checks(
+    model: nn.Module,
+    data,
+    device: torch.device,
+    by_attack: Mapping[str, Any] | None = None,
+    n_samples: int | None = None,
+    attack: Any = None,
+) -> dict[str, Any]:
+    """The gradient-masking checks on the first :data:`MASKING_SAMPLES` inputs of
+    ``data`` (at most ``n_samples``), printed; returns them as plain values.
+
+    ``by_attack``: the ensembles' per-attack accuracies of the evaluation; without it, an
+    ensemble ``attack`` (AutoAttack) is run on those inputs to get them.
+    """
+    from gdws_torch.robustness.masking import check_gradient_masking
+
+    count = min(len(data), MASKING_SAMPLES, n_samples or MASKING_SAMPLES)
+    images, labels = next(iter(DataLoader(Subset(data, range(count)), batch_size=count)))
+    images, labels = images.to(device), labels.to(device)
+    if not by_attack and hasattr(attack, "run"):
+        by_attack = attack.run(images, labels).report
+    report = check_gradient_masking(model, images, labels, by_attack=by_attack or None)
+    print(report.format())
+    return report.to_dict()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -728,7 +836,7 @@ def check_recovery(args: argparse.Namespace) -> None:
                 f"{flag} {n} exceeds the {len(dataset(args, 'train'))} training inputs."
             )
         if n and adversarial and getattr(args, "attack", "none") == "none":
-            raise UsageError(f"{flag}-attack needs --attack pgd (and its flags).")
+            raise UsageError(f"{flag}-attack needs an --attack (its inputs are PGD's flags).")
 
 
 def approximate(
@@ -881,7 +989,7 @@ def _run_recipe(
 
 def _recovery_attack(args: argparse.Namespace, adversarial: bool):
     """The attack factory of ``--refit-attack``/``--recalibrate-attack``, or ``None``."""
-    return (lambda model: make_attack(args, model)) if adversarial else None
+    return (lambda model: make_attack(args, model, kind="pgd")) if adversarial else None
 
 
 def recalibrate(args: argparse.Namespace, network: nn.Module) -> None:

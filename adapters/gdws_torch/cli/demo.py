@@ -6,6 +6,7 @@ import argparse
 
 from gdws_torch.cli import _common as common
 from gdws_torch.cost.throughput import BACKENDS, available_backends
+from gdws_torch.robustness.masking import MaskingReport
 
 HELP = (
     "run the pipeline on the embedded robust digits CNN: dense vs GDWS built for a measured "
@@ -15,7 +16,7 @@ HELP = (
 HEADLINE_COLUMNS = [
     ("model", "model"),
     ("natural", "natural %"),
-    ("robust", "PGD robust %"),
+    ("robust", "robust %"),
     ("conv_macs", "conv MACs"),
     ("mac_reduction", "MACs x fewer"),
     ("params", "parameters"),
@@ -27,7 +28,7 @@ SWEEP_COLUMNS = [
     ("beta", "beta"),
     ("mac_reduction", "MACs x fewer"),
     ("natural", "natural %"),
-    ("robust", "PGD robust %"),
+    ("robust", "robust %"),
     ("fps", "FPS"),
     ("speedup", "FPS x"),
 ]
@@ -69,7 +70,15 @@ def add_parser(subparsers) -> None:
         "--n-test", type=int, help="first N of the 400 test digits (the other 140 validate)"
     )
     parser.add_argument("--alpha-samples", type=int, default=512)
-    parser.add_argument("--attack-iters", type=int, help="PGD iterations (default 20)")
+    parser.add_argument(
+        "--attack",
+        default="pgd",
+        choices=common.EVALUATION_ATTACKS[:-1],
+        help="the evaluation attack, l_inf at 24/255: " + common.ATTACK_HELP,
+    )
+    parser.add_argument(
+        "--attack-iters", type=int, help="PGD iterations (default 20), or APGD's (default 100)"
+    )
     parser.add_argument("--fps-rounds", type=int, default=15)
     parser.add_argument(
         "--refit-depthwise",
@@ -86,6 +95,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true")
     common.add_overwrite_argument(parser)
     parser.set_defaults(run=run)
+
+
+def _columns(columns, attack: str):
+    """The table's columns, the robust one named after the attack (``PGD robust %``)."""
+    return [(key, f"{attack} robust %" if key == "robust" else head) for key, head in columns]
 
 
 def _format(rows):
@@ -158,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         n_test=args.n_test,
         alpha_samples=args.alpha_samples,
-        attack_steps=args.attack_iters or demo.DEMO_ATTACK["steps"],
+        attack_steps=args.attack_iters or (100 if args.attack == "apgd" else 20),
+        attack=args.attack,
         fps_rounds=args.fps_rounds,
     )
     for flag, key in (
@@ -189,23 +204,29 @@ def run(args: argparse.Namespace) -> int:
     outputs.check()
     results = demo.run_demo(progress=not args.no_progress, **settings)
     attack = results["attack"]
+    name = demo.ATTACKS[attack["name"]]
+    steps = f"-{attack['steps']}" if attack["name"] in ("pgd", "apgd") else ""
     print()
     print(
         f"Robust digits CNN ({results['dataset']}; {results['n_test']} test digits), "
-        f"l_inf PGD-{attack['steps']} at eps {attack['eps'] * 255:.0f}/255, CPU with "
+        f"l_inf {name}{steps} at eps {attack['eps'] * 255:.0f}/255, CPU with "
         f"{results['threads']} threads"
     )
     headline = [results["dense"], results["speed"]]
     headline += [results["default"]] if results["default"] else []
     print(f"Batch-1 FPS on {results['backend']}; {_choice(results)}")
-    print(common.format_table(_format(headline), HEADLINE_COLUMNS))
+    print(common.format_table(_format(headline), _columns(HEADLINE_COLUMNS, name)))
     print(_candidates(results))
     print()
     print(
         "Sweep: LEGO with the smallest common beta reaching each MAC target (global: per-layer"
         " budgets, no common beta)"
     )
-    print(common.format_table(_format(results["sweep"]), SWEEP_COLUMNS))
+    print(common.format_table(_format(results["sweep"]), _columns(SWEEP_COLUMNS, name)))
+    if attack.get("by_attack"):
+        steps = " -> ".join(f"{k} {v:.2f} %" for k, v in attack["by_attack"].items())
+        print(f"dense model, {attack['label']}: {steps}")
+    print(MaskingReport.from_dict(results["masking_checks"]).format())
     common.write_json(args, json_path, results)
     outputs.write(plot_path, lambda temporary: demo.plot_sweep(results, temporary))
     print(f"done in {results['seconds']:.0f} s")

@@ -13,13 +13,16 @@ from gdws_torch.io.checkpoints import load_converted
 from gdws_torch.robustness.evaluate import evaluate_dataset
 from gdws_torch.robustness.resume import ResultStore, check_results_folder
 
-HELP = "natural and PGD robust accuracy (the original's eval_robustness.py flags work)"
+HELP = (
+    "natural and robust accuracy under PGD, APGD or AutoAttack, with gradient-masking checks "
+    "(the original's eval_robustness.py flags work)"
+)
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help=HELP, description=HELP[0].upper() + HELP[1:] + ".")
     common.add_model_arguments(parser)
-    common.add_attack_arguments(parser, union=True)
+    common.add_attack_arguments(parser, union=True, evaluation=True)
     gdws = parser.add_argument_group("GDWS")
     gdws.add_argument("--apply-gdws", action="store_true", help="approximate before evaluating")
     gdws.add_argument("--converted", help="evaluate a model saved by `gdws convert` instead")
@@ -37,6 +40,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     common.check_common(args)
+    common.resolve_attack_iters(args)
     common.check_gdws_flags(args)
     if args.save_every < 0:
         raise common.UsageError(f"--save-every must be >= 0; got {args.save_every}.")
@@ -138,6 +142,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
     specs = common.attack_specs(args) if attacks else []
     for spec, (label, accuracy) in zip(specs, result["attacks"].items(), strict=True):
         spec.update(label=label, accuracy=accuracy)
+    by_attack = result.get("by_attack", {})
     if not attacks:
         robust = None
     elif len(attacks) == 1:
@@ -159,6 +164,13 @@ def _run(args: argparse.Namespace, device, group) -> int:
     columns += [("conv_macs", "conv MACs"), ("params", "parameters")]
     print()
     print(common.format_table([row], columns))
+    for label, stages in by_attack.items():
+        steps = " -> ".join(f"{stage} {value:.2f} %" for stage, value in stages.items())
+        print(f"{label}: natural {result['natural']:.2f} % -> {steps}")
+    masking = None
+    if attacks:
+        print()
+        masking = common.masking_checks(model, data, device, by_attack, args.n_samples)
     if log is not None:  # the original's lines: one per attack, or the natural accuracy
         results = specs or [{"epsilon": 0.0, "accuracy": result["natural"]}]
         common.append_log(args, log, [(spec["epsilon"], spec["accuracy"]) for spec in results])
@@ -170,17 +182,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
             "model": architecture,
             "dataset": args.dataset,
             "checkpoint": checkpoint or converted_path,
-            "attacks": [
-                {
-                    "norm": spec["norm"],
-                    "epsilon": spec["epsilon"],
-                    "step": spec["step"],
-                    "iterations": args.attack_iters,
-                    "restarts": args.restarts,
-                    "accuracy": spec["accuracy"],
-                }
-                for spec in specs
-            ],
+            "attacks": [_attack_record(args, spec, by_attack) for spec in specs],
             "n_samples": result["n_samples"],
             "processes": result["world_size"],
             "resumed_samples": result["resumed"],
@@ -188,6 +190,7 @@ def _run(args: argparse.Namespace, device, group) -> int:
             "natural_accuracy": result["natural"],
             "robust_accuracy": robust,
             "union_accuracy": result["union"] if attacks else None,
+            "masking_checks": masking,
             "conv_macs": macs.conv_macs,
             "parameters": parameters,
             "gdws": saved_report if report is None else report.to_dict(),
@@ -198,3 +201,22 @@ def _run(args: argparse.Namespace, device, group) -> int:
     store.clear()
     args.resume_note = None
     return 0
+
+
+def _attack_record(args: argparse.Namespace, spec: dict, by_attack: dict) -> dict:
+    """One attack's entry of the results file: what ran, its settings, its accuracy."""
+    record = {"attack": args.attack, "label": spec["label"], "norm": spec["norm"]}
+    record["epsilon"] = spec["epsilon"]
+    if args.attack == "pgd":
+        record.update(step=spec["step"], iterations=args.attack_iters, restarts=args.restarts)
+    elif args.attack == "apgd":
+        record.update(loss="ce", iterations=args.apgd_iters, restarts=args.restarts)
+    else:
+        stages = by_attack.get(spec["label"], {})
+        record.update(
+            version="fast" if args.attack == "autoattack-fast" else "standard",
+            attacks=list(stages),
+            accuracy_by_attack=stages,
+        )
+    record["accuracy"] = spec["accuracy"]
+    return record

@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader
 from gdws_torch.cli import _common as common
 from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.weightings import STRATEGIES
-from gdws_torch.experiments.sweep import DEFAULT_REFIT, REFIT_VARIANTS
+from gdws_torch.experiments.sweep import DEFAULT_REFIT, METHODS, REFIT_VARIANTS
 from gdws_torch.io.datasets import DATASETS
-from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2
 
 HELP = "robust accuracy vs conv MACs and FPS for each error weighting, with and without recovery"
 
 COLUMNS = [
+    ("method", "method"),
     ("strategy", "strategy"),
     ("allocation", "allocation"),
     ("recovery", "recovery"),
@@ -45,11 +45,26 @@ def add_parser(subparsers) -> None:
     model.add_argument("--threads", type=int)
     model.add_argument("--no-progress", action="store_true")
     attack = parser.add_argument_group("attack (1/255 units; default: the demo's, or 8/2/10)")
+    attack.add_argument(
+        "--attack",
+        default="pgd",
+        choices=common.EVALUATION_ATTACKS[:-1],
+        help=common.ATTACK_HELP + "; it also crafts the --refit inputs",
+    )
     attack.add_argument("--norm", default="l_inf", choices=("l_inf", "l_2", "l_1"))
     attack.add_argument("--epsilon", type=float)
     attack.add_argument("--pgd-alpha", type=float)
     attack.add_argument("--attack-iters", type=int)
     sweep = parser.add_argument_group("sweep")
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=["gdws"],
+        help="GDWS and/or the training-free baselines at the same conv MACs: dws "
+        "(depthwise-separable), lowrank, prune (channel pruning); default gdws "
+        "(docs/baselines.md)",
+    )
     sweep.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     sweep.add_argument("--targets", nargs="+", type=float, default=[1.5, 2.0, 2.5])
     sweep.add_argument(
@@ -101,7 +116,7 @@ def add_parser(subparsers) -> None:
     )
     sweep.add_argument("--out-dir", default="gdws-results/sweep")
     common.add_overwrite_argument(sweep)
-    parser.set_defaults(run=run, attack="pgd")
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,11 +159,13 @@ def run(args: argparse.Namespace) -> int:
         description, eps, step, steps = architecture, 8.0, 2.0, 10
     eps = args.epsilon if args.epsilon is not None else eps
     step = args.pgd_alpha if args.pgd_alpha is not None else step
-    steps = args.attack_iters or steps
-    attack_class = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}[args.norm]
+    steps = args.attack_iters or (100 if args.attack == "apgd" else steps)
+    label = common.attack_label(args.attack, args.norm, eps, steps)
 
     def attack(model):
-        return attack_class(model, eps=eps / 255, alpha=step / 255, steps=steps, seed=args.seed)
+        return common.build_attack(
+            args.attack, model, args.norm, eps / 255, step=step / 255, steps=steps, seed=args.seed
+        )
 
     test = common.dataset(args, "test")
     train = common.dataset(args, "train")
@@ -161,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         DataLoader(test, batch_size=args.batch_size),
         train_loader,
         attack,
+        methods=list(dict.fromkeys(args.methods)),
         strategies=args.strategies,
         targets=args.targets,
         allocations=allocations,
@@ -178,19 +196,30 @@ def run(args: argparse.Namespace) -> int:
         fps_backend=None if args.fps_backend == "none" else args.fps_backend,
         progress=not args.no_progress,
     )
+    settings = {"pgd": {"step": step / 255, "iterations": steps}, "apgd": {"iterations": steps}}
+    settings = settings.get(args.attack, {})
     results.update(
         model=description,
-        attack={"norm": args.norm, "epsilon": eps / 255, "step": step / 255, "iterations": steps},
+        attack={"attack": args.attack, "label": label, "norm": args.norm, "epsilon": eps / 255}
+        | settings,
     )
     dense = results["dense"]
     print()
     print(
         f"{description}: dense {dense['natural']:.2f} % natural, {dense['robust']:.2f} % robust "
-        f"({args.norm} PGD-{steps}, eps {eps:g}/255)"
+        f"({label})"
     )
     print(common.format_table(results["rows"], COLUMNS))
+    dense_model = common.with_normalization(args, network)
+    results["masking_checks"] = common.masking_checks(
+        dense_model,
+        test,
+        next(network.parameters()).device,
+        n_samples=args.n_test,
+        attack=attack(dense_model),
+    )
     common.write_json(args, json_path, results)
-    title = f"{description}: {args.norm} PGD-{steps} at eps {eps:g}/255 (dotted: dense - 1 point)"
+    title = f"{description}: {label} (dotted: dense - 1 point)"
     outputs.write(plot_path, lambda temporary: plot_frontier(results, temporary, title))
     print(f"done in {results['seconds']:.0f} s")
     return 0

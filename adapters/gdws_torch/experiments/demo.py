@@ -20,8 +20,10 @@ Pipeline:
 2. The sweep: LEGO with the smallest common ``beta`` reaching each target MAC reduction,
    by recipe (:data:`RECIPES`; the default three: unit alphas, noise-gain alphas, and
    the best recipe with the ``global`` MAC allocation).
-3. Natural and l_inf PGD accuracy of every model (the same attack), conv MACs,
-   parameters, and batch-1 FPS of every model on the headline's backend.
+3. Natural and l_inf robust accuracy of every model under the same attack (PGD by
+   default; APGD-CE or AutoAttack with ``attack=``), conv MACs, parameters, and batch-1
+   FPS of every model on the headline's backend; the gradient-masking checks of the dense
+   model (:func:`gdws_torch.robustness.masking.check_gradient_masking`).
 
 Over 400 lines because the demo is one story told end to end (data, recipes, the
 headline's backend and plan choice, the sweep, the plot); every step it runs is a
@@ -52,15 +54,26 @@ from gdws_torch.io.checkpoints import load_checkpoint
 from gdws_torch.io.datasets import load_dataset
 from gdws_torch.io.figures import save_figure
 from gdws_torch.models import DigitsCNN
+from gdws_torch.robustness.apgd import APGD
 from gdws_torch.robustness.attacks import PGD
+from gdws_torch.robustness.autoattack import AutoAttack
 from gdws_torch.robustness.evaluate import evaluate
+from gdws_torch.robustness.masking import check_gradient_masking
 
-__all__ = ["DEMO_ATTACK", "demo_network", "plot_sweep", "run_demo"]
+__all__ = ["ATTACKS", "DEMO_ATTACK", "demo_network", "evaluation_attack", "plot_sweep", "run_demo"]
 
 INPUT_SHAPE = (1, 16, 16)
 # l_inf PGD-20 with step 2.5 * eps / steps (Madry et al.'s rule), one random start.
 DEMO_ATTACK = {"eps": 24 / 255, "alpha": 3 / 255, "steps": 20}
 ALPHA_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
+# The evaluation attacks ``run_demo(attack=...)`` takes, and their names in the tables.
+ATTACKS = {
+    "pgd": "PGD",
+    "apgd": "APGD-CE",
+    "autoattack": "AutoAttack",
+    "autoattack-fast": "AutoAttack-fast",
+}
+MASKING_DIGITS = 100  # test digits the gradient-masking checks run on
 DEFAULT_TARGET = 2.0
 SWEEP_TARGETS = (1.5, 2.0, 2.5)
 # The headline's speed-up over dense at batch 1. This network's layers run in tens of
@@ -118,6 +131,31 @@ def demo_network() -> DigitsCNN:
         return load_checkpoint(DigitsCNN(), file).eval()
 
 
+def evaluation_attack(model: nn.Module, attack: str = "pgd", steps: int | None = None):
+    """The demo's l_inf attack at ``DEMO_ATTACK["eps"]`` on ``model``, seed 0.
+
+    ``attack``: a key of :data:`ATTACKS`; ``steps``: PGD's (default 20) or APGD's (default
+    100) iterations (AutoAttack's are fixed).
+    """
+    eps = DEMO_ATTACK["eps"]
+    if attack == "pgd":
+        return PGD(model, **{**DEMO_ATTACK, "steps": steps or DEMO_ATTACK["steps"]}, seed=0)
+    if attack == "apgd":
+        return APGD(model, norm="Linf", eps=eps, steps=steps or 100, seed=0)
+    if attack in ("autoattack", "autoattack-fast"):
+        version = "fast" if attack == "autoattack-fast" else "standard"
+        return AutoAttack(model, norm="Linf", eps=eps, version=version, seed=0)
+    raise ValueError(f"attack must be one of {tuple(ATTACKS)}; got {attack!r}.")
+
+
+def attack_label(attack: str, steps: int | None = None) -> str:
+    """``"l_inf PGD-20 (eps 24/255)"``, ``"l_inf AutoAttack (eps 24/255)"``, ..."""
+    name = ATTACKS[attack]
+    if attack in ("pgd", "apgd"):
+        name += f"-{steps or (DEMO_ATTACK['steps'] if attack == 'pgd' else 100)}"
+    return f"l_inf {name} (eps {DEMO_ATTACK['eps'] * 255:.0f}/255)"
+
+
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -135,6 +173,7 @@ def run_demo(
     fps_rounds: int = 15,
     refit_depthwise: bool = REFIT["depthwise"],
     refit_iterations: int = REFIT["iterations"],
+    attack: str = "pgd",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -161,14 +200,19 @@ def run_demo(
     alpha_samples : int
         Training digits the noise gains average over.
     attack_steps : int
-        PGD iterations of the evaluation attack.
+        PGD (or APGD) iterations of the evaluation attack.
     fps_rounds : int
         Interleaved timing rounds of the models' FPS.
     refit_depthwise, refit_iterations
         The refit of "unit + refit + BN" (:func:`gdws_torch.recovery.refit_gdws`): the
         depthwise kernels too (alternating least squares) or the pointwise weights only,
         and the alternations.
+    attack : str, default="pgd"
+        The evaluation attack, a key of :data:`ATTACKS` (:func:`evaluation_attack`). The
+        headline's plan is chosen with PGD on the validation digits whatever this is.
     """
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {tuple(ATTACKS)}; got {attack!r}.")
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or not recipes:
         raise ValueError(f"recipes must be from {RECIPES}; got {list(recipes)!r}.")
@@ -183,13 +227,16 @@ def run_demo(
     train = load_dataset("digits", split="train", size=INPUT_SHAPE[-1])
     test_loader = DataLoader(test, batch_size=200)
     attack_settings = {**DEMO_ATTACK, "steps": attack_steps}
+    label = attack_label(attack, attack_steps)
+    evaluations = {}
 
     def assess(model: nn.Module) -> dict[str, float]:
-        attack = PGD(model, **attack_settings, seed=0)
-        result = evaluate(model, test_loader, {"pgd": attack}, n_samples=n_test, progress=False)
-        return {"natural": result["natural"], "robust": result["attacks"]["pgd"]}
+        attacker = evaluation_attack(model, attack, attack_steps)
+        result = evaluate(model, test_loader, {"a": attacker}, n_samples=n_test, progress=False)
+        evaluations.setdefault("first", result)  # the dense model's
+        return {"natural": result["natural"], "robust": result["attacks"]["a"]}
 
-    log("dense model: evaluating ...")
+    log(f"dense model: evaluating ({label}) ...")
     dense_macs = count_macs(network, INPUT_SHAPE).conv_macs
     rows = [
         {
@@ -284,6 +331,10 @@ def run_demo(
     for row in rows:
         row["fps"] = fps[row["model"]]
         row["speedup"] = row["fps"] / fps["dense"]
+    digits = Subset(test, range(min(MASKING_DIGITS, n_test or len(test))))
+    images, labels = next(iter(DataLoader(digits, batch_size=len(digits))))
+    by_attack = evaluations["first"].get("by_attack", {}).get("a")
+    masking = check_gradient_masking(network, images, labels, by_attack=by_attack)
     default = next(
         (
             r
@@ -298,7 +349,17 @@ def run_demo(
             f"{VALIDATION_DIGITS} validation"
         ),
         "n_test": len(test) if n_test is None else min(n_test, len(test)),
-        "attack": {"norm": "l_inf", **attack_settings, "random_start": True, "seed": 0},
+        "attack": {
+            "name": attack,
+            "label": label,
+            "norm": "l_inf",
+            **(attack_settings if attack == "pgd" else {"eps": DEMO_ATTACK["eps"]}),
+            **({"steps": attack_steps} if attack == "apgd" else {}),
+            "seed": 0,
+            **({"random_start": True} if attack == "pgd" else {}),
+            **({"by_attack": by_attack} if by_attack else {}),
+        },
+        "masking_checks": masking.to_dict(),
         "recipes": {name: inputs.recipe.to_dict() for name, inputs in cooked.items()},
         "calibration_attack": cooked[BEST].attack,
         "backend": backend,
@@ -508,9 +569,11 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
     )
     right.axvline(dense["fps"], color="grey", linestyle=":", linewidth=1)
     attack = results["attack"]
+    label = (
+        attack.get("label") or f"l_inf PGD-{attack['steps']} (eps {attack['eps'] * 255:.0f}/255)"
+    )
     figure.suptitle(
-        f"Robust digits CNN: l_inf PGD-{attack['steps']} at eps {attack['eps'] * 255:.0f}/255, "
-        "LEGO sweep (dotted: 1 point below dense; dense FPS)"
+        f"Robust digits CNN: {label}, LEGO sweep (dotted: 1 point below dense; dense FPS)"
     )
     handles, labels = left.get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")

@@ -1,4 +1,5 @@
-"""The robustness vs cost frontier: every weighting strategy, with and without recovery."""
+"""The robustness vs cost frontier: every weighting strategy, with and without recovery,
+and the training-free baselines (DWS, low-rank, channel pruning) at the same MAC targets."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_torch.baselines.compress import METHODS as BASELINES
+from gdws_torch.baselines.compress import compress_baseline
+from gdws_torch.common import take_samples
 from gdws_torch.conversion.convert import convert, set_fused
 from gdws_torch.conversion.options import Latency, Weighting
 from gdws_torch.conversion.weightings import STRATEGIES
@@ -22,13 +26,17 @@ from gdws_torch.io.figures import save_figure
 from gdws_torch.recovery import batchnorm_layers, calibration_inputs
 from gdws_torch.robustness.evaluate import evaluate
 
-__all__ = ["DEFAULT_REFIT", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
+__all__ = ["DEFAULT_REFIT", "METHODS", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
 
 #: The refits a sweep can compare (keyword arguments of :func:`gdws_torch.recovery.refit_gdws`):
 #: the pointwise weights only, or the depthwise kernels too (alternating least squares).
 REFIT_VARIANTS = {"pointwise": {"depthwise": False}, "joint": {"depthwise": True}}
 #: The variant whose rows are labelled plain "refit+BN" (others: "<variant> refit+BN").
 DEFAULT_REFIT = "pointwise"
+#: What a sweep can compare: GDWS and the baselines of :mod:`gdws_torch.baselines`.
+METHODS = ("gdws", *BASELINES)
+#: How the plot names each method.
+METHOD_LABELS = {"gdws": "GDWS", "dws": "DWS", "lowrank": "low-rank", "prune": "pruning"}
 
 
 def run_sweep(
@@ -38,6 +46,7 @@ def run_sweep(
     train_loader: Iterable,
     attack: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     *,
+    methods: Sequence[str] = ("gdws",),
     strategies: Sequence[str] = STRATEGIES,
     targets: Sequence[float] = (1.5, 2.0, 2.5),
     allocations: Sequence[str] = ("common_beta",),
@@ -67,6 +76,12 @@ def run_sweep(
         shuffled here: shuffle it yourself).
     attack : callable
         ``attack(model) -> attack(images, labels)``, applied to every model.
+    methods : sequence of str
+        From :data:`METHODS`: ``"gdws"`` (every strategy, allocation and speed-up target
+        below) and the baselines of :func:`gdws_torch.compress_baseline` (``"dws"``,
+        ``"lowrank"``, ``"prune"``: each at every MAC target, with the same recoveries;
+        their data-driven criteria use the refit's calibration inputs, or else the first
+        ``weighting_samples`` training inputs).
     strategies : sequence of str
         From :data:`gdws_torch.conversion.weightings.STRATEGIES`.
     targets : sequence of float
@@ -99,12 +114,15 @@ def run_sweep(
     Returns
     -------
     dict
-        ``{"dense": row, "rows": [row, ...], "seconds": ...}``; a row has ``strategy``,
-        ``allocation``, ``recovery``, ``target``, ``beta``, ``conv_macs``,
-        ``mac_reduction``, ``natural``, ``robust``, ``fps``, ``speedup``.
+        ``{"dense": row, "rows": [row, ...], "seconds": ...}``; a row has ``method``,
+        ``strategy`` (a baseline's: its criterion), ``allocation``, ``recovery``,
+        ``target``, ``beta``, ``conv_macs``, ``mac_reduction``, ``natural``, ``robust``,
+        ``fps``, ``speedup``.
     """
     from gdws_torch.recovery import recalibrate_batchnorm
 
+    if not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"methods must be a non-empty sequence of {METHODS}; got {methods!r}.")
     unknown = [v for v in refit_variants if v not in REFIT_VARIANTS]
     if unknown or not refit_variants:
         raise ValueError(
@@ -116,8 +134,9 @@ def run_sweep(
     if recalibration_samples > 0 and not recover:
         log("no BatchNorm layer: the sweep has no recovery rows")
 
-    def assess(model: nn.Module) -> dict[str, float]:
-        model = wrap(set_fused(copy.deepcopy(model), True))
+    def assess(model: nn.Module, wrapped: bool = False) -> dict[str, float]:
+        model = set_fused(copy.deepcopy(model), True)
+        model = model if wrapped else wrap(model)
         result = evaluate(
             model, test_loader, {"a": attack(model)}, n_samples=n_test, progress=False
         )
@@ -126,7 +145,7 @@ def run_sweep(
     dense_macs = count_macs(network, input_shape).conv_macs
     dense = {"strategy": "dense", "conv_macs": dense_macs, "mac_reduction": 1.0, **assess(network)}
     weights = {}
-    for strategy in strategies:
+    for strategy in strategies if "gdws" in methods else ():
         log(f"weighting {strategy!r} ...")
         weights[strategy] = Weighting.from_strategy(
             strategy, wrap(network), input_shape, loader=train_loader, n_samples=weighting_samples
@@ -142,6 +161,7 @@ def run_sweep(
     rows = []
     jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
     jobs += [(s, "latency", t) for s in strategies for t in speedup_targets]
+    jobs = jobs if "gdws" in methods else []
     for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
         if allocation == "latency":
             budget = {"target_speedup": target, "latency": latency}
@@ -198,6 +218,7 @@ def run_sweep(
             rows.append(
                 {
                     "key": key,
+                    "method": "gdws",
                     "strategy": strategy,
                     "allocation": allocation,
                     "recovery": recovery,
@@ -207,6 +228,29 @@ def run_sweep(
                     "mac_reduction": report.mac_reduction,
                     **assess(model),
                 }
+            )
+    baselines = [m for m in methods if m != "gdws"]
+    if baselines:
+        if calibration is None:  # the baselines' data-driven criteria: natural inputs
+            data = [b[0] for b in take_samples(train_loader, weighting_samples)]
+        else:
+            data = calibration
+        jobs = [(m, t) for m in baselines for t in targets]
+        for method, target in tqdm(jobs, desc="baselines", disable=not progress):
+            rows += _baseline_rows(
+                method,
+                target,
+                network,
+                wrap,
+                input_shape,
+                data,
+                min(weighting_samples, sum(len(x) for x in data)),
+                train_loader,
+                recalibration_samples if recover else 0,
+                refit_samples if recover and calibration is not None else 0,
+                assess,
+                models,
+                log,
             )
     if fps_backend is not None:
         log(f"timing {len(models)} models at batch 1 on {fps_backend} ...")
@@ -220,6 +264,7 @@ def run_sweep(
             row["speedup"] = row["fps"] / fps["dense"]
     return {
         "dense": dense,
+        "methods": list(methods),
         "rows": rows,
         "refit": {
             "n_samples": refit_samples,
@@ -234,10 +279,80 @@ def run_sweep(
     }
 
 
+def _baseline_rows(
+    method: str,
+    target: float,
+    network: nn.Module,
+    wrap: Callable[[nn.Module], nn.Module],
+    input_shape: Sequence[int],
+    data: list[torch.Tensor],
+    n_samples: int,
+    train_loader: Iterable,
+    recalibration_samples: int,
+    refit_samples: int,
+    assess: Callable[..., dict[str, float]],
+    models: dict[str, nn.Module],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The rows of one baseline at one MAC target: no recovery, BatchNorm, refit + BN
+    (those the sweep asks for); the models go into ``models`` (wrapped)."""
+    from gdws_torch.recovery import recalibrate_batchnorm
+
+    def build(refit: int):
+        return compress_baseline(
+            wrap(network),
+            method,
+            data,
+            target_mac_reduction=target,
+            input_size=input_shape,
+            n_samples=n_samples,
+            refit=refit,
+        )
+
+    try:
+        compressed, report = build(0)
+    except ValueError as exc:
+        log(f"{method}, {target:g}x: skipped ({exc})")
+        return []
+    variants = [("none", compressed)]
+    if recalibration_samples > 0:
+        recalibrated = copy.deepcopy(compressed)
+        recalibrate_batchnorm(
+            recalibrated, train_loader, recalibration_samples, inplace=True, progress=False
+        )
+        variants.append(("BN", recalibrated))
+        if refit_samples > 0:
+            refitted, _ = build(refit_samples)
+            recalibrate_batchnorm(
+                refitted, train_loader, recalibration_samples, inplace=True, progress=False
+            )
+            variants.append(("refit+BN", refitted))
+    rows = []
+    for recovery, model in variants:
+        key = f"{method}|{report.criterion}|{recovery}|{target:g}"
+        models[key] = model
+        rows.append(
+            {
+                "key": key,
+                "method": method,
+                "strategy": report.criterion,
+                "allocation": "uniform" if report.criterion == "l1" else "global",
+                "recovery": recovery,
+                "target": target,
+                "beta": None,
+                "conv_macs": count_macs(model, input_shape).conv_macs,
+                "mac_reduction": report.mac_reduction,
+                **assess(model, wrapped=True),
+            }
+        )
+    return rows
+
+
 def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Robust accuracy against conv MAC reduction (and FPS): one line per strategy,
-    dashed without recovery, solid with BatchNorm recalibration, dash-dotted with the
-    default refit, dotted with the other refits; written atomically as a PNG."""
+    """Robust accuracy against conv MAC reduction (and FPS): one line per strategy (GDWS)
+    and per baseline method, dashed without recovery, solid with BatchNorm
+    recalibration, dash-dotted with the default refit, dotted with the other refits;
+    written atomically as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,29 +365,43 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         1, 2 if with_fps else 1, figsize=(15 if with_fps else 9, 5), constrained_layout=True
     )
     axes = list(axes) if with_fps else [axes]
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    colours = dict(zip(strategies, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    groups = dict.fromkeys((r["strategy"], r["allocation"], r["recovery"]) for r in rows)
-    allocations = {r["allocation"] for r in rows}
-    for strategy, allocation, recovery in groups:
+
+    def method(row: dict[str, Any]) -> str:
+        return row.get("method", "gdws")
+
+    def series(row: dict[str, Any]) -> str:  # what a colour stands for
+        return row["strategy"] if method(row) == "gdws" else method(row)
+
+    names = list(dict.fromkeys(series(r) for r in rows))
+    colours = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    groups = dict.fromkeys((method(r), r["strategy"], r["allocation"], r["recovery"]) for r in rows)
+    allocations = {r["allocation"] for r in rows if method(r) == "gdws"}
+    baselines = any(method(r) != "gdws" for r in rows)
+    for kind, strategy, allocation, recovery in groups:
         line = sorted(
             (
                 r
                 for r in rows
-                if (r["strategy"], r["allocation"], r["recovery"])
-                == (strategy, allocation, recovery)
+                if (method(r), r["strategy"], r["allocation"], r["recovery"])
+                == (kind, strategy, allocation, recovery)
             ),
             key=lambda r: r["mac_reduction"],
         )
-        label = strategy + (f", {allocation}" if len(allocations) > 1 else "")
+        if kind == "gdws":
+            label = ("GDWS " if baselines else "") + strategy
+            label += f", {allocation}" if len(allocations) > 1 else ""
+            marker = {"common_beta": "o", "global": "s"}.get(allocation, "^")
+        else:
+            label = f"{METHOD_LABELS.get(kind, kind)} ({strategy})"
+            marker = {"dws": "D", "lowrank": "v", "prune": "P"}.get(kind, "x")
         if recovery == "BN":
             label += " + BN recalibration"
         elif recovery.endswith("refit+BN"):
             label += " + " + recovery.replace("refit+BN", "refit").strip() + " + BN"
         style = {
-            "color": colours[strategy],
+            "color": colours[series(line[0])],
             "linestyle": {"none": "--", "BN": "-", "refit+BN": "-."}.get(recovery, ":"),
-            "marker": {"common_beta": "o", "global": "s"}.get(allocation, "^"),
+            "marker": marker,
         }
         axes[0].plot(
             [r["mac_reduction"] for r in line], [r["robust"] for r in line], label=label, **style
@@ -300,5 +429,6 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
         axis.set_ylabel("robust accuracy (%)")
         axis.grid(alpha=0.3)
     figure.legend(loc="outside right center", fontsize=7)
-    figure.suptitle(title or "GDWS frontier (dotted: 1 point below dense; dashed: no recovery)")
+    what = "GDWS and baselines" if baselines else "GDWS"
+    figure.suptitle(title or f"{what} frontier (dotted: 1 point below dense; dashed: no recovery)")
     return save_figure(figure, path)

@@ -8,6 +8,7 @@ perturbation only, so the model's parameters and ``.grad`` are never touched.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 
-__all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "check_labels", "sample_seed"]
+__all__ = ["PGD", "PGDL1", "PGDL2", "Attack", "check_labels", "sample_seed", "seeds_per_sample"]
 
 
 class Attack:
@@ -106,12 +107,13 @@ class Attack:
                 f"labels must have shape ({images.shape[0]},) to match images; got "
                 f"{tuple(labels.shape)}."
             )
-        low, high = float(images.min()), float(images.max())
-        if low < 0 or high > 1:
-            raise ValueError(
-                f"images must be pixels in [0, 1] (normalise inside the model); got values in "
-                f"[{low:.4g}, {high:.4g}]."
-            )
+        if images.numel():  # an empty batch has no range to check
+            low, high = float(images.min()), float(images.max())
+            if not (0 <= low and high <= 1):  # NaN fails too
+                raise ValueError(
+                    f"images must be pixels in [0, 1] (normalise inside the model); got values "
+                    f"in [{low:.4g}, {high:.4g}]."
+                )
         return check_labels(labels)
 
     def _check_sample_ids(self, sample_ids: Any, n: int) -> torch.Tensor | None:
@@ -207,6 +209,8 @@ class Attack:
         top_label = self._check(images, labels)
         sample_ids = self._check_sample_ids(sample_ids, images.shape[0])
         x = images.detach()
+        if x.shape[0] == 0:  # nothing to attack
+            return x.clone()
         with eval_mode(self.model):
             generator = self._generator(x.device)
             best_delta = torch.zeros_like(x)
@@ -278,6 +282,18 @@ def check_labels(labels: torch.Tensor, n_classes: int | None = None, top: int | 
             f"logits); got {top}."
         )
     return top
+
+
+def seeds_per_sample(attack: Any) -> bool:
+    """Whether ``attack`` seeds each sample on its own: it has an integer ``seed`` and its
+    call takes ``sample_ids=`` (the library's attacks and ensembles, built with a seed)."""
+    if getattr(attack, "seed", None) is None or not callable(attack):
+        return False
+    try:
+        parameters = inspect.signature(attack).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "sample_ids" in parameters
 
 
 def sample_seed(seed: int, sample_id: int, restart: int = 0) -> int:

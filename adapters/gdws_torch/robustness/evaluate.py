@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import Attack, check_labels
+from gdws_torch.robustness.attacks import check_labels, seeds_per_sample
 from gdws_torch.robustness.distributed import Group, shard
 from gdws_torch.robustness.resume import ResultStore, dataset_digest, describe_attack, model_digest
 
@@ -56,13 +56,18 @@ def evaluate(
     -------
     dict
         ``{"n_samples": N, "natural": %, "attacks": {name: %}, "union": % or None}``,
-        accuracies in percent.
+        accuracies in percent. With an ensemble among the attacks (one with
+        ``stage_names`` and a ``last_report``, as
+        :class:`~gdws_torch.robustness.autoattack.AutoAttack`), also ``"by_attack"``:
+        ``{name: {stage: %}}``, the robust accuracy after each of its attacks and the
+        earlier ones (the last equals ``attacks[name]``).
     """
     attacks = _check_arguments(attacks, n_samples)
     if device is None:
         device = next(iter(model.parameters())).device
     seen = 0
-    counts = torch.zeros(1 + len(attacks), dtype=torch.long)
+    columns, main = _columns(attacks)
+    counts = torch.zeros(len(columns), dtype=torch.long)
     union = torch.zeros((), dtype=torch.long)
     bar = tqdm(total=n_samples, desc="evaluate", unit="sample", disable=not progress)
     try:
@@ -72,7 +77,7 @@ def evaluate(
                     images, labels = images[: n_samples - seen], labels[: n_samples - seen]
                 outcomes = batch_outcomes(model, images.to(device), labels.to(device), attacks)
                 counts += outcomes.sum(0)
-                union += outcomes.all(1).sum()
+                union += outcomes[:, main].all(1).sum()
                 seen += len(labels)
                 bar.update(len(labels))
                 if n_samples is not None and seen >= n_samples:
@@ -82,7 +87,23 @@ def evaluate(
     if seen == 0:
         raise ValueError("the loader yielded no samples.")
 
-    return _summary(seen, counts, union, list(attacks))
+    return _summary(seen, counts, union, attacks)
+
+
+def _columns(attacks: Mapping[str, Callable]) -> tuple[list[str], list[int]]:
+    """The outcome columns (natural, then each attack followed by its ensemble's stages,
+    ``"name | stage"``) and the indices of the natural and attack columns."""
+    columns, main = ["natural"], [0]
+    for name, attack in attacks.items():
+        main.append(len(columns))
+        columns.append(name)
+        columns += [f"{name} | {stage}" for stage in _stages(attack)]
+    return columns, main
+
+
+def _stages(attack: Callable) -> tuple[str, ...]:
+    stages = getattr(attack, "stage_names", None)
+    return tuple(stages) if stages and hasattr(attack, "last_report") else ()
 
 
 def _check_arguments(attacks: Mapping | None, n_samples: Any) -> dict[str, Callable]:
@@ -182,10 +203,11 @@ def evaluate_dataset(
         raise ValueError("the dataset has no samples.")
     if device is None:
         device = next(iter(model.parameters())).device
+    columns, main = _columns(attacks)
     fingerprint = {
         "format": 1,
         "n_samples": total,
-        "columns": ["natural", *attacks],
+        "columns": columns,
         "attacks": [describe_attack(attack) for attack in attacks.values()],
         "model": model_digest(model),
     }
@@ -197,7 +219,7 @@ def evaluate_dataset(
                 f"process {rank} evaluates a different model, data or attacks than process "
                 f"{group.rank}; every process must build the same ones."
             )
-    if not (group.world_size == 1 or all(map(_seeds_per_sample, attacks.values()))):
+    if not (group.world_size == 1 or all(map(seeds_per_sample, attacks.values()))):
         warnings.warn(
             "an attack without per-sample seeds (sample_ids): results depend on how the "
             "samples are split over processes and batches.",
@@ -229,7 +251,7 @@ def evaluate_dataset(
         progress=progress,
     )
     # Every sample's row once: the saved ones from rank 0, the new ones from their rank.
-    table = torch.zeros(total, 2 + len(attacks), dtype=torch.int32)
+    table = torch.zeros(total, 1 + len(columns), dtype=torch.int32)
     if done_outcomes is not None and len(done_outcomes):
         table[done_ids, 0] += 1
         table[done_ids, 1:] += done_outcomes.to(torch.int32)
@@ -246,7 +268,7 @@ def evaluate_dataset(
             "counted more than once; the run is incomplete and reports nothing."
         )
     correct = table[:, 1:].to(torch.bool)
-    result = _summary(total, correct.sum(0), correct.all(1).sum(), list(attacks))
+    result = _summary(total, correct.sum(0), correct[:, main].all(1).sum(), attacks)
     return {**result, "resumed": len(done), "world_size": group.world_size}
 
 
@@ -268,7 +290,7 @@ def _evaluate_indices(
     """
     store, run, save_every_s = saving
     ids = torch.zeros(0, dtype=torch.long)
-    outcomes = torch.zeros(0, 1 + len(attacks), dtype=torch.bool)
+    outcomes = torch.zeros(0, len(_columns(attacks)[0]), dtype=torch.bool)
     if not indices:
         if store is not None:
             store.save(run, group.rank, ids, outcomes)
@@ -307,16 +329,27 @@ def _evaluate_indices(
     return ids, outcomes
 
 
-def _summary(seen: int, counts: torch.Tensor, union: torch.Tensor, names: list[str]) -> dict:
+def _summary(seen: int, counts: torch.Tensor, union: torch.Tensor, attacks: Mapping) -> dict:
+    """The result dict from per-column counts (the layout of :func:`_columns`)."""
+
     def percent(count: torch.Tensor) -> float:
         return 100.0 * int(count) / seen
 
-    return {
+    columns, main = _columns(attacks)
+    result = {
         "n_samples": seen,
         "natural": percent(counts[0]),
-        "attacks": {name: percent(count) for name, count in zip(names, counts[1:], strict=True)},
-        "union": percent(union) if names else None,
+        "attacks": {columns[i]: percent(counts[i]) for i in main[1:]},
+        "union": percent(union) if attacks else None,
     }
+    staged = {name: _stages(attack) for name, attack in attacks.items() if _stages(attack)}
+    if staged:
+        index = {name: i for i, name in enumerate(columns)}
+        result["by_attack"] = {
+            name: {stage: percent(counts[index[f"{name} | {stage}"]]) for stage in stages}
+            for name, stages in staged.items()
+        }
+    return result
 
 
 def batch_outcomes(
@@ -328,9 +361,11 @@ def batch_outcomes(
 ) -> torch.Tensor:
     """Per sample, whether it is classified correctly naturally and under each attack.
 
-    Returns a ``(N, 1 + len(attacks))`` bool tensor on the CPU: column 0 natural, then
-    one column per attack. ``sample_ids`` goes to the attacks that seed each sample's
-    random start on its own (:class:`~gdws_torch.robustness.attacks.Attack` with a seed).
+    Returns a bool tensor on the CPU: column 0 natural, then one column per attack; an
+    ensemble's column (:class:`~gdws_torch.robustness.autoattack.AutoAttack`) is followed
+    by one per attack of it: correct after that attack and every earlier one (from its
+    ``last_report``). Without ensembles that is ``(N, 1 + len(attacks))``. ``sample_ids``
+    goes to the attacks that seed each sample on its own (the library's, with a seed).
     Labels must be class indices in ``[0, number of logits)`` (a ``ValueError`` otherwise).
     """
     model.eval()
@@ -339,15 +374,15 @@ def batch_outcomes(
     check_labels(labels, logits.shape[-1])
     columns = [logits.argmax(1) == labels]
     for attack in attacks.values():
-        if sample_ids is not None and _seeds_per_sample(attack):
+        if sample_ids is not None and seeds_per_sample(attack):
             adversarial = attack(images, labels, sample_ids=sample_ids)
         else:
             adversarial = attack(images, labels)
         model.eval()
         with torch.no_grad():
             columns.append(model(adversarial).argmax(1) == labels)
+        stages = _stages(attack)
+        if stages:
+            broken_by = attack.last_report.broken_by.to(labels.device)
+            columns += [broken_by > i for i in range(len(stages))]
     return torch.stack(columns, 1).cpu()
-
-
-def _seeds_per_sample(attack: Callable) -> bool:
-    return isinstance(attack, Attack) and attack.seed is not None

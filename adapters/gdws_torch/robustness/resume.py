@@ -89,12 +89,20 @@ def _update(digest: Any, name: str, tensor: torch.Tensor) -> None:
 
 
 def describe_attack(attack: Callable) -> dict[str, Any]:
-    """The class and plain settings of an attack: what must match for results to mix."""
+    """The class and plain settings of an attack: what must match for results to mix.
+
+    An ensemble (an attack with a ``describe()`` method, e.g.
+    :class:`~gdws_torch.robustness.autoattack.AutoAttack`) adds what that returns: its
+    attacks' settings.
+    """
     settings = {
         key: value
         for key, value in sorted(vars(attack).items())
         if key != "model" and isinstance(value, (bool, numbers.Number, str, type(None)))
     }
+    describe = getattr(attack, "describe", None)
+    if callable(describe):
+        settings.update(describe())
     kind = type(attack)
     return {"class": f"{kind.__module__}.{kind.__qualname__}", **settings}
 
