@@ -406,3 +406,19 @@ def test_pruning_an_untraceable_model_says_why():
             target_mac_reduction=1.5,
             input_size=INPUT_SIZE,
         )
+
+
+def test_interleaved_input_captures_leave_grad_mode_alone():
+    from gdws_torch.baselines.common import capture_inputs
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    batches = [torch.rand(2, 3, 8, 8) for _ in range(3)]
+    pairs = zip(  # as the pruning refit reads the dense and the pruned model together
+        capture_inputs(model, model[0], batches),
+        capture_inputs(other, other[2], batches),
+        strict=True,
+    )
+    for first, second in pairs:
+        assert first.shape == (2, 3, 8, 8) and second.shape == (2, 4, 6, 6)
+    assert torch.is_grad_enabled()

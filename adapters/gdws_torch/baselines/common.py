@@ -213,15 +213,17 @@ def capture_inputs(
 
     handle = module.register_forward_pre_hook(capture)
     try:
-        with eval_mode(model), torch.no_grad():
-            for batch in batches:
+        for batch in batches:
+            # The contexts close before each yield: grad mode is thread-global, and two
+            # interleaved generators (zip) would otherwise restore it out of order.
+            with eval_mode(model), torch.no_grad():
                 try:
                     model(batch.clone())
                 except _Reached:
                     pass
-                if not captured:
-                    raise RuntimeError("the forward pass never reached the layer.")
-                yield captured.pop()
+            if not captured:
+                raise RuntimeError("the forward pass never reached the layer.")
+            yield captured.pop()
     finally:
         handle.remove()
 
