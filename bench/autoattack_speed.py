@@ -9,7 +9,8 @@ steps (its attacks' default); the standard version runs 100, so its three attack
 to ``--reference-steps`` (default 100: the same work as ours; 10: torchattacks as shipped).
 Both sides run in this process on the same samples, interleaved (who goes first alternates),
 ``--repeats`` times (default 3); medians are quoted, with each side's robust accuracy.
-The result is our speed-up: their median time over ours (above 1: ours is faster). ``--quick``: 4 images, 1 repeat.
+The result is our speed-up: their median time over ours (above 1: ours is faster).
+``--quick``: 4 images, 1 repeat.
 Run: ``python bench/autoattack_speed.py [--quick] [--images N] [--repeats R] [--out PATH]``.
 """
 
