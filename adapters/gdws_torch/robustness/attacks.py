@@ -98,41 +98,10 @@ class Attack:
 
     def _check(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         """Validate a batch; return its largest label (``-1`` for an empty batch)."""
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            raise TypeError("images must be a floating-point torch.Tensor of pixels in [0, 1].")
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
-            raise TypeError("labels must be a torch.LongTensor of class indices.")
-        if labels.shape != images.shape[:1]:
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) to match images; got "
-                f"{tuple(labels.shape)}."
-            )
-        if images.numel():  # an empty batch has no range to check
-            low, high = float(images.min()), float(images.max())
-            if not (0 <= low and high <= 1):  # NaN fails too
-                raise ValueError(
-                    f"images must be pixels in [0, 1] (normalise inside the model); got values "
-                    f"in [{low:.4g}, {high:.4g}]."
-                )
-        return check_labels(labels)
+        return check_batch(images, labels)
 
     def _check_sample_ids(self, sample_ids: Any, n: int) -> torch.Tensor | None:
-        if sample_ids is None:
-            return None
-        if self.seed is None:
-            raise ValueError(
-                "sample_ids seeds each sample's random start from the attack's seed; "
-                "construct the attack with seed=<int>."
-            )
-        ids = torch.as_tensor(sample_ids)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (n,):
-            raise ValueError(
-                f"sample_ids must be {n} integer sample indices, one per image; got "
-                f"{ids.dtype} of shape {tuple(ids.shape)}."
-            )
-        if n and int(ids.min()) < 0:
-            raise ValueError(f"sample_ids must be non-negative; got {int(ids.min())}.")
-        return ids.cpu()
+        return check_sample_ids(sample_ids, n, self.seed)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -231,6 +200,52 @@ class Attack:
                 best_wrong = best_wrong | wrong
                 best_loss = torch.where(better, loss, best_loss)
         return (x + best_delta).clamp(0, 1).detach()
+
+
+def check_batch(images: Any, labels: Any) -> int:
+    """Validate a batch of pixels and labels; return the largest label (``-1`` if empty)."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError("images must be a floating-point torch.Tensor of pixels in [0, 1].")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
+        raise TypeError("labels must be a torch.LongTensor of class indices.")
+    if images.ndim < 2:
+        raise ValueError(
+            f"images must have shape (N, ...) with one sample per row; got {tuple(images.shape)}."
+        )
+    if labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"labels must have shape ({images.shape[0]},) to match images; got "
+            f"{tuple(labels.shape)}."
+        )
+    if images.numel():
+        low, high = float(images.min()), float(images.max())
+        if not (0 <= low and high <= 1):  # NaN fails too
+            raise ValueError(
+                f"images must be pixels in [0, 1] (normalise inside the model); got values "
+                f"in [{low:.4g}, {high:.4g}]."
+            )
+    return check_labels(labels)
+
+
+def check_sample_ids(sample_ids: Any, n: int, seed: int | None) -> torch.Tensor | None:
+    """``sample_ids`` as ``n`` non-negative indices on the CPU (``None`` stays ``None``);
+    they seed each sample's randomness, so the attack needs a ``seed``."""
+    if sample_ids is None:
+        return None
+    if seed is None:
+        raise ValueError(
+            "sample_ids seeds each sample's randomness from the attack's seed; construct the "
+            "attack with seed=<int>."
+        )
+    ids = torch.as_tensor(sample_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (n,):
+        raise ValueError(
+            f"sample_ids must be {n} integer sample indices, one per image; got "
+            f"{ids.dtype} of shape {tuple(ids.shape)}."
+        )
+    if n and int(ids.min()) < 0:
+        raise ValueError(f"sample_ids must be non-negative; got {int(ids.min())}.")
+    return ids.cpu()
 
 
 def check_labels(labels: torch.Tensor, n_classes: int | None = None, top: int | None = None) -> int:

@@ -50,8 +50,13 @@ from torch import nn
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.apgd import APGD, APGDT
-from gdws_torch.robustness.attacks import check_labels, seeds_per_sample
-from gdws_torch.robustness.fab import FAB, _check_batch, _check_model, _check_sample_ids
+from gdws_torch.robustness.attacks import (
+    check_batch,
+    check_labels,
+    check_sample_ids,
+    seeds_per_sample,
+)
+from gdws_torch.robustness.fab import FAB, _check_model
 from gdws_torch.robustness.masking import looks_like_probabilities
 from gdws_torch.robustness.resume import describe_attack
 from gdws_torch.robustness.square import Square
@@ -363,8 +368,8 @@ class AutoAttack:
         self, images: torch.Tensor, labels: torch.Tensor, sample_ids: Any = None
     ) -> AutoAttackResult:
         """As calling the attack, returning the images and the :class:`AutoAttackReport`."""
-        top = _check_batch(images, labels)
-        ids = _check_sample_ids(sample_ids, images.shape[0], self.seed)
+        top = check_batch(images, labels)
+        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
         x = images.detach()
         n, k = x.shape[0], len(self.stages)
         adversarial = x.clone()

@@ -25,7 +25,12 @@ from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_labels, sample_seed
+from gdws_torch.robustness.attacks import (
+    check_batch,
+    check_labels,
+    check_sample_ids,
+    sample_seed,
+)
 
 __all__ = ["FAB", "boundary_projection"]
 
@@ -53,50 +58,6 @@ def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
     return check_integer(seed, "seed", minimum=0)
-
-
-def _check_batch(images: Any, labels: Any) -> int:
-    """Validate a batch of pixels and labels; return the largest label (``-1`` if empty)."""
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError("images must be a floating-point torch.Tensor of pixels in [0, 1].")
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
-        raise TypeError("labels must be a torch.LongTensor of class indices.")
-    if images.ndim < 2:
-        raise ValueError(
-            f"images must have shape (N, ...) with one sample per row; got {tuple(images.shape)}."
-        )
-    if labels.shape != images.shape[:1]:
-        raise ValueError(
-            f"labels must have shape ({images.shape[0]},) to match images; got "
-            f"{tuple(labels.shape)}."
-        )
-    if images.numel():
-        low, high = float(images.min()), float(images.max())
-        if not (0 <= low and high <= 1):  # NaN fails too
-            raise ValueError(
-                f"images must be pixels in [0, 1] (normalise inside the model); got values "
-                f"in [{low:.4g}, {high:.4g}]."
-            )
-    return check_labels(labels)
-
-
-def _check_sample_ids(sample_ids: Any, n: int, seed: int | None) -> torch.Tensor | None:
-    if sample_ids is None:
-        return None
-    if seed is None:
-        raise ValueError(
-            "sample_ids seeds each sample's randomness from the attack's seed; construct the "
-            "attack with seed=<int>."
-        )
-    ids = torch.as_tensor(sample_ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape != (n,):
-        raise ValueError(
-            f"sample_ids must be {n} integer sample indices, one per image; got "
-            f"{ids.dtype} of shape {tuple(ids.shape)}."
-        )
-    if n and int(ids.min()) < 0:
-        raise ValueError(f"sample_ids must be non-negative; got {int(ids.min())}.")
-    return ids.cpu()
 
 
 def _norm(t: torch.Tensor, norm: str) -> torch.Tensor:
@@ -442,8 +403,8 @@ class FAB:
             ``images`` where the attack failed (or the sample was misclassified already),
             the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
         """
-        top = _check_batch(images, labels)
-        ids = _check_sample_ids(sample_ids, images.shape[0], self.seed)
+        top = check_batch(images, labels)
+        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
         x = images.detach()
         adversarial = x.clone()
         if x.shape[0] == 0:

@@ -43,8 +43,8 @@ from torch import nn
 
 from gdws_approx.checks import check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_labels
-from gdws_torch.robustness.fab import _check_batch, _check_model
+from gdws_torch.robustness.attacks import check_batch, check_labels
+from gdws_torch.robustness.fab import _check_model
 
 __all__ = [
     "MaskingCheck",
@@ -186,7 +186,7 @@ def check_gradient_masking(
         of range, no samples, or a negative threshold; the message names the argument.
     """
     _check_model(model)
-    top = _check_batch(images, labels)
+    top = check_batch(images, labels)
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one sample to check; got an empty batch.")
     square_threshold = check_real(square_threshold, "square_threshold", minimum=0)

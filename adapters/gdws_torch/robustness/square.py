@@ -22,14 +22,13 @@ from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_labels, sample_seed
-from gdws_torch.robustness.fab import (
-    _check_batch,
-    _check_model,
-    _check_norm,
-    _check_sample_ids,
-    _check_seed,
+from gdws_torch.robustness.attacks import (
+    check_batch,
+    check_labels,
+    check_sample_ids,
+    sample_seed,
 )
+from gdws_torch.robustness.fab import _check_model, _check_norm, _check_seed
 
 __all__ = ["LOSSES", "Square", "p_selection"]
 
@@ -360,7 +359,7 @@ class Square:
             ``images`` where the attack failed (or the sample was misclassified already),
             the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
         """
-        top = _check_batch(images, labels)
+        top = check_batch(images, labels)
         if images.ndim != 4:
             raise ValueError(
                 f"images must have shape (N, C, H, W) for the Square attack; got "
@@ -372,7 +371,7 @@ class Square:
                 f"images must be at least {smallest}x{smallest} pixels for the {self.norm} "
                 f"Square attack; got {images.shape[2]}x{images.shape[3]}."
             )
-        ids = _check_sample_ids(sample_ids, images.shape[0], self.seed)
+        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
         x = images.detach()
         adversarial = x.clone()
         if x.shape[0] == 0:
