@@ -19,6 +19,7 @@ from torch import nn
 from gdws_torch.common import take_samples
 from gdws_torch.cost.macs import MacCount
 from gdws_torch.nn.module_tree import eval_mode
+from gdws_torch.recovery.statistics import LayerInputs
 
 __all__ = [
     "BaselineLayer",
@@ -193,39 +194,18 @@ class OutOfReach(ValueError):
         self.least = least
 
 
-class _Reached(Exception):
-    """Raised by the hook that captured a module's input: the rest is not needed."""
-
-
 def capture_inputs(
     model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]
 ) -> Iterator[torch.Tensor]:
     """The input ``model`` feeds ``module``, batch after batch (eval mode, no gradient).
 
-    Each pass stops at ``module``; the batches themselves are never modified (each pass
-    runs on a copy, in case the model works on its input in place).
+    Each pass stops at ``module`` and runs on a copy of the batch
+    (:class:`gdws_torch.recovery.statistics.LayerInputs`, the refit's passes).
     """
-    captured: list[torch.Tensor] = []
-
-    def capture(_module, args):
-        captured.append(args[0].detach())
-        raise _Reached
-
-    handle = module.register_forward_pre_hook(capture)
-    try:
-        for batch in batches:
-            # The contexts close before each yield: grad mode is thread-global, and two
-            # interleaved generators (zip) would otherwise restore it out of order.
-            with eval_mode(model), torch.no_grad():
-                try:
-                    model(batch.clone())
-                except _Reached:
-                    pass
-            if not captured:
-                raise RuntimeError("the forward pass never reached the layer.")
-            yield captured.pop()
-    finally:
-        handle.remove()
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        raise ValueError("module is not a submodule of model.")
+    return LayerInputs(model, list(batches), cache_bytes=0).of(name)
 
 
 def run_with_hooks(

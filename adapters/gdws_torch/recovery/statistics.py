@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gdws_torch.common import conv_patch_rows
+from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["GramAccumulator", "LayerInputs", "check_products", "layer_statistics"]
 
@@ -107,7 +108,8 @@ class LayerInputs:
     Parameters
     ----------
     model : torch.nn.Module
-        The network (run as it is: the caller sets eval mode, fused layers, ...).
+        The network, run in eval mode (its modes restored after each pass) and as it is
+        otherwise (fused layers, ...).
     batches : list of torch.Tensor
         Its calibration inputs.
     cache_bytes : int, default=DEFAULT_CACHE_BYTES
@@ -195,7 +197,7 @@ class LayerInputs:
         handle = target.register_forward_pre_hook(capture)
         try:
             for batch in inputs:
-                with torch.no_grad():
+                with eval_mode(self.model), torch.no_grad():
                     try:
                         # A copy: a module may work on its input in place.
                         source(batch.clone())
