@@ -619,7 +619,9 @@ def test_an_interrupted_eval_says_what_it_kept_in_one_line(tmp_path, weights, si
     checkpoint = copy_checkpoint(weights, tmp_path / "run")
     out = tmp_path / "results" / "eval.json"
     partial = out.with_suffix(".partial")
-    args = ["eval", *DIGITS, "--checkpoint", checkpoint, "--attack-iters", "20"]
+    # 200 PGD steps per batch: the evaluation outlasts the signal, which is sent once the
+    # first batch's part file appears (with 20 it could finish first on a fast machine).
+    args = ["eval", *DIGITS, "--checkpoint", checkpoint, "--attack-iters", "200"]
     args += ["--batch-size", "16", "--save-every", "0", "--no-progress", "--threads", "1"]
     before = snapshot(tmp_path)
     run = subprocess.Popen(
