@@ -182,7 +182,10 @@ def layer_sites(macs: MacCount, chosen: list[tuple[str, nn.Conv2d]], input_size)
 
 def take_batches(data: Iterable, n_samples: int, device: Any) -> list[torch.Tensor]:
     """The first ``n_samples`` inputs of ``data`` (images, or (images, labels) batches)."""
-    return [batch[0] for batch in take_samples(data, n_samples, device=device)]
+    return [
+        batch[0]
+        for batch in take_samples(data, n_samples, stage="baseline criterion", device=device)
+    ]
 
 
 class OutOfReach(ValueError):

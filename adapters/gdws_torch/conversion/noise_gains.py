@@ -139,7 +139,7 @@ def _chunks(loader: Iterable, n_samples: int, chunk_size: int) -> Iterator[tuple
     buffered = 0
     indexed = None
     hint = "Lower n_samples or give a longer loader."
-    for batch in take_samples(loader, n_samples, labels=True, hint=hint):
+    for batch in take_samples(loader, n_samples, stage="noise gains", labels=True, hint=hint):
         if indexed is None:
             indexed = len(batch) >= 3
         for part, tensor in zip(parts, batch[: 2 + indexed], strict=False):

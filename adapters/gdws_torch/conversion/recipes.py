@@ -405,6 +405,7 @@ def _first_inputs(
     batches = take_samples(
         data,
         recipe.refit_samples,
+        stage="calibration",
         labels=True,
         name=f"recipe {recipe.name!r}: refit_samples",
         hint="Use recipe.replace(refit_samples=...).",

@@ -136,7 +136,7 @@ def input_patch_transforms(
         return record
 
     device = next(iter(model.parameters())).device
-    for images, *_ in take_samples(loader, n_samples, device=device):
+    for images, *_ in take_samples(loader, n_samples, stage="data weighting", device=device):
         hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
         _forward_with_hooks(model, images, hooks)
     missing = sorted(set(chosen) - set(sums))

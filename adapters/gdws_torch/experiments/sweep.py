@@ -232,7 +232,10 @@ def run_sweep(
     baselines = [m for m in methods if m != "gdws"]
     if baselines:
         if calibration is None:  # the baselines' data-driven criteria: natural inputs
-            data = [b[0] for b in take_samples(train_loader, weighting_samples)]
+            data = [
+                b[0]
+                for b in take_samples(train_loader, weighting_samples, stage="baseline criterion")
+            ]
         else:
             data = calibration
         jobs = [(m, t) for m in baselines for t in targets]

@@ -121,7 +121,11 @@ def recalibrate_batchnorm(
             module.momentum = None  # a cumulative average over every batch
             module.train()
         for images, *rest in take_samples(
-            loader, n_samples, labels=crafter is not None, device=device
+            loader,
+            n_samples,
+            stage="BatchNorm re-estimation",
+            labels=crafter is not None,
+            device=device,
         ):
             inputs = [images] if natural else []
             if crafter is not None:

@@ -56,7 +56,9 @@ def calibration_inputs(
     """``n_samples`` inputs of ``loader`` in batches; adversarial against ``dense`` if asked."""
     batches = []
     crafter = None if attack is None else attack(copy.deepcopy(dense).eval())
-    for batch in take_samples(loader, n_samples, labels=crafter is not None, device=device):
+    for batch in take_samples(
+        loader, n_samples, stage="refit", labels=crafter is not None, device=device
+    ):
         images = batch[0] if crafter is None else crafter(batch[0], batch[1]).detach()
         batches.append(images)
     return batches

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from gdws_approx.checks import check_integer, check_real
+from gdws_torch.common import checked_batches
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.attacks import check_labels, seeds_per_sample
 from gdws_torch.robustness.distributed import Group, shard
@@ -72,16 +73,13 @@ def evaluate(
     bar = tqdm(total=n_samples, desc="evaluate", unit="sample", disable=not progress)
     try:
         with eval_mode(model):
-            for images, labels in loader:
-                if n_samples is not None:
-                    images, labels = images[: n_samples - seen], labels[: n_samples - seen]
+            batches = checked_batches(loader, "evaluation", n_samples=n_samples, labels=True)
+            for images, labels, *_ in batches:
                 outcomes = batch_outcomes(model, images.to(device), labels.to(device), attacks)
                 counts += outcomes.sum(0)
                 union += outcomes[:, main].all(1).sum()
                 seen += len(labels)
                 bar.update(len(labels))
-                if n_samples is not None and seen >= n_samples:
-                    break
     finally:
         bar.close()
     if seen == 0:
@@ -309,7 +307,7 @@ def _evaluate_indices(
     last_save = time.monotonic()
     try:
         with eval_mode(model):
-            for images, labels in loader:
+            for images, labels, *_ in checked_batches(loader, "evaluation", labels=True):
                 batch_ids = order[position : position + len(labels)]
                 position += len(labels)
                 batch = batch_outcomes(

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gdws_approx.checks import check_integer, check_real
+from gdws_torch.common import checked_batches
 from gdws_torch.nn.module_tree import eval_mode
 
 __all__ = ["accuracy", "random_crop_flip", "train"]
@@ -23,7 +24,7 @@ def accuracy(model: nn.Module, loader: Iterable, device: Any = None) -> float:
         device = next(iter(model.parameters())).device
     correct = total = 0
     with eval_mode(model), torch.no_grad():
-        for images, labels in loader:
+        for images, labels, *_ in checked_batches(loader, "accuracy", labels=True):
             images, labels = images.to(device), labels.to(device)
             correct += int((model(images).argmax(1) == labels).sum())
             total += len(labels)
@@ -137,7 +138,8 @@ def train(
     for epoch in range(1, epochs + 1):
         total_loss = correct = seen = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress)
-        for batch, (images, labels) in enumerate(bar, start=1):
+        batches = checked_batches(bar, "training", labels=True)
+        for batch, (images, labels, *_) in enumerate(batches, start=1):
             if augment is not None:
                 images = augment(images)
             images, labels = images.to(device), labels.to(device)
