@@ -144,7 +144,6 @@ class GDWSConv2d(nn.Module):
         )
         self.register_buffer("kernel_channels", kernel_channels.to(torch.long))
         self._note_gather()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._note_gather())
 
     # -- construction -------------------------------------------------------------------
 
@@ -326,6 +325,12 @@ class GDWSConv2d(nn.Module):
         if self.grouped and multiplier is None:
             raise ValueError("a grouped GDWSConv2d needs uniform kernel_channels in order.")
         self.gathers = not (self.grouped or multiplier == 1)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # A method rather than a hook holding a lambda: the layer stays picklable
+        # (torch.save(model), multiprocessing), and a loaded kernel_channels is noted.
+        super()._load_from_state_dict(*args, **kwargs)
+        self._note_gather()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
