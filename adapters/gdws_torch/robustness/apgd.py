@@ -25,12 +25,16 @@ from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import Attack, check_labels
+from gdws_torch.robustness.attacks import (
+    NORM_NAMES,
+    Attack,
+    autograd_tensors,
+    check_eps,
+    check_labels,
+)
 
 __all__ = ["APGD", "APGDT", "dlr_loss", "dlr_loss_targeted", "project_l1_box"]
 
-# The accepted spellings of the norms: torchattacks' and the library's (``Attack.norm``).
-_NORMS = {"Linf": "l_inf", "L2": "l_2", "L1": "l_1", "l_inf": "l_inf", "l_2": "l_2", "l_1": "l_1"}
 _MOMENTUM = 0.75  # the paper's alpha
 _LOSSES = ("ce", "dlr")
 
@@ -256,10 +260,10 @@ class APGD(Attack):
         self.model = model
         if not isinstance(norm, str):
             raise TypeError(f"norm must be 'Linf', 'L2' or 'L1'; got {type(norm).__name__}.")
-        if norm not in _NORMS:
+        if norm not in NORM_NAMES:
             raise ValueError(f"norm must be 'Linf', 'L2' or 'L1'; got {norm!r}.")
-        self.norm = _NORMS[norm]
-        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.norm = NORM_NAMES[norm]
+        self.eps = check_eps(eps, self.norm)
         self.steps = check_integer(steps, "steps", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
         self._set_loss(loss)
@@ -472,6 +476,7 @@ class APGD(Attack):
                 raise ValueError("labels must have shape (0,) to match an empty batch of images.")
             return images.detach().clone()
         top_label = self._check(images, labels)
+        images, labels = autograd_tensors(images, labels)
         ids = self._check_sample_ids(sample_ids, images.shape[0])
         x = images.detach()
         n = x.shape[0]

@@ -9,6 +9,7 @@ perturbation only, so the model's parameters and ``.grad`` are never touched.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ class Attack:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         self.model = model
-        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.eps = check_eps(eps, self.norm)
         self.alpha = check_real(alpha, "alpha", minimum=0, strict=True, unit="pixel units")
         self.steps = check_integer(steps, "steps", minimum=1)
         self.restarts = check_integer(restarts, "restarts", minimum=1)
@@ -97,8 +98,8 @@ class Attack:
     # -- shared machinery -------------------------------------------------------------
 
     def _check(self, images: torch.Tensor, labels: torch.Tensor) -> int:
-        """Validate a batch; return its largest label (``-1`` for an empty batch)."""
-        return check_batch(images, labels)
+        """Validate a call (:func:`check_call`); return the largest label (``-1`` if empty)."""
+        return check_call(self, images, labels)
 
     def _check_sample_ids(self, sample_ids: Any, n: int) -> torch.Tensor | None:
         return check_sample_ids(sample_ids, n, self.seed)
@@ -176,6 +177,7 @@ class Attack:
             the class notes). Needs ``seed``.
         """
         top_label = self._check(images, labels)
+        images, labels = autograd_tensors(images, labels)
         sample_ids = self._check_sample_ids(sample_ids, images.shape[0])
         x = images.detach()
         if x.shape[0] == 0:  # nothing to attack
@@ -200,6 +202,110 @@ class Attack:
                 best_wrong = best_wrong | wrong
                 best_loss = torch.where(better, loss, best_loss)
         return (x + best_delta).clamp(0, 1).detach()
+
+
+#: The accepted spellings of the norms (torchattacks' and the library's) and the library's
+#: name of each (``Attack.norm``).
+NORM_NAMES = {
+    "Linf": "l_inf",
+    "L2": "l_2",
+    "L1": "l_1",
+    "l_inf": "l_inf",
+    "l_2": "l_2",
+    "l_1": "l_1",
+}
+
+
+def check_eps(eps: Any, norm: str) -> float:
+    """``eps`` as a float: a radius in pixel units, ``> 0``, and ``<= 1`` for l_inf.
+
+    An l_inf radius above 1 covers the whole pixel box ``[0, 1]``: it is refused here, with
+    the message of every ``epsilon`` of the library (``8`` for ``8/255`` is the usual slip).
+    An l_2 or l_1 radius can exceed 1 (``0.5`` and ``12`` are common on CIFAR-10); its
+    bound, the pixel box's diameter, depends on the image size and is checked at the call
+    (:func:`check_call`).
+
+    Parameters
+    ----------
+    eps : float
+    norm : str
+        ``"Linf"``, ``"L2"``, ``"L1"`` or the library's ``"l_inf"``, ``"l_2"``, ``"l_1"``;
+        another value (a custom attack's) checks only ``eps > 0``.
+    """
+    maximum = 1 if NORM_NAMES.get(norm) == "l_inf" else None
+    return check_real(eps, "eps", minimum=0, strict=True, maximum=maximum, unit="pixel units")
+
+
+def check_call(attack: Any, images: Any, labels: Any, *, gradients: bool = True) -> int:
+    """Everything an attack checks when called; return the largest label (``-1`` if empty).
+
+    The batch (:func:`check_batch`); that the call can take gradients (``gradients``: not
+    under ``torch.inference_mode()``); that the images have the dtype of the model's
+    floating parameters; and that ``attack.eps`` is at most the diameter of the pixel box
+    in ``attack.norm`` (``sqrt(D)`` for l_2 and ``D`` for l_1, ``D`` values per image: a
+    larger radius reaches every image, a sign of ``eps`` in ``1/255`` units).
+
+    Parameters
+    ----------
+    attack : object
+        Has ``model``, ``eps`` and ``norm`` (the library's attacks and ensembles).
+    images, labels : torch.Tensor
+    gradients : bool, default=True
+        The attack takes gradients (``False`` for a black-box attack such as Square).
+
+    Raises
+    ------
+    TypeError
+        A bad batch; images whose dtype is not the model's (both dtypes named).
+    RuntimeError
+        Called under ``torch.inference_mode()`` by an attack that takes gradients.
+    ValueError
+        A bad batch; ``eps`` larger than the pixel box's diameter.
+    """
+    top = check_batch(images, labels)
+    if gradients and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{type(attack).__name__} needs autograd (the gradient of the loss with respect to "
+            "the input), which torch.inference_mode() disables: call the attack outside "
+            "torch.inference_mode() (torch.no_grad() is fine)."
+        )
+    check_input_dtype(attack.model, images)
+    norm = NORM_NAMES.get(getattr(attack, "norm", ""))
+    values = math.prod(images.shape[1:])
+    diameter = {"l_2": math.sqrt(values), "l_1": float(values)}.get(norm)
+    if diameter is not None and attack.eps > diameter:
+        raise ValueError(
+            f"eps must be at most the {norm} diameter of the pixel box [0, 1] for images of "
+            f"shape {tuple(images.shape[1:])} ({diameter:.4g}: a larger ball holds every "
+            f"image); got {attack.eps:g}. eps is in pixel units, not 1/255 units."
+        )
+    return top
+
+
+def autograd_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors``, those made under ``torch.inference_mode()`` cloned (outside it, a clone
+    is a normal tensor), so that autograd may save them for the backward pass."""
+    return tuple(t.clone() if t.is_inference() else t for t in tensors)
+
+
+def check_input_dtype(model: nn.Module, images: torch.Tensor) -> None:
+    """Refuse ``images`` whose dtype is none of the model's floating parameters' dtypes.
+
+    A model without floating parameters accepts any floating dtype.
+
+    Raises
+    ------
+    TypeError
+        The message names both dtypes and how to match them.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes and images.dtype not in dtypes:
+        wanted = " or ".join(sorted(str(d) for d in dtypes))
+        example = sorted(str(d) for d in dtypes)[0].removeprefix("torch.")
+        raise TypeError(
+            f"images have dtype {images.dtype} but the model's parameters are {wanted}: "
+            f"convert the images (images.to(torch.{example})) or the model."
+        )
 
 
 def check_batch(images: Any, labels: Any) -> int:

@@ -47,11 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gdws_approx.checks import check_integer, check_real
+from gdws_approx.checks import check_integer
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.apgd import APGD, APGDT
 from gdws_torch.robustness.attacks import (
-    check_batch,
+    autograd_tensors,
+    check_call,
+    check_eps,
     check_labels,
     check_sample_ids,
     seeds_per_sample,
@@ -230,7 +232,7 @@ class AutoAttack:
         if norm not in _NORMS:
             raise ValueError(f"norm must be 'Linf', 'L2' or 'L1'; got {norm!r}.")
         self.norm = _NORMS[norm]
-        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.eps = check_eps(eps, self.norm)
         if not isinstance(version, str) or version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}; got {version!r}.")
         self.version = version
@@ -368,7 +370,9 @@ class AutoAttack:
         self, images: torch.Tensor, labels: torch.Tensor, sample_ids: Any = None
     ) -> AutoAttackResult:
         """As calling the attack, returning the images and the :class:`AutoAttackReport`."""
-        top = check_batch(images, labels)
+        black_box = all(isinstance(attack, Square) for _, attack in self.stages)
+        top = check_call(self, images, labels, gradients=not black_box)
+        images, labels = autograd_tensors(images, labels)
         ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
         x = images.detach()
         n, k = x.shape[0], len(self.stages)

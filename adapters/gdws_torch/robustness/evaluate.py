@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.common import checked_batches
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_labels, seeds_per_sample
+from gdws_torch.robustness.attacks import check_input_dtype, check_labels, seeds_per_sample
 from gdws_torch.robustness.distributed import Group, shard
 from gdws_torch.robustness.resume import ResultStore, dataset_digest, describe_attack, model_digest
 
@@ -366,6 +366,7 @@ def batch_outcomes(
     goes to the attacks that seed each sample on its own (the library's, with a seed).
     Labels must be class indices in ``[0, number of logits)`` (a ``ValueError`` otherwise).
     """
+    check_input_dtype(model, images)
     model.eval()
     with torch.no_grad():
         logits = model(images)

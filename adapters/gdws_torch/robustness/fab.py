@@ -26,7 +26,9 @@ from torch import nn
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.attacks import (
-    check_batch,
+    autograd_tensors,
+    check_call,
+    check_eps,
     check_labels,
     check_sample_ids,
     sample_seed,
@@ -219,7 +221,7 @@ class FAB:
     ) -> None:
         self.model = _check_model(model)
         self.norm = _check_norm(norm)
-        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.eps = check_eps(eps, self.norm)
         self.steps = check_integer(steps, "steps", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
         if not isinstance(targeted, bool):
@@ -403,7 +405,8 @@ class FAB:
             ``images`` where the attack failed (or the sample was misclassified already),
             the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
         """
-        top = check_batch(images, labels)
+        top = check_call(self, images, labels)
+        images, labels = autograd_tensors(images, labels)
         ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
         x = images.detach()
         adversarial = x.clone()

@@ -23,7 +23,8 @@ from torch import nn
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.attacks import (
-    check_batch,
+    check_call,
+    check_eps,
     check_labels,
     check_sample_ids,
     sample_seed,
@@ -165,7 +166,7 @@ class Square:
     ) -> None:
         self.model = _check_model(model)
         self.norm = _check_norm(norm)
-        self.eps = check_real(eps, "eps", minimum=0, strict=True, unit="pixel units")
+        self.eps = check_eps(eps, self.norm)
         self.n_queries = check_integer(n_queries, "n_queries", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
         self.p_init = check_real(p_init, "p_init", minimum=0, strict=True, maximum=1)
@@ -359,7 +360,7 @@ class Square:
             ``images`` where the attack failed (or the sample was misclassified already),
             the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
         """
-        top = check_batch(images, labels)
+        top = check_call(self, images, labels, gradients=False)
         if images.ndim != 4:
             raise ValueError(
                 f"images must have shape (N, C, H, W) for the Square attack; got "
