@@ -156,7 +156,7 @@ def test_l1_projection_is_the_closest_point_of_the_ball(values, eps):
 
 def test_bad_input(trained):
     model, (x, y) = trained
-    with pytest.raises(ValueError, match=r"eps must be a finite real number > 0 \(pixel units\)"):
+    with pytest.raises(ValueError, match=r"eps must be a finite real number > 0 and <= 1 \(pixel"):
         PGD(model, eps=0, alpha=0.1)
     with pytest.raises(TypeError, match=r"alpha must be .* got '0\.1' \(str\)"):
         PGD(model, eps=0.1, alpha="0.1")

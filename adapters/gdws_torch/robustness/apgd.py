@@ -179,7 +179,8 @@ class APGD(Attack):
         The threat model (the library's spellings ``"l_inf"``, ``"l_2"``, ``"l_1"`` are
         accepted too; the attribute ``norm`` holds the library's).
     eps : float, default=8/255
-        Radius of the perturbation ball, in pixel units.
+        Radius of the perturbation ball, in pixel units: ``<= 1`` for l_inf, at most the
+        pixel box's diameter for l_2 and l_1 (:func:`gdws_torch.robustness.attacks.check_eps`).
     steps : int, default=100
         Iterations per run (the step-size schedule scales with it), ``>= 1``.
     n_restarts : int, default=1

@@ -30,7 +30,9 @@ class Attack:
     model : torch.nn.Module
         A classifier taking pixels in ``[0, 1]`` and returning logits.
     eps : float
-        Radius of the perturbation ball, in pixel units (``8/255`` for l_inf CIFAR-10).
+        Radius of the perturbation ball, in pixel units (``8/255`` for l_inf CIFAR-10):
+        ``<= 1`` for l_inf, at most the pixel box's diameter for l_2 and l_1
+        (:func:`check_eps`, :func:`check_call`).
     alpha : float
         Step size.
     steps : int

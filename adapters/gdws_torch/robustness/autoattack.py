@@ -179,7 +179,8 @@ class AutoAttack:
     norm : {"Linf", "L2", "L1"}, default="Linf"
         The threat model (``"l_inf"``, ``"l_2"``, ``"l_1"`` are accepted too).
     eps : float, default=8/255
-        Radius of the ball, in pixel units, ``> 0``.
+        Radius of the ball, in pixel units, ``> 0``: ``<= 1`` for l_inf, at most the pixel
+        box's diameter for l_2 and l_1 (``sqrt(D)`` and ``D``, ``D`` values per image).
     version : {"standard", "fast", "custom"}, default="standard"
         See the module notes.
     attacks : sequence, optional

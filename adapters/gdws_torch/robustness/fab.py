@@ -161,7 +161,9 @@ class FAB:
         The norm of the perturbation.
     eps : float, default=8/255
         Radius of the threat model, in pixel units: a perturbation found is returned only
-        when its ``norm`` is at most ``eps``; also the scale of the random starts.
+        when its ``norm`` is at most ``eps``; also the scale of the random starts. ``<= 1``
+        for l_inf, at most the pixel box's diameter for l_2 (``sqrt(D)``: every perturbation
+        found is kept).
     steps : int, default=100
         Iterations per run, ``>= 1``.
     n_restarts : int, default=1

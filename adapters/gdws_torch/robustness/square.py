@@ -123,7 +123,8 @@ class Square:
     norm : {"Linf", "L2"}, default="Linf"
         The threat model.
     eps : float, default=8/255
-        Radius of the ball, in pixel units.
+        Radius of the ball, in pixel units: ``<= 1`` for l_inf, at most the pixel box's
+        diameter for l_2.
     n_queries : int, default=5000
         Model queries per sample and restart, the random start included.
     n_restarts : int, default=1
