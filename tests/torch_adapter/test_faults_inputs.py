@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import operator
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -16,22 +20,38 @@ from torch.utils.data import DataLoader, TensorDataset
 from gdws_approx import GDWSApproximator, channel_spectra, mego_multipliers, plan_network
 from gdws_approx.planning import LayerSpec
 from gdws_torch import (
+    APGD,
+    APGDT,
+    FAB,
     PGD,
     PGDL1,
     PGDL2,
+    RECIPES,
+    AutoAttack,
+    GDWSConv2d,
+    Recovery,
+    Square,
+    compress,
+    compress_baseline,
     convert,
     load_alphas,
     load_checkpoint,
     load_converted,
     load_state_dict_file,
+    noise_gains,
+    pad_kernels,
+    recalibrate_batchnorm,
+    replace_module,
     save_converted,
 )
+from gdws_torch.baselines.lowrank import LowRankConv2d
 from gdws_torch.conversion.options import Weighting
 from gdws_torch.io import checkpoints
 from gdws_torch.io.datasets import load_dataset
 from gdws_torch.io.imagefolder import imagefolder_loader
-from gdws_torch.robustness.evaluate import evaluate
-from gdws_torch.robustness.training import train
+from gdws_torch.nn.normalization import normalized
+from gdws_torch.robustness.evaluate import evaluate, evaluate_dataset
+from gdws_torch.robustness.training import accuracy, train
 
 # -- dataset files ------------------------------------------------------------------------
 
@@ -409,3 +429,387 @@ def test_a_corrupt_jpeg_read_by_a_worker_names_the_file(tmp_path):
     loader = imagefolder_loader(tmp_path, batch_size=1, num_workers=2, resize=32, crop=32)
     with pytest.raises(ValueError, match=r"cannot decode the image '.*n01/corrupt\.JPEG'"):
         list(loader)
+
+
+# -- non-finite data, refused where it enters ---------------------------------------------
+
+
+def data_loader(value=None, batch=2, sample=4, n=16, size=8):
+    """``n`` (images, labels) samples in batches of ``size``; ``value`` (NaN or inf) put in
+    one pixel of ``sample`` of ``batch`` (both counted from 1)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(n, *INPUT_SIZE, generator=generator)
+    y = torch.randint(0, 5, (n,), generator=generator)
+    if value is not None:
+        x[(batch - 1) * size + sample - 1, 1, 3, 5] = value
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+
+def small_recipe(**changes):
+    base = RECIPES["robust"].replace(
+        refit_samples=16, recalibrate_samples=16, weighting_samples=16, refit_adversarial=False
+    )
+    return base.replace(**changes)
+
+
+# Every stage that reads a loader: (stage named in the message, the call on a loader).
+STAGES = {
+    "recalibrate_batchnorm": (
+        "BatchNorm re-estimation",
+        lambda model, data: recalibrate_batchnorm(model, data, 16, progress=False),
+    ),
+    "convert(recovery=Recovery(recalibrate))": (
+        "BatchNorm re-estimation",
+        lambda model, data: convert(
+            model,
+            input_size=INPUT_SIZE,
+            beta=0.5,
+            recovery=Recovery(recalibrate=data, recalibrate_samples=16),
+        ),
+    ),
+    "convert(recovery=Recovery(refit))": (
+        "refit",
+        lambda model, data: convert(
+            model, input_size=INPUT_SIZE, beta=0.5, recovery=Recovery(refit=data, refit_samples=16)
+        ),
+    ),
+    "compress (data weighting)": (
+        "data weighting",
+        lambda model, data: compress(
+            model, data, beta=0.5, recipe=small_recipe(), input_size=INPUT_SIZE
+        ),
+    ),
+    "compress (calibration)": (
+        "calibration",
+        lambda model, data: compress(
+            model, data, beta=0.5, recipe=small_recipe(weighting="unit"), input_size=INPUT_SIZE
+        ),
+    ),
+    "noise_gains": (
+        "noise gains",
+        lambda model, data: noise_gains(model, data, 16, progress=False),
+    ),
+    "compress_baseline(recalibrate)": (
+        "BatchNorm re-estimation",
+        lambda model, data: compress_baseline(
+            model,
+            "dws",
+            data,
+            target_mac_reduction=1.5,
+            input_size=INPUT_SIZE,
+            recalibrate=16,
+        ),
+    ),
+    "compress_baseline(refit)": (
+        "refit",
+        lambda model, data: compress_baseline(
+            model,
+            "prune",
+            data,
+            criterion="l1",
+            target_mac_reduction=1.2,
+            input_size=INPUT_SIZE,
+            refit=16,
+        ),
+    ),
+    "compress_baseline lowrank": (
+        "baseline criterion",
+        lambda model, data: compress_baseline(
+            model, "lowrank", data, target_mac_reduction=1.5, input_size=INPUT_SIZE, n_samples=16
+        ),
+    ),
+    "compress_baseline prune": (
+        "baseline criterion",
+        lambda model, data: compress_baseline(
+            model, "prune", data, target_mac_reduction=1.2, input_size=INPUT_SIZE, n_samples=16
+        ),
+    ),
+    "evaluate": ("evaluation", lambda model, data: evaluate(model, data, progress=False)),
+    "evaluate_dataset": (
+        "evaluation",
+        lambda model, data: evaluate_dataset(
+            model,
+            TensorDataset(torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])),
+            batch_size=8,
+            progress=False,
+        ),
+    ),
+    "accuracy": ("accuracy", lambda model, data: accuracy(model, data)),
+    "train": ("training", lambda model, data: train(model, data, epochs=1, progress=False)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STAGES))
+def test_a_nan_pixel_is_refused_where_it_enters_naming_the_stage_and_the_batch(case):
+    stage, call = STAGES[case]
+    model = small_resnet().float()
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(stage)}: the loader's batch 2, sample 4 \(both counted from 1\) "
+        r"holds nan; every input must be a finite number",
+    ):
+        call(model, data_loader(float("nan")))
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_pixel_is_refused_too(value):
+    stage, call = STAGES["compress (data weighting)"]
+    with pytest.raises(ValueError, match=rf"^{stage}: the loader's batch 1, sample 2 .* {value}"):
+        call(small_resnet().float(), data_loader(value, batch=1, sample=2))
+
+
+@pytest.mark.parametrize("case", ["recalibrate_batchnorm", "train"])
+def test_nothing_is_updated_from_a_batch_with_a_nan(case):
+    _, call = STAGES[case]
+    model = small_resnet().float().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inplace = {"recalibrate_batchnorm": {"inplace": True}}.get(case, {})
+    data = data_loader(float("nan"), batch=1)
+    with pytest.raises(ValueError, match="holds nan"):
+        if inplace:
+            recalibrate_batchnorm(model, data, 16, progress=False, **inplace)
+        else:
+            call(model, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nan_in_samples_past_n_samples_is_never_read():
+    model = small_resnet().float()
+    data = data_loader(float("nan"), batch=2)  # samples 9..16; only the first 8 are read
+    recalibrated = recalibrate_batchnorm(model, data, 8, progress=False)
+    assert all(bool(torch.isfinite(v).all()) for v in recalibrated.state_dict().values())
+    assert evaluate(model, data, n_samples=8, progress=False)["n_samples"] == 8
+
+
+@pytest.mark.parametrize(
+    "case", ["recalibrate_batchnorm", "evaluate", "compress_baseline lowrank", "accuracy"]
+)
+def test_a_loader_of_dicts_is_refused_saying_what_a_batch_must_be(case):
+    stage, call = STAGES[case]
+    data = [{"image": x, "label": y} for x, y in data_loader()]
+    with pytest.raises(
+        TypeError,
+        match=rf"^{re.escape(stage)}: the loader must yield a tensor of images or an "
+        r"\(images, labels, \.\.\.\) tuple or list of tensors; batch 1 is a dict\. For a "
+        r"loader of dicts, pass e\.g\. \(\(b\['image'\], b\['label'\]\) for b in loader\)",
+    ):
+        call(small_resnet().float(), data)
+
+
+def test_a_batch_whose_first_element_is_not_a_tensor_is_refused():
+    with pytest.raises(TypeError, match=r"batch 1 is a tuple whose first element is a str"):
+        evaluate(small_resnet().float(), [("cat.png", torch.tensor([0]))], progress=False)
+    with pytest.raises(TypeError, match=r"batch 1 is an empty list"):
+        recalibrate_batchnorm(small_resnet().float(), [[]], 4, progress=False)
+
+
+# -- attacks: eps in pixel units, dtype, inference mode ------------------------------------
+
+
+def every_attack(model, norm="Linf", eps=0.1):
+    """One of each attack of the library for ``norm`` (cheap settings), by name."""
+    library = {"Linf": "l_inf", "L2": "l_2", "L1": "l_1"}[norm]
+    pgd = {"Linf": PGD, "L2": PGDL2, "L1": PGDL1}[norm]
+    attacks = {
+        pgd.__name__: lambda: pgd(model, eps=eps, alpha=eps / 4, steps=2, seed=0),
+        "APGD": lambda: APGD(model, norm=norm, eps=eps, steps=2),
+        "APGD (library norm name)": lambda: APGD(model, norm=library, eps=eps, steps=2),
+        "APGDT": lambda: APGDT(model, norm=norm, eps=eps, steps=2, n_target_classes=2),
+        "AutoAttack": lambda: AutoAttack(
+            model, norm=norm, eps=eps, version="custom", attacks=["apgd-ce"], steps=2
+        ),
+    }
+    if norm != "L1":
+        attacks["FAB"] = lambda: FAB(model, norm=norm, eps=eps, steps=2, n_target_classes=2)
+        attacks["Square"] = lambda: Square(model, norm=norm, eps=eps, n_queries=3)
+    return attacks
+
+
+@pytest.mark.parametrize("name", sorted(every_attack(None)))
+def test_an_l_inf_eps_above_1_is_refused_as_compress_refuses_it(classifier, name):
+    model, _ = classifier
+    with pytest.raises(ValueError) as expected:
+        compress(model, [], beta=0.5, epsilon=8, input_size=INPUT_SIZE)
+    with pytest.raises(ValueError, match=r"^eps must be .* <= 1 \(pixel units\); got 8\.$") as got:
+        every_attack(model, "Linf", eps=8)[name]()
+    assert str(got.value).removeprefix("eps") == str(expected.value).removeprefix("epsilon")
+    every_attack(model, "Linf", eps=1.0)[name]()  # the whole box: allowed
+
+
+L2_L1_ATTACKS = [(norm, name) for norm in ("L2", "L1") for name in sorted(every_attack(None, norm))]
+
+
+@pytest.mark.parametrize(("norm", "name"), L2_L1_ATTACKS)
+def test_l_2_and_l_1_radii_above_1_within_the_box_run(classifier, norm, name):
+    model, x = classifier  # 3x16x16 images: l_2 diameter sqrt(768) = 27.7, l_1 768
+    eps = {"L2": 20.0, "L1": 12.0}[norm]
+    adversarial = every_attack(model, norm, eps)[name]()(x, torch.tensor([0, 1, 2, 3]))
+    p = {"L2": 2, "L1": 1}[norm]
+    assert float((adversarial - x).flatten(1).norm(p=p, dim=1).max()) <= eps * (1 + 1e-5)
+
+
+@pytest.mark.parametrize(("norm", "name"), L2_L1_ATTACKS)
+def test_l_2_and_l_1_radii_beyond_the_pixel_box_are_refused_at_the_call(classifier, norm, name):
+    model, x = classifier
+    eps, diameter = {"L2": (128.0, "27.71"), "L1": (3060.0, "768")}[norm]  # 0.5, 12 x 255
+    attack = every_attack(model, norm, eps)[name]()  # the bound needs the image size
+    with pytest.raises(
+        ValueError,
+        match=rf"eps must be at most the l_{norm[1]} diameter of the pixel box \[0, 1\] for "
+        rf"images of shape \(3, 16, 16\) \({diameter}: .* got {eps:g}\. eps is in pixel "
+        r"units, not 1/255 units\.",
+    ):
+        attack(x, torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("name", sorted(every_attack(None)))
+def test_attacks_refuse_images_of_another_dtype_than_the_model(classifier, name):
+    model, x = classifier
+    with pytest.raises(
+        TypeError,
+        match=r"^images have dtype torch\.float64 but the model's parameters are "
+        r"torch\.float32: convert the images \(images\.to\(torch\.float32\)\) or the model\.$",
+    ):
+        every_attack(model)[name]()(x.double(), torch.tensor([0, 1, 2, 3]))
+
+
+def test_evaluate_refuses_images_of_another_dtype_than_the_model(classifier):
+    model, x = classifier
+    with pytest.raises(TypeError, match=r"images have dtype torch\.float64 .* torch\.float32"):
+        evaluate(model, [(x.double(), torch.tensor([0, 1, 2, 3]))], progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(set(every_attack(None)) - {"Square"}))
+def test_attacks_that_take_gradients_refuse_inference_mode(classifier, name):
+    model, x = classifier
+    attack = every_attack(model)[name]()
+    with (
+        pytest.raises(
+            RuntimeError,
+            match=rf"^{name.split()[0]} needs autograd .* call the attack outside "
+            r"torch\.inference_mode\(\) \(torch\.no_grad\(\) is fine\)\.$",
+        ),
+        torch.inference_mode(),
+    ):
+        attack(x, torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("name", sorted(every_attack(None)))
+def test_attacks_take_tensors_made_under_inference_mode_and_run_under_no_grad(classifier, name):
+    model, x = classifier
+    labels = torch.tensor([0, 1, 2, 3])
+    expected = every_attack(model)[name]()(x, labels)
+    with torch.inference_mode():
+        frozen_x, frozen_labels = x.clone(), labels.clone()
+    assert torch.equal(every_attack(model)[name]()(frozen_x, frozen_labels), expected)
+    with torch.no_grad():
+        assert torch.equal(every_attack(model)[name]()(x, labels), expected)
+
+
+def test_square_a_black_box_attack_runs_under_inference_mode(classifier):
+    model, x = classifier
+    labels = torch.tensor([0, 1, 2, 3])
+    expected = Square(model, eps=0.1, n_queries=3)(x, labels)
+    with torch.inference_mode():
+        assert torch.equal(Square(model, eps=0.1, n_queries=3)(x, labels), expected)
+
+
+# -- every model the library builds pickles ------------------------------------------------
+
+
+def grouped(model: nn.Module) -> nn.Module:
+    """``model`` with every GDWS layer in its grouped form (no gather)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GDWSConv2d):
+            replace_module(model, name, module.uniform())
+    return model
+
+
+def built_models(tmp_path):
+    """Every kind of model the library builds, from the small ResNet, by name."""
+    dense = small_resnet().float()
+
+    def converted(**options):
+        return convert(dense, input_size=INPUT_SIZE, beta=0.5, only_if_cheaper=False, **options)[0]
+
+    def baseline(method):
+        return compress_baseline(dense, method, target_mac_reduction=1.2, input_size=INPUT_SIZE)[0]
+
+    def reloaded():
+        save_converted(tmp_path / "converted.pth", converted())
+        return load_converted(tmp_path / "converted.pth", small_resnet().float())[0]
+
+    return {
+        "convert (gather)": converted,
+        "convert (fused)": lambda: converted(fused=True),
+        "convert (grouped)": lambda: grouped(converted()),
+        "convert (padded)": lambda: pad_kernels(converted(), 4),
+        "convert (BatchNorm recovery)": lambda: converted(
+            recovery=Recovery(recalibrate=data_loader(), recalibrate_samples=16)
+        ),
+        "compress": lambda: compress(dense, beta=0.5, recipe="unit", input_size=INPUT_SIZE)[0],
+        "load_converted": reloaded,
+        "baseline dws": lambda: baseline("dws"),
+        "baseline lowrank": lambda: baseline("lowrank"),
+        "baseline prune": lambda: baseline("prune"),
+        "normalized": lambda: normalized(converted(), "cifar10"),
+        "GDWSConv2d": lambda: converted().dilated,
+        "LowRankConv2d": lambda: next(
+            m for m in baseline("lowrank").modules() if isinstance(m, LowRankConv2d)
+        ),
+    }
+
+
+def model_input(model: nn.Module) -> torch.Tensor:
+    if isinstance(model, LowRankConv2d):
+        channels = model.first.in_channels
+    else:
+        channels = model.in_channels if isinstance(model, GDWSConv2d) else 3
+    return torch.rand(2, channels, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", sorted(built_models(None)))
+def test_every_model_the_library_builds_pickles_and_reloads_bit_identical(tmp_path, kind):
+    model = built_models(tmp_path)[kind]().eval()
+    built = {type(m) for m in model.modules()}
+    if kind in ("baseline lowrank", "LowRankConv2d"):
+        assert LowRankConv2d in built
+    elif not kind.startswith("baseline"):
+        assert GDWSConv2d in built
+    x = model_input(model)
+    with torch.no_grad():
+        expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    copies = [
+        torch.load(tmp_path / "model.pt", weights_only=False),
+        pickle.loads(pickle.dumps(model)),
+    ]
+    for copy in copies:
+        assert type(copy) is type(model)
+        with torch.no_grad():
+            assert torch.equal(copy.eval()(x), expected)
+        # The state-dict round trip still works on the reloaded model.
+        copy.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(copy(x), expected)
+
+
+def test_a_reloaded_gdws_layer_still_notes_a_loaded_kernel_order():
+    layer = GDWSConv2d(4, 6, 3, [0, 1, 2, 3], padding=1)
+    assert not layer.gathers  # one kernel per channel, in order: no gather
+    copy = pickle.loads(pickle.dumps(layer))
+    state = layer.state_dict()
+    state["kernel_channels"] = torch.tensor([1, 0, 2, 3])
+    copy.load_state_dict(state)
+    assert copy.gathers  # recomputed from the loaded buffer
+
+
+def test_a_converted_model_crosses_to_a_spawned_process():
+    dense = small_resnet().float()
+    model, _ = convert(dense, input_size=INPUT_SIZE, beta=0.5, only_if_cheaper=False)
+    model.eval().requires_grad_(False)  # so that the child's output can cross back
+    x = model_input(model)
+    expected = model(x)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        assert torch.equal(pool.submit(operator.call, model, x).result(timeout=120), expected)
