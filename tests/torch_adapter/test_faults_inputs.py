@@ -31,6 +31,7 @@ from gdws_torch import (
     GDWSConv2d,
     Recovery,
     Square,
+    check_gradient_masking,
     compress,
     compress_baseline,
     convert,
@@ -686,7 +687,7 @@ def test_attacks_that_take_gradients_refuse_inference_mode(classifier, name):
     with (
         pytest.raises(
             RuntimeError,
-            match=rf"^{name.split()[0]} needs autograd .* call the attack outside "
+            match=rf"^{name.split()[0]} needs autograd .* call {name.split()[0]} outside "
             r"torch\.inference_mode\(\) \(torch\.no_grad\(\) is fine\)\.$",
         ),
         torch.inference_mode(),
@@ -704,6 +705,23 @@ def test_attacks_take_tensors_made_under_inference_mode_and_run_under_no_grad(cl
     assert torch.equal(every_attack(model)[name]()(frozen_x, frozen_labels), expected)
     with torch.no_grad():
         assert torch.equal(every_attack(model)[name]()(x, labels), expected)
+
+
+def test_the_gradient_masking_checks_refuse_inference_mode_and_another_dtype(classifier):
+    model, x = classifier
+    labels = torch.tensor([0, 1, 2, 3])
+    with (
+        pytest.raises(RuntimeError, match=r"^check_gradient_masking needs autograd .* outside"),
+        torch.inference_mode(),
+    ):
+        check_gradient_masking(model, x, labels)
+    with pytest.raises(TypeError, match=r"images have dtype torch\.float64 .* torch\.float32"):
+        check_gradient_masking(model, x.double(), labels)
+    with torch.inference_mode():
+        frozen = x.clone()
+    assert check_gradient_masking(model, frozen, labels).to_dict() == (
+        check_gradient_masking(model, x, labels).to_dict()
+    )
 
 
 def test_square_a_black_box_attack_runs_under_inference_mode(classifier):

@@ -265,12 +265,8 @@ def check_call(attack: Any, images: Any, labels: Any, *, gradients: bool = True)
         A bad batch; ``eps`` larger than the pixel box's diameter.
     """
     top = check_batch(images, labels)
-    if gradients and torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{type(attack).__name__} needs autograd (the gradient of the loss with respect to "
-            "the input), which torch.inference_mode() disables: call the attack outside "
-            "torch.inference_mode() (torch.no_grad() is fine)."
-        )
+    if gradients:
+        check_autograd(type(attack).__name__)
     check_input_dtype(attack.model, images)
     norm = NORM_NAMES.get(getattr(attack, "norm", ""))
     values = math.prod(images.shape[1:])
@@ -282,6 +278,23 @@ def check_call(attack: Any, images: Any, labels: Any, *, gradients: bool = True)
             f"image); got {attack.eps:g}. eps is in pixel units, not 1/255 units."
         )
     return top
+
+
+def check_autograd(what: str) -> None:
+    """Refuse a call under ``torch.inference_mode()``, which disables autograd: ``what``
+    (an attack's name, for the message) takes gradients with respect to its input.
+
+    Raises
+    ------
+    RuntimeError
+        Saying to call ``what`` outside ``torch.inference_mode()``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} needs autograd (the gradient of the loss with respect to the input), "
+            f"which torch.inference_mode() disables: call {what} outside "
+            "torch.inference_mode() (torch.no_grad() is fine)."
+        )
 
 
 def autograd_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -43,7 +43,13 @@ from torch import nn
 
 from gdws_approx.checks import check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_batch, check_labels
+from gdws_torch.robustness.attacks import (
+    autograd_tensors,
+    check_autograd,
+    check_batch,
+    check_input_dtype,
+    check_labels,
+)
 from gdws_torch.robustness.fab import _check_model
 
 __all__ = [
@@ -187,6 +193,9 @@ def check_gradient_masking(
     """
     _check_model(model)
     top = check_batch(images, labels)
+    check_autograd("check_gradient_masking")
+    check_input_dtype(model, images)
+    images, labels = autograd_tensors(images, labels)
     if images.shape[0] == 0:
         raise ValueError("images must hold at least one sample to check; got an empty batch.")
     square_threshold = check_real(square_threshold, "square_threshold", minimum=0)
