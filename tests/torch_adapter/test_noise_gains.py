@@ -307,12 +307,23 @@ def test_bad_input(model, kwargs, error, match):
     assert not model.training
 
 
+class NonFiniteLogits(nn.Module):
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x) * float("inf")
+
+
 def test_bad_loaders_and_models(model):
     with pytest.raises(ValueError, match=r"\(images, labels\)"):
         noise_gains(model, [torch.zeros(2, *INPUT_SIZE)], 2, progress=False)
     with pytest.raises(ValueError, match="no eligible convolution"):
         noise_gains(NoEligible(), [(torch.zeros(2, 3, 8, 8), torch.zeros(2))], 2)
-    with pytest.raises(ValueError, match="non-finite logits"):
+    with pytest.raises(ValueError, match="non-finite logits"):  # from finite inputs
+        noise_gains(NonFiniteLogits(model), data(), 2, progress=False)
+    with pytest.raises(ValueError, match=r"^noise gains: the loader's batch 1, sample 1 .* nan"):
         bad = [(torch.full((2, *INPUT_SIZE), float("nan"), dtype=torch.float64), torch.zeros(2))]
         noise_gains(model, bad, 2, progress=False)
     with pytest.raises(ValueError, match="n_samples"):
