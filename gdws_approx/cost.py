@@ -2,8 +2,10 @@
 
 A dense ``groups=1`` convolution with weight ``(M, C, Kh, Kw)`` costs ``M * C * K2`` MACs
 per output pixel (``K2 = Kh * Kw``). Its GDWS form with ``G`` depthwise kernels costs
-``G * K2`` (depthwise) plus ``G * M`` (pointwise): ``G * (K2 + M)``. Multiply by the output
-height and width for a layer's total.
+``G * K2`` (depthwise) plus ``G * M`` (pointwise): ``G * (K2 + M)``. Its low-rank form at rank
+``R`` (a ``Kh x Kw`` conv ``C -> R``, then a ``1 x 1`` conv ``R -> M``) costs ``R * (C * K2 + M)``,
+and GDWS with a rank-``R`` pointwise (``1 x 1`` convs ``G -> R -> M``) ``G * K2 + G * R + R * M``.
+Multiply by the output height and width for a layer's total.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ __all__ = [
     "break_even_kernels",
     "check_kernel_multiple",
     "dense_macs",
+    "gdws_lowrank_macs",
     "gdws_macs",
+    "lowrank_macs",
     "mac_reduction",
 ]
 
@@ -34,6 +38,16 @@ def dense_macs(n_out: int, n_in: int, kernel_area: int) -> int:
 def gdws_macs(n_kernels: int, kernel_area: int, n_out: int) -> int:
     """MACs per output pixel of a GDWS convolution: ``G * (K2 + M)``."""
     return n_kernels * (kernel_area + n_out)
+
+
+def lowrank_macs(rank: int, n_in: int, kernel_area: int, n_out: int) -> int:
+    """MACs per output pixel of a rank-``R`` convolution: ``R * (C * K2 + M)``."""
+    return rank * (n_in * kernel_area + n_out)
+
+
+def gdws_lowrank_macs(n_kernels: int, kernel_area: int, rank: int, n_out: int) -> int:
+    """MACs per output pixel of GDWS with a rank-``R`` pointwise: ``G * K2 + G * R + R * M``."""
+    return n_kernels * kernel_area + n_kernels * rank + rank * n_out
 
 
 def mac_reduction(dense: int, gdws: int) -> float:

@@ -72,6 +72,12 @@ class LayerSpec:
     input_transforms : array of shape (C, K2, K2) or (K2, K2) or None, default=None
         Per-input-channel kernel-space weightings ``B_c`` (see
         :meth:`GDWSApproximator.fit`).
+    input_moment : array of shape (C*K2, C*K2) or None, default=None
+        ``Sigma``, the second moment of the layer's input patches on calibration inputs
+        (summed over output positions, averaged over samples). :func:`plan_latency`
+        compares the forms of a layer by their response error under it
+        (:class:`gdws_approx.ResponseErrors`); ``None``: under the weighting's own moment.
+        The other planners do not use it.
     """
 
     name: str
@@ -81,6 +87,7 @@ class LayerSpec:
     n_kernels: int | None = None
     output_weights: Any = None
     input_transforms: Any = None
+    input_moment: Any = None
 
 
 @dataclass
@@ -94,25 +101,29 @@ class LayerPlan:
         ``(M, C, Kh, Kw)``.
     output_pixels : int
     replaced : bool
-        Whether the layer becomes GDWS (``False``: it stays dense).
+        Whether the layer changes (``False``: it stays dense).
     reason : str
         Why it stays dense, empty when replaced.
-    estimator : GDWSApproximator
+    estimator : GDWSApproximator or None
         Fitted on the layer's weight with the planned budget (also for a layer that
-        stays dense, so its would-be cost and error are reported).
+        stays dense, so its would-be cost and error are reported); ``None`` for a
+        low-rank layer.
     n_kernels : int
-        ``G`` of the fitted GDWS form.
+        ``G`` of the fitted GDWS form (0 for a low-rank layer).
     multiplier_histogram : dict of int to int
         ``{g: number of input channels with g kernels}``.
     error : float
-        Weighted squared error of the GDWS form (0 for a layer kept dense).
+        Error of the planned form (0 for a layer kept dense): the weighted squared error
+        of the GDWS form, or, in a plan for a speed-up, the response error of any form
+        (:class:`gdws_approx.ResponseErrors`).
     dense_macs : int
         MACs of the dense layer per input sample (``M*C*K2 * output_pixels``).
     macs : int
-        MACs of the layer as planned (GDWS when replaced, dense otherwise).
+        MACs of the layer as planned (its form when replaced, dense otherwise).
     timings_ms : dict of str to float or None
-        Measured times of the layer, ``{"dense": ms, "gdws": ms}``, when an adapter timed
-        it (latency-aware conversion); ``None`` otherwise.
+        Measured times of the layer, ``{"dense": ms, <form>: ms}`` (``"gdws"`` for every
+        GDWS form), when an adapter timed it (latency-aware conversion); ``None``
+        otherwise.
     kernel_multiple : int, default=1
         The deployed layer's ``G`` is padded up to a multiple of this with zero kernels
         (same outputs, more MACs): see :attr:`padded_n_kernels` and :attr:`padded_macs`.
@@ -120,6 +131,14 @@ class LayerPlan:
         ``m`` when the layer is deployed without a channel gather, as a depthwise conv
         with the uniform channel multiplier ``m`` (every channel padded with zero kernels
         to ``m``): ``padded_n_kernels = C * m``.
+    rank : int or None, default=None
+        ``R`` of a low-rank layer (``estimator`` is ``None``: a ``Kh x Kw`` conv ``C -> R``,
+        then a ``1 x 1`` conv ``R -> M``) or of a GDWS layer's low-rank pointwise
+        (``1 x 1`` convs ``G -> R -> M``).
+    factors : tuple of two arrays or None, default=None
+        With ``rank``: a low-rank layer's ``(first (R, C*K2), second (M, R))``, or a GDWS
+        layer's pointwise factors ``(inner (R, G), outer (M, R))``, columns of ``inner``
+        in ``estimator``'s kernel order.
     """
 
     name: str
@@ -127,7 +146,7 @@ class LayerPlan:
     output_pixels: int
     replaced: bool
     reason: str
-    estimator: GDWSApproximator
+    estimator: GDWSApproximator | None
     n_kernels: int
     multiplier_histogram: dict[int, int]
     error: float
@@ -136,6 +155,27 @@ class LayerPlan:
     timings_ms: dict[str, float] | None = None
     kernel_multiple: int = 1
     grouped_multiplier: int | None = None
+    rank: int | None = None
+    factors: tuple[Any, Any] | None = None
+
+    @property
+    def form(self) -> str:
+        """``"dense"``, ``"gdws"``, ``"grouped"``, ``"lowrank"`` or ``"gdws_lowrank"``
+        (GDWS with a low-rank pointwise)."""
+        if not self.replaced:
+            return "dense"
+        if self.rank is not None:
+            return "lowrank" if self.estimator is None else "gdws_lowrank"
+        return "gdws" if self.grouped_multiplier is None else "grouped"
+
+    @property
+    def form_label(self) -> str:
+        """:attr:`form` with its size: ``"grouped x2"``, ``"lowrank R=8"``, ..."""
+        if self.form == "grouped":
+            return f"grouped x{self.grouped_multiplier}"
+        if self.form in ("lowrank", "gdws_lowrank"):
+            return f"{self.form} R={self.rank}"
+        return self.form
 
     @property
     def mac_reduction(self) -> float:
@@ -157,7 +197,9 @@ class LayerPlan:
         """MACs per input sample as deployed, the zero kernels of the padding included."""
         m, _, kh, kw = self.shape
         extra = self.padded_n_kernels - self.n_kernels
-        return self.macs + cost.gdws_macs(extra, kh * kw, m) * self.output_pixels
+        # A padded kernel costs its depthwise pass and its column of the 1 x 1 conv after.
+        width = self.rank if self.form == "gdws_lowrank" else m
+        return self.macs + cost.gdws_macs(extra, kh * kw, width) * self.output_pixels
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the estimator)."""
@@ -166,6 +208,8 @@ class LayerPlan:
             "shape": list(self.shape),
             "output_pixels": self.output_pixels,
             "replaced": self.replaced,
+            "form": self.form,
+            "rank": self.rank,
             "reason": self.reason,
             "n_kernels": self.n_kernels,
             "multiplier_histogram": {str(g): n for g, n in self.multiplier_histogram.items()},
@@ -283,14 +327,16 @@ class NetworkPlan:
     def format_table(self) -> str:
         """The per-layer report as a text table, with the network totals.
 
-        With ``kernel_multiple > 1`` or grouped layers the ``G`` column reads
-        ``G->padded G`` where they differ (``grouped xm`` for a layer deployed as a
-        depthwise conv with channel multiplier ``m``), and a "MACs padded" column gives
+        The ``form`` column says what each layer becomes (``dense``, ``gdws``,
+        ``grouped xm``: a depthwise conv with channel multiplier ``m``, ``lowrank R=r``,
+        ``gdws_lowrank R=r``). With ``kernel_multiple > 1`` or grouped layers the ``G``
+        column reads ``G->padded G`` where they differ, and a "MACs padded" column gives
         the MACs as deployed.
         """
         header = (
             "layer",
             "shape",
+            "form",
             "G",
             "g histogram",
             "error",
@@ -302,20 +348,20 @@ class NetworkPlan:
             lp.grouped_multiplier and lp.replaced for lp in self.layers
         )
         timed = any(layer.timings_ms for layer in self.layers)
-        extra = ("MACs padded",) * padded + ("ms dense / GDWS",) * timed
+        extra = ("MACs padded",) * padded + ("ms dense / planned",) * timed
         rows = []
         for layer in self.layers:
             histogram = " ".join(f"{g}:{n}" for g, n in sorted(layer.multiplier_histogram.items()))
             kernels = str(layer.n_kernels)
             if layer.padded_n_kernels != layer.n_kernels:
                 kernels += f"->{layer.padded_n_kernels}"
-            if layer.grouped_multiplier is not None:
-                kernels += f" grouped x{layer.grouped_multiplier}"
+            gdws = layer.form in ("gdws", "grouped", "gdws_lowrank")
             row = (
                 layer.name,
                 "x".join(map(str, layer.shape)),
-                kernels if layer.replaced else "dense",
-                histogram if layer.replaced else layer.reason,
+                layer.form_label,
+                kernels if gdws else "",
+                histogram if gdws else layer.reason,
                 f"{layer.error:.4g}",
                 f"{layer.dense_macs:,}",
                 f"{layer.macs:,}",
@@ -324,12 +370,17 @@ class NetworkPlan:
             if padded:
                 row = (*row, f"{layer.padded_macs:,}")
             if timed:
-                t = layer.timings_ms
-                row = (*row, f"{t['dense']:.4g} / {t['gdws']:.4g}" if t else "")
+                row = (*row, _timing_cell(layer.timings_ms))
             rows.append(row)
-        other = ("(other layers)", "", "", "", "", f"{self.other_macs:,}", f"{self.other_macs:,}")
+        other = (
+            "(other layers)",
+            *("",) * 5,
+            f"{self.other_macs:,}",
+            f"{self.other_macs:,}",
+        )
         total = (
             "total",
+            "",
             "",
             "",
             f"{sum(lp.replaced for lp in self.layers)}/{len(self.layers)} replaced",
@@ -369,6 +420,14 @@ class NetworkPlan:
 
     def __str__(self) -> str:
         return self.format_table()
+
+
+def _timing_cell(timings: Mapping[str, float] | None) -> str:
+    """``"dense / planned"`` milliseconds of a timed layer (empty when not timed)."""
+    if not timings:
+        return ""
+    planned = next((ms for form, ms in timings.items() if form != "dense"), timings["dense"])
+    return f"{timings['dense']:.4g} / {planned:.4g}"
 
 
 def _recipe_summary(recipe: Mapping[str, Any]) -> str:

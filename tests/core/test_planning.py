@@ -106,9 +106,12 @@ def test_mego_budgets_and_overrides():
 def test_plan_table_and_dict():
     plan = plan_network(network(3), beta=1.0)
     text = str(plan)
-    assert text.splitlines()[0].split()[:3] == ["layer", "shape", "G"]
+    assert text.splitlines()[0].split()[:4] == ["layer", "shape", "form", "G"]
     assert "layer0" in text and "total" in text
+    forms = [line.split()[2] for line in text.splitlines()[2:5]]
+    assert forms == [layer.form for layer in plan.layers]
     summary = plan.to_dict()
+    assert [layer["form"] for layer in summary["layers"]] == [la.form for la in plan.layers]
     assert summary["n_replaced"] == sum(layer.replaced for layer in plan.layers)
     assert plan["layer2"].name == "layer2"
     with pytest.raises(KeyError):
