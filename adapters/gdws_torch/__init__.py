@@ -35,6 +35,7 @@ from gdws_torch.io.checkpoints import (
 )
 from gdws_torch.io.original_checkpoints import load_original_checkpoint
 from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.lowrank import LowRankConv2d
 from gdws_torch.recovery import recalibrate_batchnorm, refit_pointwise
 from gdws_torch.robustness.apgd import APGD, APGDT
 from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
@@ -58,6 +59,7 @@ __all__ = [
     "GDWSConv2d",
     "Latency",
     "LayerMacs",
+    "LowRankConv2d",
     "MacCount",
     "Recipe",
     "RecipeInputs",

@@ -18,8 +18,9 @@ model?" has a direct answer (``gdws sweep --methods gdws dws lowrank prune``).
 from gdws_torch.baselines.common import BaselineLayer, BaselineReport
 from gdws_torch.baselines.compress import CRITERIA, METHODS, compress_baseline
 from gdws_torch.baselines.dws import dws_factors, dws_layer
-from gdws_torch.baselines.lowrank import LowRankConv2d, lowrank_basis
+from gdws_torch.baselines.lowrank import lowrank_basis
 from gdws_torch.baselines.pruning import PrunablePair, prunable_pairs, prune_channels
+from gdws_torch.nn.lowrank import LowRankConv2d
 
 __all__ = [
     "CRITERIA",

@@ -3,7 +3,8 @@
 The output ``y = W p`` of a conv (``p`` an input patch, ``W`` of shape ``(M, C Kh Kw)``)
 is approximated by ``U U^T y``, ``U`` the ``(M, R)`` top eigenvectors of a second moment
 of the responses: the first conv has the weight ``U^T W`` (``R`` filters of the conv's
-geometry, no bias), the second is ``U`` with the conv's bias.
+geometry, no bias), the second is ``U`` with the conv's bias
+(:class:`gdws_torch.LowRankConv2d`, the layer form the latency planner also chooses).
 
 - ``criterion="weights"`` (data-free): the moment ``W W^T``, so ``U`` holds the top left
   singular vectors of ``W``: the truncated SVD of the reshaped weight, the least weight
@@ -25,7 +26,6 @@ target, as the GDWS refit does).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from gdws_torch.baselines.common import (
     run_with_hooks,
     solve_ridge,
 )
+from gdws_torch.nn.lowrank import LowRankConv2d
 from gdws_torch.nn.module_tree import replace_module
 
 __all__ = [
@@ -51,110 +52,6 @@ __all__ = [
     "refit_lowrank",
     "response_moments",
 ]
-
-
-class LowRankConv2d(nn.Module):
-    """A conv factored through ``R`` channels: ``second(first(x))``.
-
-    Parameters
-    ----------
-    in_channels, out_channels : int
-        ``C`` and ``M``.
-    rank : int
-        ``R``, the channels between the two convs.
-    kernel_size, stride, padding, dilation, padding_mode
-        Of ``first``, as :class:`torch.nn.Conv2d`.
-    bias : bool, default=True
-        Of ``second``.
-    device, dtype
-        As :class:`torch.nn.Conv2d`.
-
-    Attributes
-    ----------
-    first : torch.nn.Conv2d
-        ``C -> R``, ``Kh x Kw``, no bias.
-    second : torch.nn.Conv2d
-        ``R -> M``, ``1 x 1``, the bias.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        rank: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        to = {"device": device, "dtype": dtype}
-        self.first = nn.Conv2d(
-            in_channels,
-            rank,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            bias=False,
-            padding_mode=padding_mode,
-            **to,
-        )
-        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias, **to)
-
-    @classmethod
-    def from_factors(cls, conv: nn.Conv2d, first: Any, second: Any) -> LowRankConv2d:
-        """The pair with weights ``first (R, C*Kh*Kw)`` and ``second (M, R)`` replacing
-        ``conv`` (its geometry, bias, dtype and device; ``conv`` is not modified)."""
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-            raise TypeError("conv must be a torch.nn.Conv2d with groups=1.")
-        m, c, kh, kw = conv.weight.shape
-        to = {"dtype": conv.weight.dtype, "device": conv.weight.device}
-        first = torch.as_tensor(first, **to)
-        second = torch.as_tensor(second, **to)
-        rank = second.shape[1]
-        if first.shape != (rank, c * kh * kw) or second.shape != (m, rank):
-            raise ValueError(
-                f"factors of shapes (R, C*Kh*Kw) = (R, {c * kh * kw}) and (M, R) = ({m}, R) "
-                f"expected; got {tuple(first.shape)} and {tuple(second.shape)}."
-            )
-        layer = cls(
-            c,
-            m,
-            rank,
-            (kh, kw),
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            **to,
-        )
-        with torch.no_grad():
-            layer.first.weight.copy_(first.reshape(rank, c, kh, kw))
-            layer.second.weight.copy_(second.reshape(m, rank, 1, 1))
-            if conv.bias is not None:
-                layer.second.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
-
-    @property
-    def rank(self) -> int:
-        return self.first.out_channels
-
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight ``(M, C, Kh, Kw)``."""
-        first = self.first.weight
-        r, c, kh, kw = first.shape
-        second = self.second.weight.reshape(-1, r)
-        return (second @ first.reshape(r, -1)).reshape(-1, c, kh, kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
 
 
 def lowrank_basis(

@@ -15,8 +15,8 @@ from gdws_torch.conversion.eligibility import LayerPredicate, eligible_convs
 from gdws_torch.conversion.options import Latency, Recovery, Weighting, from_legacy_keywords
 from gdws_torch.cost.latency import layer_input_shapes, time_layers
 from gdws_torch.cost.macs import count_macs
-from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.nn.module_tree import pad_kernels, replace_module, set_fused
+from gdws_torch.nn.planned import build_layer
 from gdws_torch.recovery import recalibrate_batchnorm, refit_gdws
 
 __all__ = ["convert", "pad_kernels", "replace_module", "set_fused"]
@@ -68,21 +68,23 @@ def convert(
     target_speedup : float, optional
         The measured speed-up (``> 1``) to reach on ``latency.backend``, ``.device`` and
         ``.batch_size``. Every eligible layer's latency is taken from ``latency.table``
-        (timed and cached when missing), each layer becomes dense, depthwise-separable,
-        grouped or GDWS at the ``G`` of least total error whose predicted network latency
-        meets the target (:func:`gdws_approx.plan_latency`); then the converted network
-        is timed against the dense one and, if it misses the target by more than 5 %
-        either way, planned again (3 attempts at most; the least-error attempt that
-        reached the target is kept). ``report.latency`` records the prediction, the
-        measurement and whether the target was reached
+        (timed and cached when missing), each layer becomes dense, GDWS, grouped
+        (depthwise-separable at ``m = 1``), low-rank, ... (the forms of
+        ``latency.forms``) at the size of least total response error whose predicted
+        network latency meets the target (:func:`gdws_approx.plan_latency`; the error of
+        every form is measured on ``weighting.input_moments`` when given); then the
+        converted network is timed against the dense one and, if it misses the target by
+        more than 5 % either way, planned again (3 attempts at most; the least-error
+        attempt that reached the target is kept). ``report.latency`` records the
+        prediction, the measurement and whether the target was reached
         (:mod:`gdws_torch.conversion.speed_target`).
     weighting : Weighting, optional
         The per-layer error weights (``alphas``, output weights ``A``, input transforms
         ``B_c``) and the MAC allocation; unit weights and a common ``beta`` when
         ``None``. :meth:`Weighting.from_strategy` computes a named strategy's.
     recovery : Recovery, optional
-        Least-squares refit of the GDWS factors, then BatchNorm re-estimation, after the
-        conversion; none when ``None``.
+        Least-squares refit of every compressed layer (GDWS and low-rank), then BatchNorm
+        re-estimation, after the conversion; none when ``None``.
     latency : Latency, optional
         Backend, device, batch size and table for ``target_speedup``, and
         ``keep_faster`` (time every planned layer, keep the dense conv wherever GDWS is
@@ -235,6 +237,7 @@ def _layer_specs(model, chosen, macs, weighting: Weighting, input_size) -> list[
                 input_transforms=_optional_entry(
                     weighting.input_transforms, name, "input_transforms"
                 ),
+                input_moment=_optional_entry(weighting.input_moments, name, "input_moments"),
             )
         )
     if not specs:
@@ -256,7 +259,7 @@ def _build(model, plan, latency: Latency, *, input_size, fused, inplace):
     for layer in plan.layers:
         if layer.replaced:
             originals[layer.name] = modules[layer.name]
-            built[layer.name] = GDWSConv2d.from_plan(layer, modules[layer.name], fused=fused)
+            built[layer.name] = build_layer(layer, modules[layer.name], fused=fused)
             replace_module(converted, layer.name, built[layer.name])
     if latency.keep_faster:
         plan, slower = time_layers(
@@ -311,21 +314,30 @@ def _convert_for_speedup(model, specs, other, latency: Latency, **kw):
     from gdws_torch.cost.latency_tables import LatencyTable, default_cache
 
     table = latency.table
+    gdws_lowrank = "gdws_lowrank" in latency.forms
     if not isinstance(table, LatencyTable):
         table = LatencyTable(
             latency.backend,
             latency.batch_size,
             latency.device,
             default_cache() if table is None else table,
+            gdws_lowrank=gdws_lowrank,
         )
     elif (table.backend, table.batch_size) != (latency.backend, latency.batch_size):
         raise ValueError(
             f"latency.table is for {table.backend} at batch {table.batch_size}, not "
             f"backend={latency.backend!r} at batch_size={latency.batch_size}."
         )
+    elif gdws_lowrank and not table.gdws_lowrank:
+        raise ValueError(
+            "latency.forms includes 'gdws_lowrank' but latency.table does not time that "
+            "form: build it with LatencyTable(..., gdws_lowrank=True)."
+        )
     names = [spec.name for spec in specs]
     input_shapes = layer_input_shapes(model, names, kw["input_size"])
-    return convert_for_speedup(model, specs, input_shapes, table=table, other_macs=other, **kw)
+    return convert_for_speedup(
+        model, specs, input_shapes, table=table, other_macs=other, forms=latency.forms, **kw
+    )
 
 
 def _dense_twin(converted: nn.Module, originals: Mapping[str, nn.Module]) -> nn.Module:

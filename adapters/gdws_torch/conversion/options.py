@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
+from gdws_approx.latency_planning import DEFAULT_FORMS, FORMS
 from gdws_torch.recovery.refit import DEFAULT_TOLERANCE
 
 __all__ = ["LEGACY_KEYWORDS", "Latency", "Recovery", "Weighting", "from_legacy_keywords"]
@@ -49,6 +50,14 @@ class Weighting:
     allocation : {"common_beta", "global"}, default="common_beta"
         How a ``target_mac_reduction`` is met (:func:`gdws_approx.plan_network`): one
         LEGO ``beta`` for all layers, or the least total weighted error for the MACs.
+    input_moments : mapping, optional
+        Per-layer ``Sigma`` as ``tensor(C*Kh*Kw, C*Kh*Kw)``, the second moment of the
+        layer's input patches on calibration inputs
+        (:func:`gdws_torch.conversion.weightings.input_patch_moments`), keyed like
+        ``alphas``. A ``target_speedup`` plan then compares every form of every layer by
+        its response error ``tr((W - What) Sigma (W - What)^T)``
+        (:class:`gdws_approx.ResponseErrors`); without it, by the error under the other
+        weights. Every converted layer needs one; the other budgets do not use them.
 
     See Also
     --------
@@ -59,9 +68,10 @@ class Weighting:
     output_weights: Mapping[str, Any] | None = None
     input_transforms: Mapping[str, Any] | None = None
     allocation: str = "common_beta"
+    input_moments: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for field in ("alphas", "output_weights", "input_transforms"):
+        for field in ("alphas", "output_weights", "input_transforms", "input_moments"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(
@@ -121,9 +131,10 @@ class Recovery:
     ----------
     refit : iterable, optional
         A loader of calibration inputs: every GDWS layer's pointwise weights (and, with
-        ``refit_depthwise``, its depthwise kernels) are re-solved by least squares to
-        match the dense network (:func:`gdws_torch.recovery.refit_gdws`), before any
-        BatchNorm re-estimation. ``G`` and the MACs do not change. ``None``: no refit.
+        ``refit_depthwise``, its depthwise kernels) and every low-rank layer's two convs
+        are re-solved by least squares to match the dense network
+        (:func:`gdws_torch.recovery.refit_gdws`), before any BatchNorm re-estimation. The
+        forms and the MACs do not change. ``None``: no refit.
     refit_samples : int, default=1000
     refit_attack : callable, optional
         ``attack(model) -> attack``: refit on adversarial inputs crafted against the dense
@@ -222,6 +233,12 @@ class Latency:
         gives ``timings_ms``). Layers kept dense lower the MAC reduction: a
         ``target_mac_reduction`` is then no longer guaranteed (the report says what was
         reached).
+    forms : tuple of str, default=("gdws", "grouped", "lowrank")
+        The forms a ``target_speedup`` plan may give a layer besides dense
+        (:data:`gdws_approx.latency_planning.FORMS`): every form that pays by default;
+        ``("gdws", "grouped")`` for GDWS only, ``("lowrank",)`` for low-rank only;
+        ``"gdws_lowrank"`` (GDWS with a low-rank pointwise) only when named, which also
+        times it in the table.
     """
 
     backend: str = "eager"
@@ -229,6 +246,7 @@ class Latency:
     device: Any = "cpu"
     table: Any = None
     keep_faster: bool = False
+    forms: tuple[str, ...] = DEFAULT_FORMS
 
     def __post_init__(self) -> None:
         from gdws_torch.cost.throughput import BACKENDS
@@ -238,6 +256,14 @@ class Latency:
         check_integer(self.batch_size, "batch_size", minimum=1)
         if not isinstance(self.keep_faster, bool):
             raise TypeError(f"keep_faster must be a bool; got {self.keep_faster!r}.")
+        if isinstance(self.forms, str) or not isinstance(self.forms, (tuple, list)):
+            raise TypeError(f"forms must be a tuple of form names; got {self.forms!r}.")
+        if not self.forms or any(form not in FORMS for form in self.forms):
+            raise ValueError(
+                f"forms must name at least one of {FORMS} (a layer may always stay dense); "
+                f"got {tuple(self.forms)!r}."
+            )
+        object.__setattr__(self, "forms", tuple(dict.fromkeys(self.forms)))
 
 
 #: The keywords :func:`gdws_torch.convert` took before the option groups, by group.

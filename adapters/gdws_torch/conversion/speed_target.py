@@ -1,12 +1,12 @@
 """Conversion for a measured speed-up: plan from latency tables, build, time, re-plan.
 
 1. Every eligible layer's latencies (dense, GDWS at a grid of ``G``, grouped at a grid of
-   channel multipliers ``m``)
-   come from a :class:`~gdws_torch.cost.latency_tables.LatencyTable` (cached, or timed now) on
-   the backend, device and batch size the model will run on; the dense network is timed
+   channel multipliers ``m``, low-rank at a grid of ranks ``R``) come from a
+   :class:`~gdws_torch.cost.latency_tables.LatencyTable` (cached, or timed now) on the
+   backend, device and batch size the model will run on; the dense network is timed
    whole.
-2. :func:`gdws_approx.plan_latency` chooses each layer's form for the least total error
-   whose predicted latency is ``dense / target_speedup``.
+2. :func:`gdws_approx.plan_latency` chooses each layer's form (among ``forms``) for the
+   least total response error whose predicted latency is ``dense / target_speedup``.
 3. The converted network is timed against the dense one (interleaved, medians). If the
    measured speed-up misses the target by more than ``tolerance`` (too slow, or so much
    faster that error was spent for nothing), the plan is made again for a planned target
@@ -26,10 +26,11 @@ from typing import Any
 from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_latency
+from gdws_approx.latency_planning import DEFAULT_FORMS
 from gdws_torch.cost.latency_tables import PREFERRED_MULTIPLE, LatencyTable
 from gdws_torch.cost.throughput import measure_throughput
-from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.nn.module_tree import replace_module
+from gdws_torch.nn.planned import build_layer
 
 __all__ = ["convert_for_speedup", "measure_speedup"]
 
@@ -73,6 +74,7 @@ def convert_for_speedup(
     tolerance: float = 0.05,
     rounds: int = 15,
     progress: bool = False,
+    forms: Sequence[str] = DEFAULT_FORMS,
 ) -> tuple[nn.Module, NetworkPlan, dict[str, nn.Module]]:
     """``model`` converted for ``target_speedup`` on ``table``'s backend (see module notes).
 
@@ -113,6 +115,7 @@ def convert_for_speedup(
             other_macs=other_macs,
             svd_solver=svd_solver,
             kernel_multiple=PREFERRED_MULTIPLE.get(table.backend, 1),
+            forms=forms,
         )
         converted, originals = _build(model, plan, fused=False, inplace=False)
         measured = measure_speedup(
@@ -199,6 +202,6 @@ def _build(
     for layer in plan.layers:
         if layer.replaced:
             originals[layer.name] = modules[layer.name]
-            built = GDWSConv2d.from_plan(layer, modules[layer.name], fused=fused)
+            built = build_layer(layer, modules[layer.name], fused=fused)
             replace_module(converted, layer.name, built)
     return converted, originals

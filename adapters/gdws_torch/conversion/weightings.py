@@ -14,6 +14,10 @@ MEGO/LEGO stay exact under the weighted error
   error is then the expected squared error of the conv's *output* contribution of each
   channel, ignoring correlations between channels;
 - ``"output+data"``: both.
+
+:func:`input_patch_moments` gives the full moment ``Sigma`` of each layer's input patches,
+correlations between channels included: the measure the latency planner compares every
+form of a layer by (``Weighting(input_moments=...)``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 from gdws_approx.checks import check_integer
-from gdws_torch.common import conv_patches, take_samples
+from gdws_torch.common import conv_patch_rows, conv_patches, take_samples
 from gdws_torch.conversion.eligibility import eligible_convs
 from gdws_torch.cost.macs import example_input
 from gdws_torch.nn.module_tree import eval_mode
@@ -34,6 +38,7 @@ from gdws_torch.nn.module_tree import eval_mode
 __all__ = [
     "STRATEGIES",
     "batchnorm_output_weights",
+    "input_patch_moments",
     "input_patch_transforms",
     "strategy_weights",
     "weighting",
@@ -143,6 +148,61 @@ def input_patch_transforms(
     if missing:
         raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
     return {name: _matrix_sqrt(sums[name] / counts[name], ridge) for name in sorted(chosen)}
+
+
+def input_patch_moments(
+    model: nn.Module,
+    loader: Iterable,
+    n_samples: int = 256,
+    *,
+    layers: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{conv name: (C*K2, C*K2)}``: each conv's input-patch second moment, per sample.
+
+    ``Sigma = (1/N) sum_x sum_positions p p^T`` over the ``C Kh Kw`` patches the conv reads
+    (its own padding, stride and dilation) on ``n_samples`` inputs of ``loader`` in eval
+    mode, in float64: ``tr((W - What) Sigma (W - What)^T)`` is then the expected squared
+    error of the layer's output map per input (:class:`gdws_approx.ResponseErrors`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The dense network (not modified).
+    loader : iterable of images or (images, labels)
+    n_samples : int, default=256
+    layers : iterable of str, optional
+        Conv names; every eligible conv by default (:func:`gdws_torch.eligible_convs`).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+    """
+    from gdws_torch.recovery.statistics import GramAccumulator
+
+    check_integer(n_samples, "n_samples", minimum=1)
+    chosen = dict(eligible_convs(model))
+    if layers is not None:
+        chosen = {name: dict(model.named_modules())[name] for name in layers}
+    device = next(iter(model.parameters())).device
+    sums = {name: GramAccumulator(conv.weight[0].numel(), device) for name, conv in chosen.items()}
+    seen: set[str] = set()
+
+    def hook(name: str, conv: nn.Conv2d):
+        def record(module, inputs) -> None:
+            seen.add(name)
+            sums[name].add(conv_patch_rows(conv, inputs[0].detach().to(torch.float64)))
+
+        return record
+
+    count = 0
+    for images, *_ in take_samples(loader, n_samples, device=device):
+        hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
+        _forward_with_hooks(model, images, hooks)
+        count += len(images)
+    missing = sorted(set(chosen) - seen)
+    if missing:
+        raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
+    return {name: sums[name].result() / count for name in sorted(chosen)}
 
 
 def strategy_weights(

@@ -6,9 +6,12 @@ depthwise conv, ``1 x 1`` conv) at a grid of kernel counts ``G``, from one kerne
 channel up to the break-even count (where GDWS would need as many MACs as the dense
 conv), on multiples of the backend's preferred padding, and of the grouped form (``m``
 kernels per channel, one grouped conv with ``groups=C``, no gather) at a grid of
-multipliers ``m`` (``m = 1``: the ordinary depthwise-separable layer).
-All forms of a layer are timed interleaved (:func:`gdws_torch.cost.throughput.measure_throughput`,
-medians), with random weights: latency depends on the shapes, not the values.
+multipliers ``m`` (``m = 1``: the ordinary depthwise-separable layer), of the low-rank form
+(``Kh x Kw`` conv ``C -> R``, ``1 x 1`` conv ``R -> M``) at a few ranks ``R`` below its
+break-even rank, and, when asked (``gdws_lowrank=True``), of GDWS with a rank-``R``
+pointwise at a few ``(G, R)``. All forms of a layer are timed interleaved
+(:func:`gdws_torch.cost.throughput.measure_throughput`, medians), with random weights:
+latency depends on the shapes, not the values.
 
 Tables are cached as JSON, keyed by everything a timing depends on: the machine (processor
 or GPU name), the backend and its version, torch's version and thread count, the batch
@@ -35,22 +38,27 @@ from gdws_approx import LayerLatency, cost
 from gdws_approx.files import write_json_atomic
 from gdws_torch.cost.throughput import BACKENDS, measure_throughput
 from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.lowrank import LowRankConv2d
 
 __all__ = [
     "LatencyTable",
     "default_cache",
+    "gdws_lowrank_grid",
     "kernel_grid",
     "layer_description",
     "machine_description",
     "measure_layer",
     "multiplier_grid",
+    "rank_grid",
 ]
 
 _FORMAT = "gdws-approx/latency-table"
 # Entries of another version (other forms timed) are never matched: they are re-timed.
-_VERSION = 2
+_VERSION = 3
 # Kernel counts timed per layer (the planner interpolates between them).
 GRID_POINTS = 8
+# Ranks timed per layer: few, since every point adds to the table's building time.
+RANK_POINTS = 5
 # The multiple each backend runs depthwise convs fastest at (ONNX Runtime pads G to 4).
 PREFERRED_MULTIPLE = {
     "eager": 1,
@@ -142,6 +150,28 @@ def multiplier_grid(conv: nn.Conv2d) -> list[int]:
     return [g for g in (1, 2, 3, 4, 6, 8) if g <= top]
 
 
+def rank_grid(conv: nn.Conv2d, points: int = RANK_POINTS) -> list[int]:
+    """Ranks to time the low-rank form at: geometric from an eighth of the break-even
+    rank (the largest with fewer MACs than the dense conv, at most ``min(M, C*Kh*Kw)``)
+    up to it."""
+    m, c, kh, kw = conv.weight.shape
+    dense = cost.dense_macs(m, c, kh * kw)
+    top = max(1, min(m, c * kh * kw, (dense - 1) // cost.lowrank_macs(1, c, kh * kw, m)))
+    low = max(1, round(top / 8))
+    ratio = (top / low) ** (1 / max(points - 1, 1))
+    return sorted({min(top, round(low * ratio**i)) for i in range(points)})
+
+
+def gdws_lowrank_grid(conv: nn.Conv2d, kernel_counts: Sequence[int]) -> list[tuple[int, int]]:
+    """``(G, R)`` to time GDWS with a rank-``R`` pointwise at: the smallest, middle and
+    largest of ``kernel_counts``, each at ``R = M/4`` and ``M/2`` (below ``G``)."""
+    m = conv.out_channels
+    counts = sorted(set(kernel_counts))
+    chosen = {counts[0], counts[len(counts) // 2], counts[-1]}
+    ranks = sorted({max(1, m // 4), max(1, m // 2)})
+    return [(g, r) for g in sorted(chosen) for r in ranks if r < g]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
@@ -170,6 +200,19 @@ def _random_layer(conv: nn.Conv2d, channels: torch.Tensor, grouped: bool = False
     return (layer.uniform() if grouped else layer).eval()
 
 
+def _lowrank_layer(conv: nn.Conv2d, rank: int, n_kernels: int | None = None) -> LowRankConv2d:
+    """A low-rank layer (a GDWS first stage with ``n_kernels``) with random weights."""
+    m, c, kh, kw = conv.weight.shape
+    dtype = conv.weight.dtype
+    second = torch.randn(m, rank, dtype=dtype)
+    if n_kernels is None:
+        return LowRankConv2d.from_factors(conv, torch.randn(rank, c * kh * kw, dtype=dtype), second)
+    channels = _gdws_layer(conv, n_kernels).kernel_channels
+    kernels = torch.randn(n_kernels, kh, kw, dtype=dtype)
+    inner = torch.randn(rank, n_kernels, dtype=dtype)
+    return LowRankConv2d.from_gdws_factors(conv, kernels, channels, inner, second).eval()
+
+
 def measure_layer(
     conv: nn.Conv2d,
     input_shape: Sequence[int],
@@ -179,9 +222,12 @@ def measure_layer(
     device: Any = "cpu",
     kernel_counts: Sequence[int] | None = None,
     multipliers: Sequence[int] | None = None,
+    ranks: Sequence[int] | None = None,
+    gdws_lowrank_points: Sequence[tuple[int, int]] = (),
     rounds: int = 9,
 ) -> LayerLatency:
-    """Time one layer dense, as GDWS at ``kernel_counts`` and grouped at ``multipliers``.
+    """Time one layer dense, as GDWS at ``kernel_counts``, grouped at ``multipliers``,
+    low-rank at ``ranks`` and GDWS with a low-rank pointwise at ``gdws_lowrank_points``.
 
     Parameters
     ----------
@@ -195,6 +241,10 @@ def measure_layer(
         Default :func:`kernel_grid` on the backend's preferred multiple.
     multipliers : sequence of int, optional
         Default :func:`multiplier_grid`; ``()`` times no grouped form.
+    ranks : sequence of int, optional
+        Default :func:`rank_grid`; ``()`` times no low-rank form.
+    gdws_lowrank_points : sequence of (int, int), default=()
+        ``(G, R)`` pairs (:func:`gdws_lowrank_grid`); none by default.
     rounds : int, default=9
         Interleaved timing rounds (medians).
 
@@ -214,12 +264,16 @@ def measure_layer(
     ).eval()
     counts = list(kernel_counts or kernel_grid(dense, PREFERRED_MULTIPLE.get(backend, 1)))
     grid = list(multiplier_grid(dense) if multipliers is None else multipliers)
+    ranks = list(rank_grid(dense) if ranks is None else ranks)
+    points = [(int(g), int(r)) for g, r in gdws_lowrank_points]
     channels = torch.arange(dense.in_channels)
     models = {"dense": dense}
     models.update({f"gdws-{g}": _gdws_layer(dense, g) for g in counts})
     models.update(
         {f"grouped-{m}": _random_layer(dense, channels.repeat_interleave(m), True) for m in grid}
     )
+    models.update({f"lowrank-{r}": _lowrank_layer(dense, r).eval() for r in ranks})
+    models.update({f"gdws-{g}-lowrank-{r}": _lowrank_layer(dense, r, g) for g, r in points})
     rows = measure_throughput(
         models,
         input_shape,
@@ -235,6 +289,10 @@ def measure_layer(
         gdws_ms=tuple(ms[f"gdws-{g}"] for g in counts),
         multipliers=tuple(grid),
         grouped_ms=tuple(ms[f"grouped-{m}"] for m in grid),
+        ranks=tuple(ranks),
+        lowrank_ms=tuple(ms[f"lowrank-{r}"] for r in ranks),
+        gdws_lowrank_points=tuple(points),
+        gdws_lowrank_ms=tuple(ms[f"gdws-{g}-lowrank-{r}"] for g, r in points),
     )
 
 
@@ -251,6 +309,9 @@ class LatencyTable:
         The JSON file the table is read from and saved to; ``None``: in memory only (use
         :meth:`default` for the user cache, :func:`default_cache`). Entries of other
         machines and batch sizes in the same file are kept.
+    gdws_lowrank : bool, default=False
+        Also time GDWS with a low-rank pointwise (:func:`gdws_lowrank_grid`); such
+        entries are kept apart from the others.
     """
 
     def __init__(
@@ -259,21 +320,26 @@ class LatencyTable:
         batch_size: int = 1,
         device: Any = "cpu",
         path: str | os.PathLike | None = None,
+        *,
+        gdws_lowrank: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
         self.machine = machine_description(backend, device)
         self.backend, self.batch_size, self.device = backend, batch_size, torch.device(device)
         self.path = None if path is None else Path(path)
+        self.gdws_lowrank = bool(gdws_lowrank)
         self._entries: dict[str, dict] = {}
         self.measured = 0  # layers timed by this object (0 when all came from the cache)
         if self.path is not None and self.path.exists():
             self._entries = self._read(self.path)
 
     @classmethod
-    def default(cls, backend: str, batch_size: int = 1, device: Any = "cpu") -> LatencyTable:
+    def default(
+        cls, backend: str, batch_size: int = 1, device: Any = "cpu", *, gdws_lowrank: bool = False
+    ) -> LatencyTable:
         """A table cached in :func:`default_cache`."""
-        return cls(backend, batch_size, device, default_cache())
+        return cls(backend, batch_size, device, default_cache(), gdws_lowrank=gdws_lowrank)
 
     @staticmethod
     def _read(path: Path) -> dict[str, dict]:
@@ -295,6 +361,7 @@ class LatencyTable:
                 "machine": self.machine,
                 "batch_size": self.batch_size,
                 "layer": dict(layer),
+                **({"gdws_lowrank": True} if self.gdws_lowrank else {}),
             },
             sort_keys=True,
         )
@@ -312,6 +379,10 @@ class LatencyTable:
                 tuple(entry["gdws_ms"]),
                 tuple(entry["multipliers"]),
                 tuple(entry["grouped_ms"]),
+                tuple(entry["ranks"]),
+                tuple(entry["lowrank_ms"]),
+                tuple(map(tuple, entry["gdws_lowrank_points"])),
+                tuple(entry["gdws_lowrank_ms"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -326,12 +397,17 @@ class LatencyTable:
         found = self.get(conv, input_shape)
         if found is not None:
             return found
+        points = ()
+        if self.gdws_lowrank:
+            counts = kernel_grid(conv, PREFERRED_MULTIPLE.get(self.backend, 1))
+            points = gdws_lowrank_grid(conv, counts)
         latency = measure_layer(
             conv,
             input_shape,
             backend=self.backend,
             batch_size=self.batch_size,
             device=self.device,
+            gdws_lowrank_points=points,
             rounds=rounds,
         )
         self.add(conv, input_shape, latency)
@@ -352,6 +428,10 @@ class LatencyTable:
             "gdws_ms": list(latency.gdws_ms),
             "multipliers": list(latency.multipliers),
             "grouped_ms": list(latency.grouped_ms),
+            "ranks": list(latency.ranks),
+            "lowrank_ms": list(latency.lowrank_ms),
+            "gdws_lowrank_points": [list(point) for point in latency.gdws_lowrank_points],
+            "gdws_lowrank_ms": list(latency.gdws_lowrank_ms),
         }
 
     def layers(

@@ -19,7 +19,9 @@ from torch import nn
 
 from gdws_approx.files import atomic_output
 from gdws_torch.nn.layers import GDWSConv2d
+from gdws_torch.nn.lowrank import LowRankConv2d
 from gdws_torch.nn.module_tree import replace_module
+from gdws_torch.nn.planned import compressed_layers
 
 __all__ = [
     "CONVERTED_FORMAT",
@@ -314,7 +316,8 @@ def save_alphas(
 def save_converted(
     path: str | os.PathLike, model: nn.Module, report: Any = None, **metadata: Any
 ) -> None:
-    """Save a converted model (which layers are GDWS, their structure, all weights).
+    """Save a converted model (which layers are GDWS or low-rank, their structure, all
+    weights).
 
     Only tensors and plain Python values are stored, so :func:`load_converted` reads it
     with ``weights_only=True``; the architecture itself is not pickled: load it into a
@@ -330,16 +333,13 @@ def save_converted(
     **metadata
         Plain Python values stored under ``'metadata'``.
     """
-    layers = {
-        name: module.config()
-        for name, module in model.named_modules()
-        if isinstance(module, GDWSConv2d)
-    }
+    layers = compressed_layers(model)
     data = {
         "format": CONVERTED_FORMAT,
         "version": CONVERTED_VERSION,
         "architecture": type(model).__name__,
-        "gdws_layers": layers,
+        "gdws_layers": {n: m.config() for n, m in layers if isinstance(m, GDWSConv2d)},
+        "lowrank_layers": {n: m.config() for n, m in layers if isinstance(m, LowRankConv2d)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "report": None if report is None else report.to_dict(),
         "metadata": metadata,
@@ -383,7 +383,9 @@ def load_converted(
     target = copy.deepcopy(model)
     modules = dict(target.named_modules())
     built = {}
-    for name, config in data["gdws_layers"].items():
+    configs = [(GDWSConv2d, name, c) for name, c in data["gdws_layers"].items()]
+    configs += [(LowRankConv2d, name, c) for name, c in data.get("lowrank_layers", {}).items()]
+    for cls, name, config in configs:
         conv = modules.get(name)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
             raise ValueError(
@@ -398,7 +400,7 @@ def load_converted(
                 f"{tuple(conv.weight.shape)}."
             )
         config = {**config, "kernel_size": tuple(config["kernel_size"])}
-        built[name] = GDWSConv2d(**config, device=conv.weight.device, dtype=conv.weight.dtype)
+        built[name] = cls(**config, device=conv.weight.device, dtype=conv.weight.dtype)
         built[name].train(conv.training)
         replace_module(target, name, built[name])
     state = check_state_dict(target, data["state_dict"], repr(str(path)))

@@ -80,7 +80,8 @@ class GDWSConv2d(nn.Module):
     torch.Size([1, 32, 8, 8])
     """
 
-    __jit_unused_properties__ = ("multiplier",)  # array-API code TorchScript cannot compile
+    # Properties TorchScript need not compile: array-API code, and a return it cannot type.
+    __jit_unused_properties__ = ("multiplier", "geometry")
 
     def __init__(
         self,
@@ -279,6 +280,12 @@ class GDWSConv2d(nn.Module):
     @property
     def kernel_size(self) -> tuple[int, int]:
         return tuple(self.depthwise.kernel_size)
+
+    @property
+    def geometry(self) -> nn.Conv2d:
+        """The conv that reads the input (stride, padding, dilation, padding mode): the
+        depthwise conv."""
+        return self.depthwise
 
     @property
     def multipliers(self) -> torch.Tensor:

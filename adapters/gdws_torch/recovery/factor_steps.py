@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from gdws_approx import reduced_rank_fit
+
 __all__ = ["KernelBlocks", "depthwise_step", "pointwise_step", "refit_error"]
 
 #: Largest ``G * Kh * Kw`` whose depthwise normal equations are solved directly (their
@@ -233,6 +235,17 @@ def _pointwise_step(blocks: KernelBlocks, kernels: torch.Tensor, ridge: float) -
     scale = torch.diagonal(features).mean().clamp_min(1e-30)
     eye = torch.eye(blocks.g, dtype=features.dtype, device=features.device)
     return solve_spd(features + ridge * scale * eye, blocks.cross_features(padded).T).T
+
+
+def _reduced_rank_step(
+    blocks: KernelBlocks, kernels: torch.Tensor, ridge: float, rank: int
+) -> torch.Tensor:
+    """The best pointwise weights of rank at most ``rank`` for fixed kernels (a GDWS
+    layer with a low-rank pointwise), exactly: :func:`gdws_approx.reduced_rank_fit`."""
+    padded = blocks.pad(kernels)
+    features = blocks.features(padded, blocks.times_gram(padded))
+    inner, outer = reduced_rank_fit(blocks.cross_features(padded), features, rank, ridge=ridge)
+    return outer @ inner
 
 
 def depthwise_step(

@@ -1,11 +1,18 @@
-"""GDWS factors refitted by least squares to match the dense network (training-free).
+"""Compressed layers refitted by least squares to match the dense network (training-free).
 
-Each GDWS layer's ``1 x 1`` weights (and, jointly, its depthwise kernels, by alternating
-least squares) are re-solved, layer after layer, so that its output matches the dense
-convolution's on the inputs the converted network really feeds it (natural or
-adversarial calibration inputs); ``G``, hence the MACs, stay as they are. The steps
-themselves are in :mod:`.factor_steps`, the statistics they need are gathered by
-:mod:`.statistics`; this module alternates the steps, layer after layer.
+Layer after layer, in execution order, each compressed layer is re-solved so that its
+output matches the dense convolution's on the inputs the converted network really feeds
+it (natural or adversarial calibration inputs); its form and MACs stay as they are:
+
+- a GDWS layer: its ``1 x 1`` weights and, jointly, its depthwise kernels, by alternating
+  least squares (a GDWS layer with a low-rank pointwise: the same alternation, its
+  pointwise step the exact rank-constrained one);
+- a low-rank layer: both convs at once, at the exact least-squares optimum on those
+  inputs (the response PCA: with ``S`` their patch Gram matrix, the top eigenvectors of
+  ``W S W^T``, :meth:`gdws_approx.ResponseErrors.lowrank_factors`).
+
+The steps themselves are in :mod:`.factor_steps`, the statistics they need are gathered
+by :mod:`.statistics`; this module alternates the steps, layer after layer.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_approx import ResponseErrors, reduced_rank_fit, response_error
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.common import take_samples
 from gdws_torch.nn.module_tree import eval_mode
@@ -26,6 +34,7 @@ from gdws_torch.recovery.factor_steps import (
     KernelBlocks,
     _depthwise_step,
     _pointwise_step,
+    _reduced_rank_step,
     check_factors,
     depthwise_step,
     pointwise_step,
@@ -86,6 +95,7 @@ def refit_layer_factors(
     max_direct: int = MAX_DIRECT_UNKNOWNS,
     tolerance: float = DEFAULT_TOLERANCE,
     solve_tolerance: float = DEFAULT_SOLVE_TOLERANCE,
+    rank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Alternating least squares for one GDWS layer from its patch statistics.
 
@@ -126,6 +136,10 @@ def refit_layer_factors(
         lower the error by less than this fraction of it: an inexact step (the
         alternation only keeps steps that lower the error), far cheaper on wide layers.
         ``0``: solved to the residual tolerance, as :func:`depthwise_step`.
+    rank : int, optional
+        Keep the pointwise weights of rank at most ``rank`` (a GDWS layer with a low-rank
+        pointwise): each pointwise step is then the exact rank-constrained least squares
+        (:func:`gdws_approx.reduced_rank_fit`); ``pointwise`` must have that rank.
 
     Returns
     -------
@@ -149,9 +163,15 @@ def refit_layer_factors(
     check_real(solve_tolerance, "solve_tolerance", minimum=0)
     k2 = check_factors(gram, cross, kernel_channels, pointwise, kernels)[3]
     blocks = KernelBlocks(gram, cross, kernel_channels, k2)
+    if rank is not None:
+        rank = check_integer(rank, "rank", minimum=1)
     return alternate(
         lambda p, k: blocks.error(energy, p, k),
-        lambda k: _pointwise_step(blocks, k, ridge),
+        lambda k: (
+            _pointwise_step(blocks, k, ridge)
+            if rank is None
+            else _reduced_rank_step(blocks, k, ridge, rank)
+        ),
         lambda p, k, error: _depthwise_step(
             blocks, p, k, ridge, max_direct, solve_tolerance * max(abs(error), 1e-6 * energy)
         ),
@@ -225,25 +245,31 @@ def refit_gdws(
     progress: bool = True,
     return_errors: bool = False,
 ) -> nn.Module | tuple[nn.Module, dict[str, list[float]]]:
-    """Re-solve the factors of every GDWS layer by least squares to match the dense convs.
+    """Re-solve every compressed layer by least squares to match the dense convs.
 
-    In execution order, for each :class:`~gdws_torch.GDWSConv2d` ``L`` of ``converted``
-    (replacing the conv ``W`` of ``dense`` with the same name), with ``x`` the inputs
-    ``converted`` feeds ``L`` (earlier layers already refitted) and ``patch`` their
-    ``C Kh Kw`` input patches (:func:`gdws_torch.common.conv_patches`): the patch Gram matrix
+    In execution order, for each compressed layer ``L`` of ``converted`` (a
+    :class:`~gdws_torch.GDWSConv2d` or a :class:`~gdws_torch.LowRankConv2d`, replacing
+    the conv ``W`` of ``dense`` with the same name), with ``x`` the inputs ``converted``
+    feeds ``L`` (earlier layers already refitted) and ``patch`` their ``C Kh Kw`` input
+    patches (:func:`gdws_torch.common.conv_patches`): the patch Gram matrix
     ``S = sum patch patch^T`` over all calibration inputs and output positions is
-    accumulated in float64, and :func:`refit_layer_factors` minimises the layer's output
-    error ``sum ||W patch - P D patch||^2 = tr((W - P D) S (W - P D)^T)`` over the
-    pointwise weights ``P`` and, with ``depthwise``, the depthwise kernels ``D`` by
-    alternating least squares. ``G``, the kernels' channels, the biases and the MACs are
-    unchanged.
+    accumulated in float64, and the layer's output error
+    ``sum ||W patch - What patch||^2 = tr((W - What) S (W - What)^T)`` is minimised:
+
+    - GDWS (``What = P D``): by :func:`refit_layer_factors` over the pointwise weights
+      ``P`` and, with ``depthwise``, the depthwise kernels ``D``, alternating (with a
+      low-rank pointwise, ``P`` stays of its rank);
+    - low-rank: exactly, over both convs (the top eigenvectors of ``W S W^T``).
+
+    Every form, ``G``, rank, the kernels' channels, the biases and the MACs are unchanged.
 
     Parameters
     ----------
     dense : torch.nn.Module
         The original network (read only).
     converted : torch.nn.Module
-        Its GDWS version (from :func:`gdws_torch.convert`); copied unless ``inplace``.
+        Its compressed version (from :func:`gdws_torch.convert`); copied unless
+        ``inplace``.
     loader : iterable of images or (images, labels)
         Calibration inputs (training data; labels only for ``attack``).
     n_samples : int, default=1000
@@ -299,8 +325,6 @@ def refit_gdws(
         ``n_samples``, ``iterations`` or ``max_direct`` not an integer, ``ridge`` not a
         real number. ``converted`` is untouched then.
     """
-    from gdws_torch.nn.layers import GDWSConv2d
-
     check_integer(n_samples, "n_samples", minimum=1)
     check_integer(iterations, "iterations", minimum=0)
     check_integer(max_direct, "max_direct", minimum=0)
@@ -309,12 +333,20 @@ def refit_gdws(
     check_real(solve_tolerance, "solve_tolerance", minimum=0)
     check_integer(cache_bytes, "cache_bytes", minimum=0)
     check_products(products)
-    steps = iterations if depthwise else 0
+    alternation = {
+        "iterations": iterations if depthwise else 0,
+        "ridge": ridge,
+        "max_direct": max_direct,
+        "tolerance": tolerance,
+        "solve_tolerance": solve_tolerance,
+    }
     work = copy.deepcopy(converted)
     dense_modules = dict(dense.named_modules())
-    layers = [(n, m) for n, m in work.named_modules() if isinstance(m, GDWSConv2d)]
+    from gdws_torch.nn.planned import compressed_layers
+
+    layers = compressed_layers(work)
     if not layers:
-        raise ValueError("converted has no GDWSConv2d layer: nothing to refit.")
+        raise ValueError("converted has no GDWSConv2d or LowRankConv2d layer: nothing to refit.")
     for name, layer in layers:
         conv = dense_modules.get(name)
         if not isinstance(conv, nn.Conv2d) or conv.weight.shape[:2] != (
@@ -322,25 +354,27 @@ def refit_gdws(
             layer.in_channels,
         ):
             raise ValueError(
-                f"dense has no conv {name!r} matching the GDWS layer ({layer.out_channels}x"
-                f"{layer.in_channels}); pass the model converted was made from."
+                f"dense has no conv {name!r} matching the compressed layer ({layer.out_channels}"
+                f"x{layer.in_channels}); pass the model converted was made from."
             )
     device = next(iter(work.parameters())).device
     batches = calibration_inputs(loader, n_samples, dense, attack, device)
     errors: dict[str, list[float]] = {}
-    what = "refit pointwise" if steps == 0 else "refit pointwise + depthwise"
+    what = "refit pointwise" if not alternation["iterations"] else "refit pointwise + depthwise"
     bar = tqdm(total=len(layers), desc=what, unit="layer", disable=not progress)
-    # The passes to each layer run the GDWS layers fused (one dense conv each: faster in
-    # eager PyTorch, the same outputs); each layer's own mode comes back afterwards.
-    modes = [(layer, layer.fused) for _, layer in layers]
+    # The passes to each layer run the GDWS convs fused (one dense conv each: faster in
+    # eager PyTorch, the same outputs); each conv's own mode comes back afterwards.
+    from gdws_torch.nn.layers import GDWSConv2d
+
+    modes = [(m, m.fused) for m in work.modules() if isinstance(m, GDWSConv2d)]
     with eval_mode(work):
         try:
-            for layer, _ in modes:
-                layer.fused = True
+            for module, _ in modes:
+                module.fused = True
             feeds = LayerInputs(work, batches, cache_bytes)
             for name, layer in layers:
                 bar.set_postfix_str(name)
-                gram, cross, energy = layer_statistics(
+                statistics = layer_statistics(
                     layer,
                     dense_modules[name],
                     work,
@@ -348,34 +382,73 @@ def refit_gdws(
                     inputs=feeds.of(name),
                     products=products,
                 )
-                pointwise, kernels, errors[name] = refit_layer_factors(
-                    gram,
-                    cross,
-                    layer.kernel_channels,
-                    layer.pointwise.weight.detach().to(torch.float64).flatten(1),
-                    layer.depthwise.weight.detach().to(torch.float64).flatten(1),
-                    energy=energy,
-                    iterations=steps,
-                    ridge=ridge,
-                    max_direct=max_direct,
-                    tolerance=tolerance,
-                    solve_tolerance=solve_tolerance,
-                )
-                with torch.no_grad():
-                    for parameter, value in (
-                        (layer.pointwise.weight, pointwise),
-                        (layer.depthwise.weight, kernels),
-                    ):
-                        parameter.copy_(value.to(parameter.dtype).view_as(parameter))
+                errors[name] = _refit_layer(layer, dense_modules[name], statistics, alternation)
                 bar.update()
         finally:
             bar.close()
-            for layer, fused in modes:
-                layer.fused = fused
+            for module, fused in modes:
+                module.fused = fused
     if inplace:
         converted.load_state_dict(work.state_dict())
         work = converted
     return (work, errors) if return_errors else work
+
+
+def _refit_layer(
+    layer: nn.Module, conv: nn.Conv2d, statistics: tuple, alternation: dict[str, Any]
+) -> list[float]:
+    """One layer refitted in place from its statistics ``(S, W S, tr(W S W^T))``; returns
+    its output errors (residual sums of squares) before and after every step."""
+    gram, cross, energy = statistics
+    if getattr(layer, "gdws", None) is False:  # a low-rank layer with a dense first conv
+        return _refit_lowrank(layer, conv, gram)
+    gdws = layer.first if hasattr(layer, "first") else layer
+    pointwise = gdws.pointwise.weight.detach().to(torch.float64).flatten(1)
+    rank = None
+    if gdws is not layer:  # the low-rank pointwise: P = second @ first's 1 x 1
+        rank = layer.rank
+        pointwise = layer.second.weight.detach().to(torch.float64).flatten(1) @ pointwise
+    pointwise, kernels, errors = refit_layer_factors(
+        gram,
+        cross,
+        gdws.kernel_channels,
+        pointwise,
+        gdws.depthwise.weight.detach().to(torch.float64).flatten(1),
+        energy=energy,
+        rank=rank,
+        **alternation,
+    )
+    _copy(gdws.depthwise.weight, kernels)
+    if rank is None:
+        _copy(gdws.pointwise.weight, pointwise)
+    else:  # P has rank <= R: its exact factors, the top eigenvectors of P P^T
+        eye = torch.eye(pointwise.shape[1], dtype=pointwise.dtype, device=pointwise.device)
+        inner, outer = reduced_rank_fit(pointwise, eye, rank)
+        _copy(gdws.pointwise.weight, _widen(inner, rank))
+        _copy(layer.second.weight, _widen(outer.T, rank).T)
+    return errors
+
+
+def _refit_lowrank(layer: nn.Module, conv: nn.Conv2d, gram: torch.Tensor) -> list[float]:
+    """A low-rank layer's exact least-squares optimum for its inputs' Gram matrix."""
+    weight = conv.weight.detach().to(device=gram.device, dtype=torch.float64)
+    before = response_error(weight, layer.dense_weight().detach().to(torch.float64), gram)
+    optimum = ResponseErrors(weight, moment=gram)
+    first, second = optimum.lowrank_factors(layer.rank)
+    _copy(layer.first.weight, first)
+    _copy(layer.second.weight, second)
+    return [before, optimum.lowrank(layer.rank)]
+
+
+def _widen(rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """``rows`` with zero rows added up to ``rank`` (``M < R`` keeps ``M`` factors)."""
+    extra = rank - rows.shape[0]
+    return rows if extra <= 0 else torch.cat([rows, rows.new_zeros(extra, rows.shape[1])])
+
+
+def _copy(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        parameter.copy_(value.to(parameter.dtype).view_as(parameter))
 
 
 def refit_pointwise(

@@ -1,4 +1,4 @@
-"""Each GDWS layer's least-squares statistics over the calibration inputs.
+"""Each compressed layer's least-squares statistics over the calibration inputs.
 
 The refit needs, per layer, the Gram matrix ``S = sum patch patch^T`` of the input
 patches the converted network feeds it (earlier layers already refitted). Two costs
@@ -219,12 +219,14 @@ def layer_statistics(
     inputs: Iterable[torch.Tensor] | None = None,
     products: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The least-squares statistics of one GDWS layer over calibration batches, in float64.
+    """The least-squares statistics of one compressed layer over calibration batches, in
+    float64.
 
     Parameters
     ----------
-    layer : GDWSConv2d
-        A layer of ``work``.
+    layer : GDWSConv2d or LowRankConv2d
+        A layer of ``work``; its :attr:`geometry` (the conv that reads the input) gives
+        the patches.
     conv : torch.nn.Conv2d
         The dense conv it replaces (its weight ``W``).
     work : torch.nn.Module
@@ -249,7 +251,8 @@ def layer_statistics(
     energy : float
         ``tr(W S W^T)``, the dense outputs' energy.
     """
-    device = layer.kernel_channels.device
+    geometry = layer.geometry
+    device = geometry.weight.device
     weight = conv.weight.detach().to(device=device, dtype=torch.float64)
     m = weight.shape[0]
     n = weight[0].numel()
@@ -261,10 +264,10 @@ def layer_statistics(
     for x in inputs:
         wide = products == torch.float64 or x.dtype == torch.float64
         x = x.to(torch.float64 if wide else torch.float32)
-        positions = conv_patch_rows(layer.depthwise, x[:1]).shape[0]
+        positions = conv_patch_rows(geometry, x[:1]).shape[0]
         chunk = max(1, _PATCH_CHUNK_BYTES // max(n * positions * x.element_size(), 1))
         for start in range(0, len(x), chunk):
-            accumulator.add(conv_patch_rows(layer.depthwise, x[start : start + chunk]))
+            accumulator.add(conv_patch_rows(geometry, x[start : start + chunk]))
     gram = accumulator.result()
     flat_weight = weight.reshape(m, n)
     cross = flat_weight @ gram
