@@ -34,6 +34,8 @@ weighted error GDWS's solvers minimise.
   kernels when ``Sigma`` is the weighting's own moment.
 
 Everything is array-API generic and computed in float64 where the namespace has it.
+Over 400 lines because the forms' errors share one set of terms and their derivations
+(the docstrings are much of it).
 """
 
 from __future__ import annotations

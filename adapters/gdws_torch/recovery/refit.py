@@ -12,7 +12,9 @@ it (natural or adversarial calibration inputs); its form and MACs stay as they a
   ``W S W^T``, :meth:`gdws_approx.ResponseErrors.lowrank_factors`).
 
 The steps themselves are in :mod:`.factor_steps`, the statistics they need are gathered
-by :mod:`.statistics`; this module alternates the steps, layer after layer.
+by :mod:`.statistics`; this module alternates the steps, layer after layer. Over 400
+lines because its three documented entry points share one statistics pass, one
+alternation and the dispatch over the layer forms.
 """
 
 from __future__ import annotations
