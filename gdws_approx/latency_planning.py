@@ -53,13 +53,15 @@ from gdws_approx.planning import (
 )
 from gdws_approx.response import ResponseErrors
 
-__all__ = ["DEFAULT_FORMS", "FORMS", "LayerLatency", "plan_latency"]
+__all__ = ["DEFAULT_FORMS", "FORMS", "GDWS_FORMS", "LayerLatency", "plan_latency"]
 
 #: The forms a layer may take besides staying dense.
 FORMS = ("gdws", "grouped", "lowrank", "gdws_lowrank")
 #: The forms :func:`plan_latency` offers by default: those measurements show can pay
 #: (``"gdws_lowrank"`` waits for its benchmark, ``bench/lowrank_forms.py``).
 DEFAULT_FORMS = ("gdws", "grouped", "lowrank")
+#: The GDWS forms only (gather and grouped; grouped at ``m = 1`` is depthwise-separable).
+GDWS_FORMS = ("gdws", "grouped")
 
 # Kernel counts (ranks) offered per layer between the smallest and largest measured one.
 _OPTIONS_PER_LAYER = 48
@@ -283,10 +285,11 @@ def plan_latency(
             "input_moment must be given for every layer or for none (the errors of the "
             f"layers must be comparable); given for {with_moment} only."
         )
-    per_layer, layer_errors = [], []
-    for spec in specs:
-        layer_errors.append(_response_errors(spec, svd_solver))
-        per_layer.append(_options(layer_errors[-1], latencies[spec.name], kernel_multiple, forms))
+    # Each layer's errors are dropped once its options are known (their terms are G x G).
+    per_layer = [
+        _options(_response_errors(s, svd_solver), latencies[s.name], kernel_multiple, forms)
+        for s in specs
+    ]
     dense_sum = sum(latencies[s.name].dense_ms for s in specs)
     # predicted = network - sum(dense_i - chosen_i) <= network / target
     budget = dense_sum - network_dense_ms * (1 - 1 / target)
@@ -306,8 +309,8 @@ def plan_latency(
     if chosen is None:  # within one grid step of the fastest choice
         chosen = [min(range(len(opts)), key=lambda k, o=opts: o[k]["ms"]) for opts in per_layer]
     plans = [
-        _layer_plan(spec, options[k], latencies[spec.name], errors, svd_solver)
-        for spec, options, k, errors in zip(specs, per_layer, chosen, layer_errors, strict=True)
+        _layer_plan(spec, options[k], latencies[spec.name], svd_solver)
+        for spec, options, k in zip(specs, per_layer, chosen, strict=True)
     ]
     predicted = network_dense_ms - sum(
         latencies[spec.name].dense_ms - options[k]["ms"]
@@ -326,15 +329,11 @@ def plan_latency(
 
 
 def _layer_plan(
-    spec: LayerSpec,
-    option: Mapping[str, Any],
-    latency: LayerLatency,
-    errors: ResponseErrors,
-    svd_solver: str,
+    spec: LayerSpec, option: Mapping[str, Any], latency: LayerLatency, svd_solver: str
 ) -> LayerPlan:
     form, error = option["form"], float(option["error"])
     timings = {"dense": latency.dense_ms, "gdws": float(option["ms"])}
-    m, c, kh, kw = errors.shape
+    m, c, kh, kw = spec.weight.shape
     if form == "dense":
         # Fitted anyway (one kernel per channel) so the report shows what GDWS would cost.
         plan = _plan_layer(spec, "mego", c, False, svd_solver)
@@ -362,7 +361,7 @@ def _layer_plan(
             macs=cost.lowrank_macs(rank, c, kh * kw, m) * spec.output_pixels,
             timings_ms={"dense": latency.dense_ms, "lowrank": float(option["ms"])},
             rank=rank,
-            factors=errors.lowrank_factors(rank),
+            factors=_response_errors(spec, svd_solver).lowrank_factors(rank),
         )
     if form == "grouped":
         multiplier = option["multiplier"]
@@ -374,6 +373,7 @@ def _layer_plan(
     plan = _plan_layer(spec, "mego", option["n_kernels"], False, svd_solver)
     if form == "gdws":
         return dataclasses.replace(plan, error=error, timings_ms=timings)
+    errors = _response_errors(spec, svd_solver)
     inner, outer = errors.gdws_lowrank_factors(plan.n_kernels, option["rank"])
     rank = int(outer.shape[1])
     macs = cost.gdws_lowrank_macs(plan.n_kernels, kh * kw, rank, m) * spec.output_pixels

@@ -308,13 +308,11 @@ class ResponseErrors:
         order = xp.argsort(terms["keep_rank"], stable=True)
         a = xp.take(terms["a"], order)
         b = xp.take(xp.take(terms["b"], order, axis=0), order, axis=1)
-        index = xp.arange(a.shape[0], device=_device(a))
-        below = xp.astype(index[None, :] < index[:, None], b.dtype)
-        diagonal = xp.astype(index[None, :] == index[:, None], b.dtype)
-        # Row k adds term k: b_kk + 2 sum_{l<k} b_kl - 2 a_k.
-        step = xp.sum((2 * below + diagonal) * b, axis=1) - 2 * a
-        zero = xp.zeros(1, dtype=b.dtype, device=_device(b))
-        return _clamp(xp, self.energy + xp.concat([zero, xp.cumulative_sum(step)]))
+        # sum_{k,l<G} b_kl: the diagonal of b's cumulative sums over both axes.
+        quadratic = xp.cumulative_sum(xp.cumulative_sum(b, axis=0), axis=1)
+        errors = self.energy - 2 * xp.cumulative_sum(a) + xp.linalg.diagonal(quadratic)
+        zero = xp.asarray([self.energy], dtype=b.dtype, device=_device(b))
+        return _clamp(xp, xp.concat([zero, errors]))
 
     def gdws(self, n_kernels: int) -> float:
         """The response error of MEGO's GDWS fit with ``n_kernels`` kernels."""

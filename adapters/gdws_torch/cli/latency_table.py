@@ -1,4 +1,4 @@
-"""``gdws latency-table``: time every eligible layer of a model, dense and as GDWS."""
+"""``gdws latency-table``: time every eligible layer of a model, dense and in every form."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ COLUMNS = [
     ("dense", "dense ms"),
     ("curve", "GDWS ms at G"),
     ("grouped", "grouped ms at m"),
+    ("lowrank", "low-rank ms at R"),
     ("best", "best x"),
 ]
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     latencies = table.layers(convs, shapes, rounds=args.rounds, progress=not args.no_progress)
     rows = []
     for name, latency in latencies.items():
-        fastest = min((*latency.gdws_ms, *latency.grouped_ms))
+        fastest = min((*latency.gdws_ms, *latency.grouped_ms, *latency.lowrank_ms))
         rows.append(
             {
                 "layer": name,
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 "dense": f"{latency.dense_ms:.4g}",
                 "curve": _curve(latency.kernel_counts, latency.gdws_ms),
                 "grouped": _curve(latency.multipliers, latency.grouped_ms),
+                "lowrank": _curve(latency.ranks, latency.lowrank_ms),
                 "best": f"{latency.dense_ms / fastest:.2f}",
             }
         )

@@ -8,6 +8,7 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
+from gdws_approx.latency_planning import GDWS_FORMS
 from gdws_torch.cli import _common as common
 from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.weightings import STRATEGIES
@@ -183,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         allocations=allocations,
         speedup_targets=args.target_speedup,
-        latency=Latency(
-            backend=args.backend, batch_size=args.latency_batch_size, table=args.latency_table
+        latency=Latency(  # the sweep's speed rows are its GDWS method's
+            backend=args.backend,
+            batch_size=args.latency_batch_size,
+            table=args.latency_table,
+            forms=GDWS_FORMS,
         ),
         recalibration_samples=min(args.recalibrate_bn, len(train)),
         weighting_samples=min(args.weighting_samples, len(train)),

@@ -58,7 +58,7 @@ _VERSION = 3
 # Kernel counts timed per layer (the planner interpolates between them).
 GRID_POINTS = 8
 # Ranks timed per layer: few, since every point adds to the table's building time.
-RANK_POINTS = 5
+RANK_POINTS = 4
 # The multiple each backend runs depthwise convs fastest at (ONNX Runtime pads G to 4).
 PREFERRED_MULTIPLE = {
     "eager": 1,

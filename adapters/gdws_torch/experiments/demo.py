@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from gdws_approx.latency_planning import GDWS_FORMS
 from gdws_torch.conversion.convert import convert, set_fused
 from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.recipes import RECIPES as LIBRARY_RECIPES
@@ -401,6 +402,7 @@ def _speed_headline(
        no part in the choice.
 
     Latency tables come from the user's cache (timed and added there on the first run).
+    The plans offer the GDWS forms only (``GDWS_FORMS``): the headline is a GDWS model.
     """
     from gdws_torch.conversion.eligibility import eligible_convs
     from gdws_torch.cost.latency_tables import LatencyTable
@@ -415,7 +417,7 @@ def _speed_headline(
             _, plan = convert(
                 network,
                 target_speedup=target,
-                latency=Latency(backend=name, table=tables[name]),
+                latency=Latency(backend=name, table=tables[name], forms=GDWS_FORMS),
                 input_size=INPUT_SHAPE,
                 weighting=dataclasses.replace(inputs.weighting, allocation="common_beta"),
             )
@@ -440,7 +442,7 @@ def _speed_headline(
             inputs=inputs,
             target_speedup=target,
             input_size=INPUT_SHAPE,
-            latency=Latency(backend=name, table=tables[name]),
+            latency=Latency(backend=name, table=tables[name], forms=GDWS_FORMS),
             convert_options={"layers": layers},
         )
 
