@@ -333,3 +333,22 @@ def test_the_forms_bench_times_each_form_at_equal_macs(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT gdws_lowrank: ")
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(set(r["ms"]) == {*bench.FORMS_TIMED} for r in rows)
+
+
+def test_input_moments_are_checked_before_any_layer_is_timed(tmp_path, monkeypatch):
+    import gdws_torch.cost.latency_tables as tables
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a layer was timed")
+
+    monkeypatch.setattr(tables, "measure_layer", no_timing)
+    net = small_net()
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)][1:]
+    good = {n: torch.eye(net.get_submodule(n).weight[0].numel()) for n in names}
+    run = dict(target_speedup=1.5, input_size=(3, 16, 16), latency=Latency(table=tmp_path / "t"))
+    with pytest.raises(ValueError, match=r"input_moments\['2'\] must have shape"):
+        convert(net, weighting=Weighting(input_moments={**good, "2": torch.eye(3)}), **run)
+    with pytest.raises(ValueError, match="input_moments has no entry for layer '4'"):
+        convert(net, weighting=Weighting(input_moments={"2": good["2"]}), **run)
+    with pytest.raises(TypeError, match="input_moments must be a mapping"):
+        Weighting(input_moments=torch.eye(3))

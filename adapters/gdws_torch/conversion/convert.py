@@ -237,7 +237,7 @@ def _layer_specs(model, chosen, macs, weighting: Weighting, input_size) -> list[
                 input_transforms=_optional_entry(
                     weighting.input_transforms, name, "input_transforms"
                 ),
-                input_moment=_optional_entry(weighting.input_moments, name, "input_moments"),
+                input_moment=_input_moment(weighting.input_moments, name, conv),
             )
         )
     if not specs:
@@ -362,6 +362,23 @@ def _optional_entry(mapping: Mapping[str, Any] | None, name: str, what: str) -> 
         if key in mapping:
             return _real(torch.as_tensor(mapping[key]), f"{what}[{key!r}]").to(torch.float64)
     return None
+
+
+def _input_moment(moments: Mapping[str, Any] | None, name: str, conv: nn.Conv2d) -> Any:
+    """Layer ``name``'s input moment, checked now (before any layer is timed)."""
+    moment = _optional_entry(moments, name, "input_moments")
+    n = conv.weight[0].numel()
+    if moment is not None and tuple(moment.shape) != (n, n):
+        raise ValueError(
+            f"input_moments[{name!r}] must have shape (C*Kh*Kw, C*Kh*Kw) = ({n}, {n}); got "
+            f"{tuple(moment.shape)}."
+        )
+    if moments is not None and moment is None:
+        raise ValueError(
+            f"input_moments has no entry for layer {name!r}: give one for every converted "
+            "layer (gdws_torch.conversion.weightings.input_patch_moments computes them)."
+        )
+    return moment
 
 
 def _real(value: torch.Tensor, name: str) -> torch.Tensor:
