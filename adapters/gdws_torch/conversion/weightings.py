@@ -195,7 +195,7 @@ def input_patch_moments(
         return record
 
     count = 0
-    for images, *_ in take_samples(loader, n_samples, device=device):
+    for images, *_ in take_samples(loader, n_samples, stage="input patch moments", device=device):
         hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
         _forward_with_hooks(model, images, hooks)
         count += len(images)
