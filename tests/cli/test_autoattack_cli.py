@@ -36,7 +36,7 @@ def test_eval_autoattack_fast_equals_the_library_and_runs_the_checks(checkpoint,
     flags = ["--attack", "autoattack-fast", "--epsilon", "40", "--n-samples", "12"]
     assert gdws("eval", *digits(checkpoint), *flags, "--no-progress", "--json", out) == 0
     printed = capsys.readouterr().out
-    label = "l_inf AutoAttack-fast (eps 40/255)"
+    label = "Linf AutoAttack-fast (eps 40/255)"
     assert f"{label} acc. %" in printed and f"{label}: natural" in printed
     assert "gradient-masking checks (12 samples):" in printed and "[FLAG]" not in printed
     result = json.loads(out.read_text())
@@ -64,13 +64,13 @@ def test_eval_autoattack_fast_equals_the_library_and_runs_the_checks(checkpoint,
 
 def test_eval_apgd_union_over_norms(checkpoint, tmp_path, capsys):
     out = tmp_path / "apgd.json"
-    flags = ["--attack", "apgd", "--attack-iters", "5", "--norm", "l_inf", "l_2"]
+    flags = ["--attack", "apgd", "--attack-iters", "5", "--norm", "Linf", "L2"]
     flags += ["--epsilon", "32", "255", "--n-samples", "20", "--no-progress"]
     assert gdws("eval", *digits(checkpoint), *flags, "--json", out) == 0
     result = json.loads(out.read_text())
     labels = [a["label"] for a in result["attacks"]]
-    assert labels == ["l_inf APGD-CE-5 (eps 32/255)", "l_2 APGD-CE-5 (eps 255/255)"]
-    assert all(a["iterations"] == 5 and a["loss"] == "ce" for a in result["attacks"])
+    assert labels == ["Linf APGD-CE-5 (eps 32/255)", "L2 APGD-CE-5 (eps 255/255)"]
+    assert all(a["steps"] == 5 and a["loss"] == "ce" for a in result["attacks"])
     model = normalized(demo.demo_network(), "digits")
     data = load_dataset("digits", split="test", size=16)
     attacks = {
@@ -90,17 +90,18 @@ def test_sweep_labels_the_attack_and_stores_the_checks(tmp_path, capsys):
     args += ["--strategies", "unit", "--recalibrate-bn", "0", "--fps-backend", "none"]
     assert gdws("sweep", *args, "--no-progress", "--out-dir", tmp_path) == 0
     printed = capsys.readouterr().out
-    label = "l_inf APGD-CE-2 (eps 24/255)"
+    label = "Linf APGD-CE-2 (eps 24/255)"
     assert f"robust ({label})" in printed and "gradient-masking checks" in printed
     results = json.loads((tmp_path / "sweep.json").read_text())
     assert results["attack"]["attack"] == "apgd" and results["attack"]["label"] == label
+    assert results["attack"]["norm"] == "Linf" and results["attack"]["steps"] == 2
     assert results["masking_checks"]["n_samples"] == 20
 
 
 def test_demo_attack_helpers():
-    assert demo.attack_label("pgd") == "l_inf PGD-20 (eps 24/255)"
-    assert demo.attack_label("apgd", 50) == "l_inf APGD-CE-50 (eps 24/255)"
-    assert demo.attack_label("autoattack") == "l_inf AutoAttack (eps 24/255)"
+    assert demo.attack_label("pgd") == "Linf PGD-20 (eps 24/255)"
+    assert demo.attack_label("apgd", 50) == "Linf APGD-CE-50 (eps 24/255)"
+    assert demo.attack_label("autoattack") == "Linf AutoAttack (eps 24/255)"
     model = demo.demo_network()
     attack = demo.evaluation_attack(model, "autoattack-fast")
     assert isinstance(attack, AutoAttack) and attack.version == "fast"

@@ -88,12 +88,12 @@ def test_eval_pgd_equals_the_library_and_logs_epsilon(run_folder):
     assert result["attacks"] == [
         {
             "attack": "pgd",
-            "label": "l_inf PGD-2 (eps 8/255)",
-            "norm": "l_inf",
-            "epsilon": 8 / 255,
-            "step": 2 / 255,
-            "iterations": 2,
-            "restarts": 1,
+            "label": "Linf PGD-2 (eps 8/255)",
+            "norm": "Linf",
+            "eps": 8 / 255,
+            "alpha": 2 / 255,
+            "steps": 2,
+            "n_restarts": 1,
             "accuracy": expected,
         }
     ]
@@ -107,22 +107,25 @@ def test_eval_union_of_three_norms_equals_the_library(run_folder):
 
     root, network = run_folder
     json_path = root / "union.json"
-    norms = ["--norm", "l_inf", "l_2", "l_1", "--epsilon", "8", "64", "2550"]
+    # The original's spellings of --norm are accepted; the results say Linf, L2, L1.
+    norms = ["--norm", "l_inf", "L2", "l_1", "--epsilon", "8", "64", "2550"]
     steps = ["--pgd-alpha", "2", "16", "255", "--attack-iters", "2", "--logfilename", "u.txt"]
     assert gdws("eval", *common_args(root), *norms, *steps, "--json", json_path) == 0
     result = json.loads(json_path.read_text())
     model = Normalized(network, CIFAR10_MEAN.flatten().tolist(), CIFAR10_STD.flatten().tolist())
     loader = torch.utils.data.DataLoader(load_dataset("cifar10", root / "data", "test"), 128)
     attacks = {
-        "l_inf": PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, seed=0),
-        "l_2": PGDL2(model, eps=64 / 255, alpha=16 / 255, steps=2, seed=0),
-        "l_1": PGDL1(model, eps=10.0, alpha=1.0, steps=2, seed=0, sparsity=0.99),
+        "Linf": PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, seed=0),
+        "L2": PGDL2(model, eps=64 / 255, alpha=16 / 255, steps=2, seed=0),
+        "L1": PGDL1(model, eps=10.0, alpha=1.0, steps=2, seed=0, sparsity=0.99),
     }
     expected = evaluate(model, loader, attacks, progress=False)
     assert [a["accuracy"] for a in result["attacks"]] == pytest.approx(
         list(expected["attacks"].values())
     )
     assert result["robust_accuracy"] == result["union_accuracy"] == pytest.approx(expected["union"])
+    assert [a["norm"] for a in result["attacks"]] == ["Linf", "L2", "L1"]
+    assert [a["label"].split()[0] for a in result["attacks"]] == ["Linf", "L2", "L1"]
     log = (root / "run" / "u.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in log] == [
         "epsilon",
@@ -264,14 +267,18 @@ def test_a_wrn_checkpoint_without_the_unused_block_loads(tmp_path, capsys):
                 "--fname",
                 "run",
                 "--norm",
-                "l_inf",
-                "l_2",
+                "Linf",
+                "L2",
                 "--epsilon",
                 "8",
                 "64",
                 "1",
             ],
             "one value or one per --norm",
+        ),
+        (
+            ["eval", "--model", "preactresnet18", "--fname", "run", "--norm", "linf"],
+            "argument --norm: invalid choice: 'linf' (choose from 'Linf', 'L2', 'L1')",
         ),
     ],
 )

@@ -21,7 +21,7 @@ from gdws_torch.robustness.evaluate import batch_outcomes
 torchattacks = pytest.importorskip("torchattacks")
 
 N_COMPARE = 300  # samples in the torchattacks comparisons
-P_NORM = {"l_inf": float("inf"), "l_2": 2.0, "l_1": 1.0}
+P_NORM = {"Linf": float("inf"), "L2": 2.0, "L1": 1.0}
 
 
 def digits_split():
@@ -173,7 +173,7 @@ def test_l1_apgd_is_not_weaker_than_sparse_l1_pgd(trained):
 
 
 def bisection_projection(x, z, eps):
-    """Projection onto the l_1 ball in the box by bisection on the threshold (float64)."""
+    """Projection onto the L1 ball in the box by bisection on the threshold (float64)."""
     x, z = x.double().flatten(1), z.double().flatten(1)
     room = torch.where(z >= 0, 1 - x, x)
     size = z.abs()
@@ -372,11 +372,12 @@ def test_empty_batch_and_repr(trained):
     attack = APGD(model, norm="L2", eps=0.5, steps=7, n_restarts=2, loss="dlr", seed=1)
     assert attack(x[:0], y[:0]).shape == (0, 1, 8, 8)
     assert repr(attack) == (
-        "APGD(norm='l_2', eps=0.5, steps=7, n_restarts=2, loss='dlr', seed=1, rho=0.75, eot_iter=1)"
+        "APGD(norm='L2', eps=0.5, steps=7, n_restarts=2, loss='dlr', rho=0.75, eot_iter=1, "
+        "use_largereps=False, seed=1)"
     )
-    assert repr(APGDT(model, norm="l_1", eps=2, use_largereps=True)) == (
-        "APGDT(norm='l_1', eps=2, steps=100, n_restarts=1, n_target_classes=9, seed=0, "
-        "rho=0.75, eot_iter=1, use_largereps=True)"
+    assert repr(APGDT(model, norm="L1", eps=2, use_largereps=True)) == (
+        "APGDT(norm='L1', eps=2, steps=100, n_restarts=1, loss='dlr-targeted', rho=0.75, "
+        "eot_iter=1, use_largereps=True, n_target_classes=9, seed=0)"
     )
 
 
@@ -398,7 +399,8 @@ def test_empty_batch_and_repr(trained):
         ({"rho": 1.5}, ValueError, "rho must be"),
         ({"eot_iter": 0}, ValueError, "eot_iter must be"),
         ({"seed": -1}, ValueError, "seed must be"),
-        ({"use_largereps": True}, ValueError, "use_largereps is for the l_1"),
+        ({"seed": None}, TypeError, r"seed must be an integer >= 0; got None"),
+        ({"use_largereps": True}, ValueError, "use_largereps is for the L1"),
         ({"use_largereps": 1}, TypeError, "use_largereps must be a bool"),
     ],
 )
@@ -432,8 +434,6 @@ def test_bad_inputs(trained):
         attack(x, y.float())
     with pytest.raises(ValueError, match="labels must have shape"):
         attack(x, y[:4])
-    with pytest.raises(ValueError, match="construct the attack with seed"):
-        APGD(model, eps=0.1, steps=2, seed=None)(x, y, sample_ids=range(8))
     with pytest.raises(ValueError, match="sample_ids must be 8 integer"):
         attack(x, y, sample_ids=range(4))
 

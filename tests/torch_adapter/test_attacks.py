@@ -62,11 +62,11 @@ ATTACKS = [
 @pytest.mark.parametrize(("cls", "kwargs"), ATTACKS, ids=["linf", "l2", "l1"])
 def test_perturbations_stay_in_the_ball_and_the_pixel_box(trained, cls, kwargs):
     model, (x, y) = trained
-    attack = cls(model, steps=5, restarts=2, seed=0, **kwargs)
+    attack = cls(model, steps=5, n_restarts=2, seed=0, **kwargs)
     adversarial = attack(x[:64], y[:64])
     delta = (adversarial - x[:64]).flatten(1)
     assert float(adversarial.min()) >= 0 and float(adversarial.max()) <= 1
-    p = {"l_inf": float("inf"), "l_2": 2, "l_1": 1}[attack.norm]
+    p = {"Linf": float("inf"), "L2": 2, "L1": 1}[attack.norm]
     assert float(delta.norm(p=p, dim=1).max()) <= kwargs["eps"] * (1 + 1e-5)
     with torch.no_grad():
         clean = (model(x[:64]).argmax(1) == y[:64]).float().mean()
@@ -90,7 +90,8 @@ def test_linf_pgd_agrees_with_torchattacks(trained):
 
 def test_union_counts_samples_surviving_every_attack(trained):
     model, (x, y) = trained
-    attacks = {cls.norm: cls(model, steps=5, seed=0, **kw) for cls, kw in ATTACKS}
+    built = [cls(model, steps=5, seed=0, **kw) for cls, kw in ATTACKS]
+    attacks = {attack.norm: attack for attack in built}
     result = evaluate(
         model, [(x[:100], y[:100]), (x[100:200], y[100:200])], attacks, progress=False
     )
@@ -108,8 +109,8 @@ def test_union_counts_samples_surviving_every_attack(trained):
 
 def test_restarts_keep_the_worst_case_and_early_stop_freezes_broken_samples(trained):
     model, (x, y) = trained
-    one = PGD(model, 0.08, 0.02, steps=3, restarts=1, seed=1)(x[:128], y[:128])
-    many = PGD(model, 0.08, 0.02, steps=3, restarts=4, seed=1)(x[:128], y[:128])
+    one = PGD(model, 0.08, 0.02, steps=3, n_restarts=1, seed=1)(x[:128], y[:128])
+    many = PGD(model, 0.08, 0.02, steps=3, n_restarts=4, seed=1)(x[:128], y[:128])
     with torch.no_grad():
         wrong_one = model(one).argmax(1) != y[:128]
         wrong_many = model(many).argmax(1) != y[:128]
@@ -164,8 +165,8 @@ def test_bad_input(trained):
         PGD(model, 0.1, 0.1, steps=-1)
     with pytest.raises(TypeError, match=r"steps must be an integer >= 1; got 2\.0 \(float\)"):
         PGD(model, 0.1, 0.1, steps=2.0)
-    with pytest.raises(ValueError, match="restarts must be an integer >= 1; got 0"):
-        PGD(model, 0.1, 0.1, restarts=0)
+    with pytest.raises(ValueError, match="n_restarts must be an integer >= 1; got 0"):
+        PGD(model, 0.1, 0.1, n_restarts=0)
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\); got 1\.0"):
         PGDL1(model, 1.0, 0.1, sparsity=1.0)
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\); got -0\.5"):
@@ -189,3 +190,30 @@ def test_an_empty_batch_comes_back_empty(trained, cls, kwargs):
     for ids in (None, torch.zeros(0, dtype=torch.long)):
         out = attack(x[:0], y[:0], sample_ids=ids)
         assert out.shape == (0, *x.shape[1:]) and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize(
+    ("subclass", "norm", "kwargs"),
+    [(PGDL2, "L2", {"eps": 0.5, "alpha": 0.1}), (PGDL1, "L1", {"eps": 2.0, "alpha": 0.5})],
+)
+def test_pgdl2_and_pgdl1_are_pgd_with_that_norm(trained, subclass, norm, kwargs):
+    model, (x, y) = trained
+    named = subclass(model, steps=3, n_restarts=2, seed=5, **kwargs)
+    keyword = PGD(model, steps=3, n_restarts=2, seed=5, norm=norm, **kwargs)
+    assert isinstance(named, PGD) and named.norm == norm
+    ids = torch.arange(16) + 100
+    assert torch.equal(named(x[:16], y[:16]), keyword(x[:16], y[:16]))
+    assert torch.equal(
+        named(x[:16], y[:16], sample_ids=ids), keyword(x[:16], y[:16], sample_ids=ids)
+    )
+
+
+def test_sparsity_is_for_l1_only_and_old_norm_spellings_are_refused(trained):
+    model, _ = trained
+    assert PGD(model, norm="L1").sparsity == 0.99
+    with pytest.raises(ValueError, match="sparsity is for norm='L1'"):
+        PGD(model, norm="L2", sparsity=0.9)
+    with pytest.raises(ValueError, match=r"norm must be 'Linf', 'L2' or 'L1'; got 'l_inf'"):
+        PGD(model, norm="l_inf")
+    with pytest.raises(TypeError, match="random_start must be a bool; got 1 \\(int\\)"):
+        PGD(model, random_start=1)

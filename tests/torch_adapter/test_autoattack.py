@@ -16,7 +16,7 @@ from gdws_torch.robustness.masking import MaskingReport
 
 torchattacks = pytest.importorskip("torchattacks")
 
-EPS = 0.1  # l_inf, on 8x8 digits: about half the test digits stay robust
+EPS = 0.1  # Linf, on 8x8 digits: about half the test digits stay robust
 N_STANDARD = 100  # samples of the standard-ensemble comparison (Square's 5000 queries)
 N_REDUCED = 300  # samples of the reduced-ensemble comparison
 SMALL = {"version": "custom", "steps": 5, "n_queries": 40, "n_target_classes": 2}
@@ -68,10 +68,10 @@ def test_standard_and_fast_compose_the_original_attacks(trained):
     assert isinstance(square, Square) and (square.n_queries, square.p_init) == (5000, 0.8)
     assert {a.seed for _, a in standard.stages} == {0}
     assert AutoAttack(model, "L2", 0.5, version="fast").stage_names == ("APGD-CE", "APGD-T")
-    l1 = AutoAttack(model, "l_1", 12.0)  # the original's l_1 standard version
+    l1 = AutoAttack(model, "L1", 12.0)  # the original's L1 standard version
     assert l1.stage_names == ("APGD-CE", "APGD-T")
     (_, ce), (_, targeted) = l1.stages
-    assert ce.norm == "l_1" and ce.n_restarts == 5 and ce.use_largereps
+    assert ce.norm == "L1" and ce.n_restarts == 5 and ce.use_largereps
     assert targeted.use_largereps and targeted.n_restarts == 1
     custom = AutoAttack(
         model, eps=0.1, version="custom", attacks=["square", ("pgd", PGD(model, 0.1, 0.02))]
@@ -151,7 +151,10 @@ def test_fast_is_the_first_two_attacks_of_standard(standard_run, trained):
 
 class Recording:
     """A stand-in attack: records the sample ids it is given and, for the ids in
-    ``breaks``, returns a correctly classified digit of another class (misclassified)."""
+    ``breaks``, returns a correctly classified digit of another class (misclassified).
+    It declares that it takes ``sample_ids``, as the library's attacks do."""
+
+    seeds_per_sample = True
 
     def __init__(self, breaks, donors) -> None:
         self.breaks, self.donors, self.seed, self.seen = breaks, donors, 0, []
@@ -205,8 +208,6 @@ def test_sample_ids_make_sharded_runs_agree_with_the_whole_batch(trained):
     ]
     assert torch.equal(torch.cat([p.adversarial for p in parts]), whole.adversarial)
     assert torch.equal(torch.cat([p.report.broken_by for p in parts]), whole.report.broken_by)
-    with pytest.raises(ValueError, match="seed=<int>"):
-        AutoAttack(model, eps=EPS, seed=None, attacks=ALL_FOUR, **SMALL)(x, y, sample_ids=ids)
 
 
 def test_evaluate_dataset_shards_and_resumes_with_autoattack(trained, tmp_path):
@@ -232,20 +233,20 @@ def test_evaluate_dataset_shards_and_resumes_with_autoattack(trained, tmp_path):
         pass
 
     calls = {"n": 0}
-    original = attacks["aa"].run
+    original = attacks["aa"].forward
 
-    def interrupted(images, labels, sample_ids=None):
+    def interrupted(images, labels, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise Stop
-        return original(images, labels, sample_ids=sample_ids)
+        return original(images, labels, **kwargs)
 
-    attacks["aa"].run = interrupted
+    attacks["aa"].forward = interrupted
     with pytest.raises(Stop):
         evaluate_dataset(
             model, data, attacks, batch_size=7, resume_dir=folder, save_every_s=0, progress=False
         )
-    attacks["aa"].run = original
+    del attacks["aa"].forward
     resumed = evaluate_dataset(
         model, data, attacks, batch_size=7, resume_dir=folder, progress=False
     )
@@ -377,9 +378,9 @@ def test_black_box_check_from_plain_accuracies(trained):
     assert check.flagged is False and check.value == 0
     check = check_gradient_masking(model, x[:20], y[:20], by_attack=loud)["black_box"]
     assert check.flagged and check.value == pytest.approx(2.0)
-    nested = {"l_inf": quiet, "l_2": loud}
+    nested = {"Linf": quiet, "L2": loud}
     check = check_gradient_masking(model, x[:20], y[:20], by_attack=nested)["black_box"]
-    assert check.flagged and "(l_2)" in check.verdict
+    assert check.flagged and "(L2)" in check.verdict
     fast = {"APGD-CE": 50.0, "APGD-T": 48.0}
     assert (
         check_gradient_masking(model, x[:20], y[:20], by_attack=fast)["black_box"].flagged is None
@@ -396,7 +397,7 @@ def test_black_box_check_from_plain_accuracies(trained):
         ({"eps": 0}, ValueError, r"eps must be a finite real number > 0"),
         ({"eps": -1.0}, ValueError, r"eps must be a finite real number > 0"),
         ({"norm": "L3"}, ValueError, r"norm must be 'Linf', 'L2' or 'L1'; got 'L3'"),
-        ({"norm": 2}, TypeError, r"norm must be 'Linf', 'L2' or 'L1'; got int"),
+        ({"norm": 2}, TypeError, r"norm must be 'Linf', 'L2' or 'L1'; got 2 \(int\)"),
         ({"version": "plus"}, ValueError, r"version must be one of .* got 'plus'"),
         ({"attacks": ["square"]}, ValueError, r"attacks is for version='custom'"),
         ({"steps": 10}, ValueError, r"steps is for version='custom'"),
@@ -406,10 +407,11 @@ def test_black_box_check_from_plain_accuracies(trained):
         (
             {"version": "custom", "attacks": ["square"], "norm": "L1"},
             ValueError,
-            r"'square' has no l_1 version",
+            r"'square' has no L1 version",
         ),
         ({"version": "custom", "attacks": ["square", "square"]}, ValueError, "distinct labels"),
         ({"seed": -1}, ValueError, r"seed must be an integer >= 0"),
+        ({"seed": None}, TypeError, r"seed must be an integer >= 0; got None"),
         ({"n_target_classes": 0}, ValueError, r"n_target_classes must be an integer >= 1"),
     ],
 )
@@ -446,7 +448,7 @@ def test_an_attack_leaving_the_ball_is_an_error(trained):
     def too_far(images, labels):
         return (images + 0.5).clamp(0, 1)
 
-    with pytest.raises(RuntimeError, match=r"'too_far' returned images outside the l_inf ball"):
+    with pytest.raises(RuntimeError, match=r"'too_far' returned images outside the Linf ball"):
         AutoAttack(model, eps=EPS, version="custom", attacks=[("too_far", too_far)])(x[:8], y[:8])
 
 

@@ -115,7 +115,7 @@ def test_sample_seeds_differ_between_samples_restarts_and_seeds():
 def test_a_sample_is_attacked_the_same_in_any_batch(cls, kwargs):
     model = small_net()
     images, labels = small_data(12).tensors
-    attack = cls(model, steps=3, restarts=2, seed=4, **kwargs)
+    attack = cls(model, steps=3, n_restarts=2, seed=4, **kwargs)
     ids = torch.arange(30, 42)
     together = attack(images, labels, sample_ids=ids)
     alone = torch.cat(
@@ -130,12 +130,17 @@ def test_a_sample_is_attacked_the_same_in_any_batch(cls, kwargs):
     assert not torch.equal(other, together)
 
 
-def test_sample_ids_need_a_seed_and_one_index_per_image():
+def test_sample_ids_need_one_index_per_image_and_the_seed_is_always_an_int():
     model = small_net()
     images, labels = small_data(4).tensors
-    with pytest.raises(ValueError, match="seed=<int>"):
-        PGD(model, 0.1, 0.03)(images, labels, sample_ids=[0, 1, 2, 3])
-    attack = PGD(model, 0.1, 0.03, seed=0)
+    with pytest.raises(TypeError, match=r"seed must be an integer >= 0; got None"):
+        PGD(model, 0.1, 0.03, seed=None)
+    attack = PGD(model, 0.1, 0.03)  # seed 0 by default
+    assert attack.seed == 0 and type(attack).seeds_per_sample
+    assert torch.equal(
+        attack(images, labels, sample_ids=[0, 1, 2, 3]),
+        PGD(model, 0.1, 0.03, seed=0)(images, labels, sample_ids=[0, 1, 2, 3]),
+    )
     with pytest.raises(ValueError, match="4 integer sample indices"):
         attack(images, labels, sample_ids=[0, 1, 2])
     with pytest.raises(ValueError, match="4 integer sample indices"):
@@ -249,6 +254,22 @@ def test_results_of_another_evaluation_are_refused(tmp_path):
     next(folder.glob("part-*.pt")).write_bytes(b"not a results file")
     with pytest.raises(ValueError, match="not a readable results file"):
         ResultStore(folder, {}).load()
+
+
+def test_a_resume_accepts_the_same_attack_settings_and_refuses_any_other(tmp_path):
+    model, data = small_net(), small_data(20)
+    folder = tmp_path / "partial"
+    first = {"linf": PGD(model, 0.05, 0.02, steps=2, seed=3)}
+    evaluate_dataset(model, data, first, batch_size=8, resume_dir=folder, progress=False)
+    # The manifest records each attack's settings by their names (norm, n_restarts, ...):
+    # an attack built anew with the same settings resumes, one differing in any is refused.
+    same = {"linf": PGD(model, 0.05, 0.02, steps=2, seed=3, norm="Linf", n_restarts=1)}
+    again = evaluate_dataset(model, data, same, batch_size=8, resume_dir=folder, progress=False)
+    assert again["resumed"] == 20
+    for changed in ({"n_restarts": 2}, {"norm": "L2"}, {"seed": 4}, {"random_start": False}):
+        other = {"linf": PGD(model, 0.05, 0.02, steps=2, **{"seed": 3, **changed})}
+        with pytest.raises(ValueError, match=r"another evaluation \(differs in: attacks\)"):
+            evaluate_dataset(model, data, other, batch_size=8, resume_dir=folder, progress=False)
 
 
 def test_describe_attack_keeps_the_settings_not_the_model():

@@ -609,17 +609,17 @@ def test_a_batch_whose_first_element_is_not_a_tensor_is_refused():
 
 def every_attack(model, norm="Linf", eps=0.1):
     """One of each attack of the library for ``norm`` (cheap settings), by name."""
-    library = {"Linf": "l_inf", "L2": "l_2", "L1": "l_1"}[norm]
-    pgd = {"Linf": PGD, "L2": PGDL2, "L1": PGDL1}[norm]
     attacks = {
-        pgd.__name__: lambda: pgd(model, eps=eps, alpha=eps / 4, steps=2, seed=0),
+        "PGD": lambda: PGD(model, eps=eps, alpha=eps / 4, steps=2, norm=norm),
         "APGD": lambda: APGD(model, norm=norm, eps=eps, steps=2),
-        "APGD (library norm name)": lambda: APGD(model, norm=library, eps=eps, steps=2),
         "APGDT": lambda: APGDT(model, norm=norm, eps=eps, steps=2, n_target_classes=2),
         "AutoAttack": lambda: AutoAttack(
             model, norm=norm, eps=eps, version="custom", attacks=["apgd-ce"], steps=2
         ),
     }
+    if norm != "Linf":
+        named = {"L2": PGDL2, "L1": PGDL1}[norm]
+        attacks[named.__name__] = lambda: named(model, eps=eps, alpha=eps / 4, steps=2)
     if norm != "L1":
         attacks["FAB"] = lambda: FAB(model, norm=norm, eps=eps, steps=2, n_target_classes=2)
         attacks["Square"] = lambda: Square(model, norm=norm, eps=eps, n_queries=3)
@@ -642,7 +642,7 @@ L2_L1_ATTACKS = [(norm, name) for norm in ("L2", "L1") for name in sorted(every_
 
 @pytest.mark.parametrize(("norm", "name"), L2_L1_ATTACKS)
 def test_l_2_and_l_1_radii_above_1_within_the_box_run(classifier, norm, name):
-    model, x = classifier  # 3x16x16 images: l_2 diameter sqrt(768) = 27.7, l_1 768
+    model, x = classifier  # 3x16x16 images: L2 diameter sqrt(768) = 27.7, L1 768
     eps = {"L2": 20.0, "L1": 12.0}[norm]
     adversarial = every_attack(model, norm, eps)[name]()(x, torch.tensor([0, 1, 2, 3]))
     p = {"L2": 2, "L1": 1}[norm]
@@ -656,7 +656,7 @@ def test_l_2_and_l_1_radii_beyond_the_pixel_box_are_refused_at_the_call(classifi
     attack = every_attack(model, norm, eps)[name]()  # the bound needs the image size
     with pytest.raises(
         ValueError,
-        match=rf"eps must be at most the l_{norm[1]} diameter of the pixel box \[0, 1\] for "
+        match=rf"eps must be at most the {norm} diameter of the pixel box \[0, 1\] for "
         rf"images of shape \(3, 16, 16\) \({diameter}: .* got {eps:g}\. eps is in pixel "
         r"units, not 1/255 units\.",
     ):

@@ -72,7 +72,7 @@ def test_float32_within_1e4_of_the_float64_loop(reference):
 
 
 def sign_attack(model: nn.Module, epsilon: float = 0.05):
-    """A deterministic one-step l_inf attack, torchattacks style (leaves no .grad)."""
+    """A deterministic one-step Linf attack, torchattacks style (leaves no .grad)."""
 
     def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()  # attacks may switch modes; noise gains must run in eval mode

@@ -39,8 +39,9 @@ from gdws_torch.models import ARCHITECTURES
 from gdws_torch.nn.normalization import normalized
 from gdws_torch.recovery import batchnorm_layers
 from gdws_torch.robustness.apgd import APGD
-from gdws_torch.robustness.attacks import PGD, PGDL1, PGDL2, Attack
+from gdws_torch.robustness.attacks import PGD, Attack
 from gdws_torch.robustness.autoattack import AutoAttack
+from gdws_torch.robustness.checks import NORMS
 from gdws_torch.robustness.distributed import process_group, world_from_environment
 
 # The original's model names (its get_architecture) not registered as they are, and
@@ -51,6 +52,17 @@ MODEL_ALIASES = {
     "digits": "digits_cnn",
 }
 DIGITS_SIZE = 16  # the demo network's input side
+#: The original work's spellings of --norm, still accepted: everything the CLI writes says
+#: Linf, L2, L1 (the library's).
+ORIGINAL_NORMS = {"l_inf": "Linf", "l_2": "L2", "l_1": "L1"}
+NORM_HELP = f"Linf, L2 or L1 (the original's {', '.join(ORIGINAL_NORMS)} are accepted)"
+
+
+def norm_flag(value: str) -> str:
+    """``--norm``'s type: the library's spelling of ``value`` (see :data:`ORIGINAL_NORMS`)."""
+    return ORIGINAL_NORMS.get(value, value)
+
+
 # --attack of the evaluating commands (eval, sweep, demo); the others craft PGD inputs.
 EVALUATION_ATTACKS = ("pgd", "apgd", "autoattack", "autoattack-fast", "none")
 ATTACK_HELP = (
@@ -144,9 +156,10 @@ def add_attack_arguments(
         group.add_argument("--attack", default=default_attack, choices=("pgd", "none"))
     group.add_argument(
         "--norm",
-        default=["l_inf"] if union else "l_inf",
-        choices=("l_inf", "l_2", "l_1"),
-        help="several: robust accuracy under each and under their union" if union else None,
+        default=["Linf"] if union else "Linf",
+        type=norm_flag,
+        choices=NORMS,
+        help=NORM_HELP + ("; several: robust accuracy under each and their union" if union else ""),
         **several,
     )
     each = " (one value, or one per --norm)" if union else ""
@@ -175,7 +188,7 @@ def add_attack_arguments(
         group.add_argument("--attack-iters", type=int, default=10)
     group.add_argument("--restarts", type=int, default=1)
     group.add_argument(
-        "--l1-sparsity", type=float, default=0.99, help="l_1 only: quantile of |grad| not moved"
+        "--l1-sparsity", type=float, default=0.99, help="L1 only: quantile of |grad| not moved"
     )
 
 
@@ -618,7 +631,7 @@ def resolve_attack_iters(args: argparse.Namespace) -> None:
 
 
 def attack_label(kind: str, norm: str, epsilon_255: float, steps: int | None = None) -> str:
-    """How tables and JSON name an attack: ``"l_inf AutoAttack (eps 8/255)"``."""
+    """How tables and JSON name an attack: ``"Linf AutoAttack (eps 8/255)"``."""
     name = {
         "pgd": f"PGD-{steps}",
         "apgd": f"APGD-CE-{steps}",
@@ -636,22 +649,27 @@ def build_attack(
     *,
     step: float | None = None,
     steps: int = 10,
-    restarts: int = 1,
+    n_restarts: int = 1,
     seed: int = 0,
     l1_sparsity: float = 0.99,
 ):
     """One attack of ``--attack`` (not ``none``) on ``model``; sizes in pixel units."""
-    library_norm = {"l_inf": "Linf", "l_2": "L2", "l_1": "L1"}[norm]
     if kind == "pgd":
-        classes = {"l_inf": PGD, "l_2": PGDL2, "l_1": PGDL1}
-        extra = {"sparsity": l1_sparsity} if norm == "l_1" else {}
-        return classes[norm](
-            model, eps=eps, alpha=step, steps=steps, restarts=restarts, seed=seed, **extra
+        sparsity = l1_sparsity if norm == "L1" else None
+        return PGD(
+            model,
+            eps,
+            step,
+            steps,
+            norm=norm,
+            n_restarts=n_restarts,
+            seed=seed,
+            sparsity=sparsity,
         )
     if kind == "apgd":
-        return APGD(model, norm=library_norm, eps=eps, steps=steps, n_restarts=restarts, seed=seed)
+        return APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=n_restarts, seed=seed)
     version = "fast" if kind == "autoattack-fast" else "standard"
-    return AutoAttack(model, norm=library_norm, eps=eps, version=version, seed=seed)
+    return AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed)
 
 
 def make_attacks(
@@ -675,7 +693,7 @@ def make_attacks(
             spec["epsilon"],
             step=spec["step"],
             steps=steps,
-            restarts=args.restarts,
+            n_restarts=args.restarts,
             seed=args.seed,
             l1_sparsity=args.l1_sparsity,
         )

@@ -74,7 +74,7 @@ def add_parser(subparsers) -> None:
         "--attack",
         default="pgd",
         choices=common.EVALUATION_ATTACKS[:-1],
-        help="the evaluation attack, l_inf at 24/255: " + common.ATTACK_HELP,
+        help="the evaluation attack, Linf at 24/255: " + common.ATTACK_HELP,
     )
     parser.add_argument(
         "--attack-iters", type=int, help="PGD iterations (default 20), or APGD's (default 100)"
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(
         f"Robust digits CNN ({results['dataset']}; {results['n_test']} test digits), "
-        f"l_inf {name}{steps} at eps {attack['eps'] * 255:.0f}/255, CPU with "
+        f"Linf {name}{steps} at eps {attack['eps'] * 255:.0f}/255, CPU with "
         f"{results['threads']} threads"
     )
     headline = [results["dense"], results["speed"]]

@@ -206,11 +206,11 @@ def _run(args: argparse.Namespace, device, group) -> int:
 def _attack_record(args: argparse.Namespace, spec: dict, by_attack: dict) -> dict:
     """One attack's entry of the results file: what ran, its settings, its accuracy."""
     record = {"attack": args.attack, "label": spec["label"], "norm": spec["norm"]}
-    record["epsilon"] = spec["epsilon"]
+    record["eps"] = spec["epsilon"]
     if args.attack == "pgd":
-        record.update(step=spec["step"], iterations=args.attack_iters, restarts=args.restarts)
+        record.update(alpha=spec["step"], steps=args.attack_iters, n_restarts=args.restarts)
     elif args.attack == "apgd":
-        record.update(loss="ce", iterations=args.apgd_iters, restarts=args.restarts)
+        record.update(loss="ce", steps=args.apgd_iters, n_restarts=args.restarts)
     else:
         stages = by_attack.get(spec["label"], {})
         record.update(

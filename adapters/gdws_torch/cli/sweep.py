@@ -14,6 +14,7 @@ from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.experiments.sweep import DEFAULT_REFIT, METHODS, REFIT_VARIANTS
 from gdws_torch.io.datasets import DATASETS
+from gdws_torch.robustness.checks import NORMS
 
 HELP = "robust accuracy vs conv MACs and FPS for each error weighting, with and without recovery"
 
@@ -52,7 +53,13 @@ def add_parser(subparsers) -> None:
         choices=common.EVALUATION_ATTACKS[:-1],
         help=common.ATTACK_HELP + "; it also crafts the --refit inputs",
     )
-    attack.add_argument("--norm", default="l_inf", choices=("l_inf", "l_2", "l_1"))
+    attack.add_argument(
+        "--norm",
+        default="Linf",
+        type=common.norm_flag,
+        choices=NORMS,
+        help=common.NORM_HELP,
+    )
     attack.add_argument("--epsilon", type=float)
     attack.add_argument("--pgd-alpha", type=float)
     attack.add_argument("--attack-iters", type=int)
@@ -200,11 +207,11 @@ def run(args: argparse.Namespace) -> int:
         fps_backend=None if args.fps_backend == "none" else args.fps_backend,
         progress=not args.no_progress,
     )
-    settings = {"pgd": {"step": step / 255, "iterations": steps}, "apgd": {"iterations": steps}}
+    settings = {"pgd": {"alpha": step / 255, "steps": steps}, "apgd": {"steps": steps}}
     settings = settings.get(args.attack, {})
     results.update(
         model=description,
-        attack={"attack": args.attack, "label": label, "norm": args.norm, "epsilon": eps / 255}
+        attack={"attack": args.attack, "label": label, "norm": args.norm, "eps": eps / 255}
         | settings,
     )
     dense = results["dense"]

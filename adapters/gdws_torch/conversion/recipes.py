@@ -263,7 +263,7 @@ def recipe_inputs(
         chosen,
         weighting,
         recovery,
-        {"norm": "l_inf", **attack, "random_start": True, "seed": seed},
+        {"norm": "Linf", **attack, "random_start": True, "seed": seed},
         seconds,
     )
 
@@ -291,7 +291,7 @@ def compress(
 
     Give one budget: ``target_mac_reduction``, ``target_speedup`` (measured where
     ``latency`` says) or ``beta``. The recipe's weighting, allocation and recovery run in
-    order; its adversarial calibration inputs are crafted here by l_inf PGD against the
+    order; its adversarial calibration inputs are crafted here by Linf PGD against the
     dense model (radius ``epsilon`` in pixel units, ``attack_steps`` steps of
     ``attack_alpha``, one seeded random start).
 
@@ -309,7 +309,7 @@ def compress(
     recipe : str or Recipe, default="robust"
         A name from :data:`RECIPES` or a :class:`Recipe`.
     epsilon : float, default=8/255
-        The l_inf radius of the calibration attack (the threat model the model was
+        The Linf radius of the calibration attack (the threat model the model was
         trained for).
     attack_steps : int, default=10
     attack_alpha : float, optional

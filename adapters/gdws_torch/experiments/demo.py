@@ -20,7 +20,7 @@ Pipeline:
 2. The sweep: LEGO with the smallest common ``beta`` reaching each target MAC reduction,
    by recipe (:data:`RECIPES`; the default three: unit alphas, noise-gain alphas, and
    the best recipe with the ``global`` MAC allocation).
-3. Natural and l_inf robust accuracy of every model under the same attack (PGD by
+3. Natural and Linf robust accuracy of every model under the same attack (PGD by
    default; APGD-CE or AutoAttack with ``attack=``), conv MACs, parameters, and batch-1
    FPS of every model on the headline's backend; the gradient-masking checks of the dense
    model (:func:`gdws_torch.robustness.masking.check_gradient_masking`).
@@ -64,7 +64,7 @@ from gdws_torch.robustness.masking import check_gradient_masking
 __all__ = ["ATTACKS", "DEMO_ATTACK", "demo_network", "evaluation_attack", "plot_sweep", "run_demo"]
 
 INPUT_SHAPE = (1, 16, 16)
-# l_inf PGD-20 with step 2.5 * eps / steps (Madry et al.'s rule), one random start.
+# Linf PGD-20 with step 2.5 * eps / steps (Madry et al.'s rule), one random start.
 DEMO_ATTACK = {"eps": 24 / 255, "alpha": 3 / 255, "steps": 20}
 ALPHA_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
 # The evaluation attacks ``run_demo(attack=...)`` takes, and their names in the tables.
@@ -133,7 +133,7 @@ def demo_network() -> DigitsCNN:
 
 
 def evaluation_attack(model: nn.Module, attack: str = "pgd", steps: int | None = None):
-    """The demo's l_inf attack at ``DEMO_ATTACK["eps"]`` on ``model``, seed 0.
+    """The demo's Linf attack at ``DEMO_ATTACK["eps"]`` on ``model``, seed 0.
 
     ``attack``: a key of :data:`ATTACKS`; ``steps``: PGD's (default 20) or APGD's (default
     100) iterations (AutoAttack's are fixed).
@@ -150,11 +150,11 @@ def evaluation_attack(model: nn.Module, attack: str = "pgd", steps: int | None =
 
 
 def attack_label(attack: str, steps: int | None = None) -> str:
-    """``"l_inf PGD-20 (eps 24/255)"``, ``"l_inf AutoAttack (eps 24/255)"``, ..."""
+    """``"Linf PGD-20 (eps 24/255)"``, ``"Linf AutoAttack (eps 24/255)"``, ..."""
     name = ATTACKS[attack]
     if attack in ("pgd", "apgd"):
         name += f"-{steps or (DEMO_ATTACK['steps'] if attack == 'pgd' else 100)}"
-    return f"l_inf {name} (eps {DEMO_ATTACK['eps'] * 255:.0f}/255)"
+    return f"Linf {name} (eps {DEMO_ATTACK['eps'] * 255:.0f}/255)"
 
 
 def _parameters(model: nn.Module) -> int:
@@ -353,7 +353,7 @@ def run_demo(
         "attack": {
             "name": attack,
             "label": label,
-            "norm": "l_inf",
+            "norm": "Linf",
             **(attack_settings if attack == "pgd" else {"eps": DEMO_ATTACK["eps"]}),
             **({"steps": attack_steps} if attack == "apgd" else {}),
             "seed": 0,
@@ -571,9 +571,7 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
     )
     right.axvline(dense["fps"], color="grey", linestyle=":", linewidth=1)
     attack = results["attack"]
-    label = (
-        attack.get("label") or f"l_inf PGD-{attack['steps']} (eps {attack['eps'] * 255:.0f}/255)"
-    )
+    label = attack.get("label") or f"Linf PGD-{attack['steps']} (eps {attack['eps'] * 255:.0f}/255)"
     figure.suptitle(
         f"Robust digits CNN: {label}, LEGO sweep (dotted: 1 point below dense; dense FPS)"
     )

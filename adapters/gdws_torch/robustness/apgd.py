@@ -4,9 +4,9 @@ Croce & Hein (2020), "Reliable evaluation of adversarial robustness with an ense
 diverse parameter-free attacks" (ICML): PGD with momentum whose step size halves at
 checkpoints when progress stalls, on the cross-entropy or the DLR loss (:class:`APGD`), or
 on the targeted DLR loss against the most likely wrong classes (:class:`APGDT`). For the
-l_1 threat model, the l_1-APGD of Croce & Hein (2021), "Mind the box: l_1-APGD for sparse
+L1 threat model, the L1-APGD of Croce & Hein (2021), "Mind the box: L1-APGD for sparse
 adversarial attacks on image classifiers" (ICML): sparse steps, the exact projection onto
-the intersection of the l_1 ball and the pixel box, and a step size and sparsity adapted
+the intersection of the L1 ball and the pixel box, and a step size and sparsity adapted
 at checkpoints.
 
 Same conventions as :mod:`gdws_torch.robustness.attacks`: pixels in ``[0, 1]`` (inputs
@@ -24,14 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
-from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import (
-    NORM_NAMES,
-    Attack,
-    autograd_tensors,
-    check_eps,
-    check_labels,
-)
+from gdws_torch.robustness.attacks import Attack
+from gdws_torch.robustness.checks import check_flag, check_labels
 
 __all__ = ["APGD", "APGDT", "dlr_loss", "dlr_loss_targeted", "project_l1_box"]
 
@@ -101,11 +95,11 @@ def _check_class_count(n_classes: int, needed: int, what: str) -> None:
 def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Euclidean projection of each ``delta`` onto ``{d : ||d||_1 <= eps, 0 <= x + d <= 1}``.
 
-    The exact projection onto the l_1 ball intersected with the pixel box (Croce & Hein,
+    The exact projection onto the L1 ball intersected with the pixel box (Croce & Hein,
     2021): ``d_i = sign(delta_i) * min(max(|delta_i| - lam, 0), b_i)``, with ``b_i`` the room
     to the box in the direction of ``delta_i`` and ``lam >= 0`` the smallest threshold
-    meeting the l_1 budget, found exactly from the sorted breakpoints of the piecewise
-    linear l_1 norm as a function of ``lam`` (batched over samples, no iterations).
+    meeting the L1 budget, found exactly from the sorted breakpoints of the piecewise
+    linear L1 norm as a function of ``lam`` (batched over samples, no iterations).
 
     Parameters
     ----------
@@ -114,7 +108,7 @@ def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
     delta : torch.Tensor
         ``(N, ...)`` perturbations to project.
     eps : float
-        Radius of the l_1 ball, ``> 0``.
+        Radius of the L1 ball, ``> 0``.
 
     Returns
     -------
@@ -144,7 +138,7 @@ def project_l1_box(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Te
     shrunk = torch.minimum((size - lam).clamp_min(0), room)
     inside = clipped.sum(1, keepdim=True) <= eps
     result = flat.sign() * torch.where(inside, clipped, shrunk)
-    # Rounding may leave the l_1 norm a hair above eps: scaling towards 0 stays in the box.
+    # Rounding may leave the L1 norm a hair above eps: scaling towards 0 stays in the box.
     norm = result.abs().sum(1, keepdim=True)
     result = result * (eps / norm.clamp_min(1e-30)).clamp(max=1.0)
     return result.view_as(delta)
@@ -169,28 +163,27 @@ def _per_sample(t: torch.Tensor, reduce) -> torch.Tensor:
 
 
 class APGD(Attack):
-    """Untargeted Auto-PGD (Croce & Hein, 2020), l_inf, l_2 or l_1.
+    """Untargeted Auto-PGD (Croce & Hein, 2020), Linf, L2 or L1.
 
     Parameters
     ----------
     model : torch.nn.Module
         A classifier taking pixels in ``[0, 1]`` and returning logits.
     norm : {"Linf", "L2", "L1"}, default="Linf"
-        The threat model (the library's spellings ``"l_inf"``, ``"l_2"``, ``"l_1"`` are
-        accepted too; the attribute ``norm`` holds the library's).
+        The threat model.
     eps : float, default=8/255
-        Radius of the perturbation ball, in pixel units: ``<= 1`` for l_inf, at most the
-        pixel box's diameter for l_2 and l_1 (:func:`gdws_torch.robustness.attacks.check_eps`).
+        Radius of the perturbation ball, in pixel units: ``<= 1`` for Linf, at most the
+        pixel box's diameter for L2 and L1 (:func:`gdws_torch.robustness.checks.check_eps`).
     steps : int, default=100
         Iterations per run (the step-size schedule scales with it), ``>= 1``.
     n_restarts : int, default=1
         Runs from fresh random starts; each runs only on the samples no earlier run broke.
     loss : {"ce", "dlr"}, default="ce"
         Cross-entropy, or the Difference of Logits Ratio (needs ``>= 3`` classes).
-    seed : int or None, default=0
-        Seed of the random starts (a private generator: reproducible, and the global RNG is
-        not consumed). ``None``: the global RNG. With ``sample_ids``, each sample's start
-        comes from its own generator, as :class:`~gdws_torch.robustness.attacks.Attack`.
+    seed : int, default=0
+        Seed of the random starts; with ``sample_ids``, each sample's start comes from its
+        own generator (run ``r`` counts restarts, and targets for :class:`APGDT`), as
+        :class:`~gdws_torch.robustness.attacks.Attack` says.
     rho : float in [0, 1], default=0.75
         Condition 1 of the schedule: the step size halves at a checkpoint when fewer than
         ``rho`` times the steps since the previous checkpoint increased the loss.
@@ -198,14 +191,14 @@ class APGD(Attack):
         Gradients averaged per step (Expectation over Transformation, for randomised
         models; the loss is averaged too, the prediction is the last draw's).
     use_largereps : bool, default=False
-        l_1 only, as AutoAttack's l_1 evaluation: run 30% of the steps at ``3 * eps``,
+        L1 only, as AutoAttack's L1 evaluation: run 30% of the steps at ``3 * eps``,
         30% at ``2 * eps`` and the rest at ``eps``, each stage starting from the previous
         stage's best point projected onto its ball.
 
     Notes
     -----
-    l_inf and l_2, as the paper: random start on the sphere of radius ``eps`` (uniform
-    noise rescaled to l_inf norm ``eps``; a Gaussian direction for l_2), then clipped to
+    Linf and L2, as the paper: random start on the sphere of radius ``eps`` (uniform
+    noise rescaled to Linf norm ``eps``; a Gaussian direction for L2), then clipped to
     ``[0, 1]``; step size ``2 * eps``; momentum 0.75 (the first step without); checkpoints
     ``w_j = ceil(p_j * steps)`` with ``p_0 = 0``, ``p_1 = 0.22``,
     ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``. At a checkpoint the step size of
@@ -214,10 +207,10 @@ class APGD(Attack):
     loss, or (2) its step size did not halve at the previous checkpoint and its best loss
     has not changed since then.
 
-    l_1, as the reference implementation of l_1-APGD: random start ``P(N(0, I))`` (a
-    Gaussian projected onto the l_1 ball in the box); each step moves the coordinates whose
+    L1, as the reference implementation of L1-APGD: random start ``P(N(0, I))`` (a
+    Gaussian projected onto the L1 ball in the box); each step moves the coordinates whose
     gradient magnitude is in the top ``k`` by ``step / k`` each along the gradient's sign
-    (no momentum), then projects exactly onto the l_1 ball intersected with the box
+    (no momentum), then projects exactly onto the L1 ball intersected with the box
     (:func:`project_l1_box`); the step size starts at ``eps``; every
     ``max(int(0.04 * steps), 1)`` steps ``k`` becomes the best point's sparsity / 1.5 and,
     where that sparsity fell by 5% or more since the previous checkpoint, the step size
@@ -251,33 +244,22 @@ class APGD(Attack):
         steps: int = 100,
         n_restarts: int = 1,
         loss: str = "ce",
-        seed: int | None = 0,
+        seed: int = 0,
         rho: float = 0.75,
         eot_iter: int = 1,
         use_largereps: bool = False,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        self.model = model
-        if not isinstance(norm, str):
-            raise TypeError(f"norm must be 'Linf', 'L2' or 'L1'; got {type(norm).__name__}.")
-        if norm not in NORM_NAMES:
-            raise ValueError(f"norm must be 'Linf', 'L2' or 'L1'; got {norm!r}.")
-        self.norm = NORM_NAMES[norm]
-        self.eps = check_eps(eps, self.norm)
+        super().__init__(model, norm=norm, eps=eps, seed=seed)
         self.steps = check_integer(steps, "steps", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
         self._set_loss(loss)
-        self.seed = None if seed is None else check_integer(seed, "seed", minimum=0)
         self.rho = check_real(rho, "rho", minimum=0, maximum=1)
         self.eot_iter = check_integer(eot_iter, "eot_iter", minimum=1)
-        if not isinstance(use_largereps, bool):
-            raise TypeError(f"use_largereps must be a bool; got {type(use_largereps).__name__}.")
-        if use_largereps and self.norm != "l_1":
+        self.use_largereps = check_flag(use_largereps, "use_largereps")
+        if use_largereps and self.norm != "L1":
             raise ValueError(
-                f"use_largereps is for the l_1 threat model (norm='L1'); got norm={norm!r}."
+                f"use_largereps is for the L1 threat model (norm='L1'); got norm={norm!r}."
             )
-        self.use_largereps = use_largereps
 
     def _set_loss(self, loss: Any) -> None:
         if not isinstance(loss, str):
@@ -285,17 +267,6 @@ class APGD(Attack):
         if loss not in _LOSSES:
             raise ValueError(f"loss must be 'ce' or 'dlr'; got {loss!r}.")
         self.loss = loss
-
-    def _settings(self) -> str:
-        return f"loss={self.loss!r}"
-
-    def __repr__(self) -> str:
-        extra = ", use_largereps=True" if self.use_largereps else ""
-        return (
-            f"{type(self).__name__}(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, "
-            f"n_restarts={self.n_restarts}, {self._settings()}, seed={self.seed}, "
-            f"rho={self.rho:g}, eot_iter={self.eot_iter}{extra})"
-        )
 
     # -- what the targeted attack changes ---------------------------------------------
 
@@ -316,20 +287,20 @@ class APGD(Attack):
 
     def _random_delta(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         radius = 3 * self.eps if self.use_largereps else self.eps
-        if self.norm == "l_inf":
+        if self.norm == "Linf":
             noise = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             noise = noise - 1
             return radius * noise / _per_sample(noise.abs(), lambda t: t.amax(1)).clamp_min(1e-12)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        if self.norm == "l_2":
+        if self.norm == "L2":
             return radius * noise / (_per_sample(noise, lambda t: t.norm(dim=1)) + 1e-12)
         return project_l1_box(x, noise, radius)
 
     def _project(self, x: torch.Tensor, point: torch.Tensor, eps: float) -> torch.Tensor:
-        if self.norm == "l_inf":
+        if self.norm == "Linf":
             return torch.minimum(torch.maximum(point, x - eps), x + eps).clamp(0, 1)
         delta = point - x
-        if self.norm == "l_2":
+        if self.norm == "L2":
             norm = _per_sample(delta, lambda t: t.norm(dim=1))
             return (x + delta * (eps / (norm + 1e-12)).clamp(max=1.0)).clamp(0, 1)
         return (x + project_l1_box(x, delta, eps)).clamp(0, 1)  # clamping only shrinks it
@@ -365,7 +336,7 @@ class APGD(Attack):
         wrong = logits.argmax(1) != labels
         adversarial = x_adv.clone()
         best, best_loss, best_grad = x_adv.clone(), loss.clone(), grad.clone()
-        sparse = self.norm == "l_1"
+        sparse = self.norm == "L1"
         if sparse:
             step = torch.full((n,), eps, dtype=x.dtype, device=x.device)
             n_features = x[0].numel()
@@ -393,7 +364,7 @@ class APGD(Attack):
                     moved = self._project(x, self._sparse_step(x_adv, grad, size, topk), eps)
                 else:
                     direction = grad.sign()
-                    if self.norm == "l_2":
+                    if self.norm == "L2":
                         direction = grad / (_per_sample(grad, lambda t: t.norm(dim=1)) + 1e-12)
                     moved = self._project(x, x_adv + size * direction, eps)
                     if i > 1:
@@ -454,67 +425,42 @@ class APGD(Attack):
 
     # -- the call --------------------------------------------------------------------
 
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, sample_ids: Any = None
-    ) -> torch.Tensor:
-        """Adversarial images, in the ``eps`` ball around ``images`` and in ``[0, 1]``.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(N, ...)`` pixels in ``[0, 1]``.
-        labels : torch.LongTensor
-            ``(N,)`` class indices.
-        sample_ids : sequence of int, optional
-            Each sample's index in its dataset: seeds its random starts on its own, from
-            ``sample_seed(seed, id, run)`` (``run`` counts restarts, and targets for
-            :class:`APGDT`), so a sample is attacked the same way whatever batch or process
-            it lands in. Needs ``seed``.
-        """
-        if isinstance(images, torch.Tensor) and images.ndim and images.shape[0] == 0:
-            # Nothing to attack (and nothing to reduce over for the range check).
-            if not isinstance(labels, torch.Tensor) or labels.shape != (0,):
-                raise ValueError("labels must have shape (0,) to match an empty batch of images.")
-            return images.detach().clone()
-        top_label = self._check(images, labels)
-        images, labels = autograd_tensors(images, labels)
-        ids = self._check_sample_ids(sample_ids, images.shape[0])
-        x = images.detach()
+    def forward(self, images, labels, *, sample_ids=None, top_label=None) -> torch.Tensor:
+        x = images
         n = x.shape[0]
-        with eval_mode(self.model):
+        with torch.no_grad():
+            clean = self.model(x)
+        n_classes = clean.shape[-1]
+        check_labels(labels, n_classes, top_label)
+        self._check_classes(n_classes)
+        generator = self._batch_generator(x.device)
+        result = x.clone()
+        broken = clean.argmax(1) != labels
+        best_loss = torch.full((n,), -torch.inf, dtype=x.dtype, device=x.device)
+        ranking = None
+        for run, rank in enumerate(self._schedule(n_classes)):
+            todo = (~broken).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            xs, ys = x[todo], labels[todo]
+            targets = None
+            if rank is not None:
+                if ranking is None:
+                    ranking = clean.argsort(dim=1, descending=True)
+                targets = ranking[todo, rank]
+            own = None if sample_ids is None else sample_ids[todo.cpu()]
+            start = self._random_draw(self._random_delta, xs, generator, own, run)
+            start = (xs + start).clamp(0, 1)
+            best, loss, wrong, adversarial = self._attack(xs, ys, targets, start)
             with torch.no_grad():
-                clean = self.model(x)
-            n_classes = clean.shape[-1]
-            check_labels(labels, n_classes, top_label)
-            self._check_classes(n_classes)
-            generator = self._generator(x.device)
-            result = x.clone()
-            broken = clean.argmax(1) != labels
-            best_loss = torch.full((n,), -torch.inf, dtype=x.dtype, device=x.device)
-            ranking = None
-            for run, rank in enumerate(self._schedule(n_classes)):
-                todo = (~broken).nonzero().squeeze(1)
-                if todo.numel() == 0:
-                    break
-                xs, ys = x[todo], labels[todo]
-                targets = None
-                if rank is not None:
-                    if ranking is None:
-                        ranking = clean.argsort(dim=1, descending=True)
-                    targets = ranking[todo, rank]
-                own = None if ids is None else ids[todo.cpu()]
-                start = self._start(xs, generator, own, run)
-                start = (xs + start).clamp(0, 1)
-                best, loss, wrong, adversarial = self._attack(xs, ys, targets, start)
-                with torch.no_grad():
-                    shape = (-1, *([1] * (x.ndim - 1)))
-                    higher = ~wrong & (loss > best_loss[todo])
-                    chosen = torch.where(wrong.view(shape), adversarial, result[todo])
-                    chosen = torch.where(higher.view(shape), best, chosen)
-                    result[todo] = chosen
-                    best_loss[todo] = torch.where(higher, loss, best_loss[todo])
-                    broken[todo] = wrong
-        return result.detach()
+                shape = (-1, *([1] * (x.ndim - 1)))
+                higher = ~wrong & (loss > best_loss[todo])
+                chosen = torch.where(wrong.view(shape), adversarial, result[todo])
+                chosen = torch.where(higher.view(shape), best, chosen)
+                result[todo] = chosen
+                best_loss[todo] = torch.where(higher, loss, best_loss[todo])
+                broken[todo] = wrong
+        return result
 
 
 class APGDT(APGD):
@@ -543,7 +489,7 @@ class APGDT(APGD):
         steps: int = 100,
         n_restarts: int = 1,
         n_target_classes: int = 9,
-        seed: int | None = 0,
+        seed: int = 0,
         rho: float = 0.75,
         eot_iter: int = 1,
         use_largereps: bool = False,
@@ -563,9 +509,6 @@ class APGDT(APGD):
 
     def _set_loss(self, loss: Any) -> None:
         self.loss = "dlr-targeted"
-
-    def _settings(self) -> str:
-        return f"n_target_classes={self.n_target_classes}"
 
     def _check_classes(self, n_classes: int) -> None:
         _check_class_count(n_classes, 4, "APGDT (the targeted DLR loss)")

@@ -5,7 +5,7 @@ diverse parameter-free attacks" (ICML). The attacks run one after the other, eac
 the samples that every earlier one left correctly classified (samples misclassified
 unperturbed are never attacked); a sample counts as robust only if it survives them all.
 
-Versions (l_inf and l_2):
+Versions (Linf and L2):
 
 - ``"standard"``: APGD-CE (100 steps, no restarts), APGD-T (targeted DLR loss, the 9 most
   likely wrong classes, 100 steps), FAB-T (9 target classes, 100 steps) and Square
@@ -14,9 +14,9 @@ Versions (l_inf and l_2):
   a lower bound on what the standard version breaks, about 2x cheaper.
 - ``"custom"``: the attacks you list (names from :data:`ATTACK_NAMES` or attack objects).
 
-For l_1 the standard version is, as the authors' l_1 evaluation, l_1-APGD (Croce & Hein
+For L1 the standard version is, as the authors' L1 evaluation, L1-APGD (Croce & Hein
 2021, "Mind the box") with the large-radius warm start (``use_largereps``): APGD-CE with 5
-restarts and APGD-T; ``"fast"`` is the same pair (FAB and Square have no l_1 version here).
+restarts and APGD-T; ``"fast"`` is the same pair (FAB and Square have no L1 version here).
 
 Same conventions as the attacks (:mod:`gdws_torch.robustness.attacks`): pixels in
 ``[0, 1]``, the model in eval mode during the attack and its modes restored, parameters and
@@ -48,17 +48,10 @@ import torch
 from torch import nn
 
 from gdws_approx.checks import check_integer
-from gdws_torch.nn.module_tree import eval_mode
 from gdws_torch.robustness.apgd import APGD, APGDT
-from gdws_torch.robustness.attacks import (
-    autograd_tensors,
-    check_call,
-    check_eps,
-    check_labels,
-    check_sample_ids,
-    seeds_per_sample,
-)
-from gdws_torch.robustness.fab import FAB, _check_model
+from gdws_torch.robustness.attacks import Attack
+from gdws_torch.robustness.checks import check_labels
+from gdws_torch.robustness.fab import FAB
 from gdws_torch.robustness.masking import looks_like_probabilities
 from gdws_torch.robustness.resume import describe_attack
 from gdws_torch.robustness.square import Square
@@ -75,8 +68,6 @@ ATTACK_NAMES = {
     "fab-t": "FAB-T",
     "square": "Square",
 }
-_NORMS = {"Linf": "Linf", "L2": "L2", "L1": "L1", "l_inf": "Linf", "l_2": "L2", "l_1": "L1"}
-_LIBRARY_NORM = {"Linf": "l_inf", "L2": "l_2", "L1": "l_1"}
 _P = {"Linf": math.inf, "L2": 2.0, "L1": 1.0}
 
 
@@ -169,7 +160,7 @@ class AutoAttackResult:
     report: AutoAttackReport
 
 
-class AutoAttack:
+class AutoAttack(Attack):
     """AutoAttack (Croce & Hein, 2020): APGD-CE, APGD-T, FAB-T and Square in cascade.
 
     Parameters
@@ -177,10 +168,10 @@ class AutoAttack:
     model : torch.nn.Module
         A classifier taking pixels in ``[0, 1]`` and returning logits (not probabilities).
     norm : {"Linf", "L2", "L1"}, default="Linf"
-        The threat model (``"l_inf"``, ``"l_2"``, ``"l_1"`` are accepted too).
+        The threat model.
     eps : float, default=8/255
-        Radius of the ball, in pixel units, ``> 0``: ``<= 1`` for l_inf, at most the pixel
-        box's diameter for l_2 and l_1 (``sqrt(D)`` and ``D``, ``D`` values per image).
+        Radius of the ball, in pixel units, ``> 0``: ``<= 1`` for Linf, at most the pixel
+        box's diameter for L2 and L1 (``sqrt(D)`` and ``D``, ``D`` values per image).
     version : {"standard", "fast", "custom"}, default="standard"
         See the module notes.
     attacks : sequence, optional
@@ -189,7 +180,7 @@ class AutoAttack:
         ``n_target_classes``, ``seed`` and the standard version's other settings), an
         attack object (any ``attack(images, labels) -> images``; its class name labels it),
         or a ``(label, attack object)`` pair.
-    seed : int or None, default=0
+    seed : int, default=0
         Seed of every attack built here (the reference passes one seed to all of them).
     steps : int, optional
         ``version="custom"``: iterations of the named APGD and FAB attacks (default 100).
@@ -221,23 +212,16 @@ class AutoAttack:
         eps: float = 8 / 255,
         version: str = "standard",
         attacks: Sequence[Any] | None = None,
-        seed: int | None = 0,
+        seed: int = 0,
         *,
         steps: int | None = None,
         n_queries: int | None = None,
         n_target_classes: int = 9,
     ) -> None:
-        self.model = _check_model(model)
-        if not isinstance(norm, str):
-            raise TypeError(f"norm must be 'Linf', 'L2' or 'L1'; got {type(norm).__name__}.")
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be 'Linf', 'L2' or 'L1'; got {norm!r}.")
-        self.norm = _NORMS[norm]
-        self.eps = check_eps(eps, self.norm)
+        super().__init__(model, norm=norm, eps=eps, seed=seed)
         if not isinstance(version, str) or version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}; got {version!r}.")
         self.version = version
-        self.seed = None if seed is None else check_integer(seed, "seed", minimum=0)
         self.n_target_classes = check_integer(n_target_classes, "n_target_classes", minimum=1)
         if version != "custom":
             for flag, value in (("attacks", attacks), ("steps", steps), ("n_queries", n_queries)):
@@ -292,7 +276,7 @@ class AutoAttack:
         model, norm, eps, seed = self.model, self.norm, self.eps, self.seed
         l1 = norm == "L1"
         if name in ("fab", "fab-t", "square") and l1:
-            raise ValueError(f"attacks: {name!r} has no l_1 version here; use APGD for norm='L1'.")
+            raise ValueError(f"attacks: {name!r} has no L1 version here; use APGD for norm='L1'.")
         if name in ("apgd-ce", "apgd-dlr"):
             return APGD(
                 model,
@@ -343,78 +327,59 @@ class AutoAttack:
 
     # -- the call --------------------------------------------------------------------
 
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, sample_ids: Any = None
-    ) -> torch.Tensor:
-        """The worst-case adversarial images; the report goes to :attr:`last_report`.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(N, ...)`` pixels in ``[0, 1]``.
-        labels : torch.LongTensor
-            ``(N,)`` class indices.
-        sample_ids : sequence of int, optional
-            Each sample's index in its dataset, passed on to every attack that seeds
-            samples on their own, so a sample is attacked the same way whatever batch or
-            process it lands in. Needs ``seed``.
-
-        Returns
-        -------
-        torch.Tensor
-            Per sample, the first attack's misclassifying image; the unperturbed image
-            where every attack failed or the sample was misclassified already.
-        """
-        return self.run(images, labels, sample_ids=sample_ids).adversarial
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether any attack takes gradients (an ensemble of Square attacks does not)."""
+        return any(getattr(attack, "uses_gradients", True) for _, attack in self.stages)
 
     def run(
         self, images: torch.Tensor, labels: torch.Tensor, sample_ids: Any = None
     ) -> AutoAttackResult:
         """As calling the attack, returning the images and the :class:`AutoAttackReport`."""
-        black_box = all(isinstance(attack, Square) for _, attack in self.stages)
-        top = check_call(self, images, labels, gradients=not black_box)
-        images, labels = autograd_tensors(images, labels)
-        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
-        x = images.detach()
-        n, k = x.shape[0], len(self.stages)
+        adversarial = self(images, labels, sample_ids=sample_ids)
+        return AutoAttackResult(adversarial, self.last_report)
+
+    def _nothing_to_attack(self, images: torch.Tensor) -> torch.Tensor:
+        empty = (torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+        self.last_report = AutoAttackReport(self.stage_names, *empty, (0.0,) * len(self.stages))
+        return images.clone()
+
+    def forward(self, images, labels, *, sample_ids=None, top_label=None) -> torch.Tensor:
+        """Per sample, the first attack's misclassifying image (the unperturbed image where
+        every attack failed or the sample was misclassified already); the report goes to
+        :attr:`last_report`. ``sample_ids`` goes on to every attack that seeds samples on
+        their own (``seeds_per_sample``)."""
+        x = images
+        k = len(self.stages)
         adversarial = x.clone()
-        if n == 0:
-            report = AutoAttackReport(
-                self.stage_names,
-                torch.zeros(0, dtype=torch.bool),
-                torch.zeros(0, dtype=torch.long),
-                (0.0,) * k,
-            )
-            self.last_report = report
-            return AutoAttackResult(adversarial, report)
-        with eval_mode(self.model):
-            with torch.no_grad():
-                logits = self.model(x)
-            check_labels(labels, logits.shape[-1], top)
-            self._refuse_probabilities(logits)
-            clean = logits.argmax(1) == labels
-            broken_by = torch.where(clean, k, -1).to(torch.long)
-            seconds = []
-            for i, (label, attack) in enumerate(self.stages):
-                start = time.perf_counter()
-                todo = (broken_by == k).nonzero().flatten()
-                if todo.numel():
-                    xs, ys = x[todo], labels[todo]
-                    attack = self._fitted(attack, logits.shape[-1])
-                    if ids is not None and seeds_per_sample(attack):
-                        out = attack(xs, ys, sample_ids=ids[todo.cpu()])
-                    else:
-                        out = attack(xs, ys)
-                    self._check_output(label, out, xs)
-                    with torch.no_grad():
-                        wrong = self.model(out).argmax(1) != ys
-                    hit = todo[wrong]
-                    adversarial[hit] = out[wrong].to(x.dtype)
-                    broken_by[hit] = i
-                seconds.append(time.perf_counter() - start)
-        report = AutoAttackReport(self.stage_names, clean.cpu(), broken_by.cpu(), tuple(seconds))
-        self.last_report = report
-        return AutoAttackResult(adversarial.detach(), report)
+        with torch.no_grad():
+            logits = self.model(x)
+        check_labels(labels, logits.shape[-1], top_label)
+        self._refuse_probabilities(logits)
+        clean = logits.argmax(1) == labels
+        broken_by = torch.where(clean, k, -1).to(torch.long)
+        seconds = []
+        for i, (label, attack) in enumerate(self.stages):
+            start = time.perf_counter()
+            todo = (broken_by == k).nonzero().flatten()
+            if todo.numel():
+                xs, ys = x[todo], labels[todo]
+                attack = self._fitted(attack, logits.shape[-1])
+                if sample_ids is not None and getattr(attack, "seeds_per_sample", False):
+                    out = attack(xs, ys, sample_ids=sample_ids[todo.cpu()])
+                else:
+                    out = attack(xs, ys)
+                self._check_output(label, out, xs)
+                with torch.no_grad():
+                    wrong = self.model(out).argmax(1) != ys
+                hit = todo[wrong]
+                adversarial[hit] = out[wrong].to(x.dtype)
+                broken_by[hit] = i
+            seconds.append(time.perf_counter() - start)
+        self.last_report = AutoAttackReport(
+            self.stage_names, clean.cpu(), broken_by.cpu(), tuple(seconds)
+        )
+        return adversarial
 
     def _refuse_probabilities(self, logits: torch.Tensor) -> None:
         if logits.ndim == 2 and bool(looks_like_probabilities(logits).all()):
@@ -444,7 +409,7 @@ class AutoAttack:
         size = (out.detach() - x).flatten(1).norm(p=_P[self.norm], dim=1)
         if bool((size > self.eps * (1 + 1e-4) + 1e-6).any()):
             raise RuntimeError(
-                f"attack {label!r} returned images outside the {_LIBRARY_NORM[self.norm]} ball "
+                f"attack {label!r} returned images outside the {self.norm} ball "
                 f"of radius {self.eps:g} (largest perturbation {float(size.max()):.6g})."
             )
 

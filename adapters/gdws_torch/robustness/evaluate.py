@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from gdws_approx.checks import check_integer, check_real
 from gdws_torch.common import checked_batches
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import check_input_dtype, check_labels, seeds_per_sample
+from gdws_torch.robustness.checks import check_input_dtype, check_labels
 from gdws_torch.robustness.distributed import Group, shard
 from gdws_torch.robustness.resume import ResultStore, dataset_digest, describe_attack, model_digest
 
@@ -37,7 +37,7 @@ def evaluate(
     """Accuracy on natural inputs, under each attack, and under their union.
 
     A sample counts for the union only if it is classified correctly on its natural
-    input *and* under every attack of the set (the paper's union of l_inf, l_2, l_1).
+    input *and* under every attack of the set (the paper's union of Linf, L2, L1).
 
     Parameters
     ----------
@@ -46,7 +46,7 @@ def evaluate(
         mode is restored afterwards.
     loader : iterable of (images, labels)
     attacks : mapping of str to callable, optional
-        ``{name: attack(images, labels) -> images}``, e.g. ``{"l_inf": PGD(model, ...)}``.
+        ``{name: attack(images, labels) -> images}``, e.g. ``{"Linf": PGD(model, ...)}``.
     n_samples : int, optional
         Stop after this many samples (all of the loader by default).
     device : optional
@@ -217,7 +217,8 @@ def evaluate_dataset(
                 f"process {rank} evaluates a different model, data or attacks than process "
                 f"{group.rank}; every process must build the same ones."
             )
-    if not (group.world_size == 1 or all(map(seeds_per_sample, attacks.values()))):
+    per_sample = all(getattr(a, "seeds_per_sample", False) for a in attacks.values())
+    if not (group.world_size == 1 or per_sample):
         warnings.warn(
             "an attack without per-sample seeds (sample_ids): results depend on how the "
             "samples are split over processes and batches.",
@@ -363,7 +364,7 @@ def batch_outcomes(
     ensemble's column (:class:`~gdws_torch.robustness.autoattack.AutoAttack`) is followed
     by one per attack of it: correct after that attack and every earlier one (from its
     ``last_report``). Without ensembles that is ``(N, 1 + len(attacks))``. ``sample_ids``
-    goes to the attacks that seed each sample on its own (the library's, with a seed).
+    goes to the attacks that seed each sample on its own (``seeds_per_sample``).
     Labels must be class indices in ``[0, number of logits)`` (a ``ValueError`` otherwise).
     """
     check_input_dtype(model, images)
@@ -373,7 +374,7 @@ def batch_outcomes(
     check_labels(labels, logits.shape[-1])
     columns = [logits.argmax(1) == labels]
     for attack in attacks.values():
-        if sample_ids is not None and seeds_per_sample(attack):
+        if sample_ids is not None and getattr(attack, "seeds_per_sample", False):
             adversarial = attack(images, labels, sample_ids=sample_ids)
         else:
             adversarial = attack(images, labels)

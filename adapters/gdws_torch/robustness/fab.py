@@ -1,4 +1,4 @@
-"""FAB, the fast adaptive boundary attack (Croce & Hein, ICML 2020), for l_inf and l_2.
+"""FAB, the fast adaptive boundary attack (Croce & Hein, ICML 2020), for Linf and L2.
 
 FAB looks for the smallest perturbation that changes the prediction: at each step it
 linearises the model at the current point, projects both the current point and the clean
@@ -10,56 +10,25 @@ overshoot ``eta``, and, once the prediction flips, steps back towards the clean 
 the ``n_target_classes`` classes with the highest clean logits after the prediction, each
 only on the samples that are still correctly classified.
 
-The conventions are those of :mod:`gdws_torch.robustness.attacks`: pixels in ``[0, 1]``,
-the model in eval mode during the attack (its modes restored afterwards), gradients taken
-with respect to the input only (parameters and their ``.grad`` untouched), per-sample
-seeds through ``sample_ids``.
+FAB subclasses :class:`~gdws_torch.robustness.attacks.Attack` and has its conventions:
+pixels in ``[0, 1]``, the model in eval mode during the attack (its modes restored
+afterwards), gradients taken with respect to the input only (parameters and their
+``.grad`` untouched), per-sample seeds through ``sample_ids``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
-from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import (
-    autograd_tensors,
-    check_call,
-    check_eps,
-    check_labels,
-    check_sample_ids,
-    sample_seed,
-)
+from gdws_torch.robustness.attacks import Attack
+from gdws_torch.robustness.checks import check_flag, check_labels, check_norm
 
 __all__ = ["FAB", "boundary_projection"]
 
-NORMS = ("Linf", "L2")
 
-
-# -- helpers shared with square.py ----------------------------------------------------------
-
-
-def _check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    return model
-
-
-def _check_norm(norm: Any) -> str:
-    if not isinstance(norm, str):
-        raise TypeError(f"norm must be one of {NORMS}; got {norm!r} ({type(norm).__name__}).")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}.")
-    return norm
-
-
-def _check_seed(seed: Any) -> int | None:
-    if seed is None:
-        return None
-    return check_integer(seed, "seed", minimum=0)
+# -- helpers -------------------------------------------------------------------------------
 
 
 def _norm(t: torch.Tensor, norm: str) -> torch.Tensor:
@@ -107,12 +76,12 @@ def boundary_projection(
     Both norms reduce to one piecewise-linear equation. Orient the hyperplane so that
     ``c = w . points - b >= 0``; coordinate ``i`` can then move by at most
     ``room_i`` (to 0 when ``w_i > 0``, to 1 when ``w_i < 0``). The optimum moves it by
-    ``min(lam, room_i)`` (l_inf) or ``min(lam |w_i|, room_i)`` (l_2, the KKT conditions),
+    ``min(lam, room_i)`` (Linf) or ``min(lam |w_i|, room_i)`` (L2, the KKT conditions),
     and ``lam`` solves ``sum_i min(lam a_i, |w_i| room_i) = c`` with ``a_i = |w_i|`` or
     ``w_i^2``: a sort of the breakpoints ``|w_i| room_i / a_i`` and cumulative sums find it
     exactly, in ``O(D log D)`` per row.
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm, FAB.norms)
     c = (w * points).sum(1) - b
     orient = torch.where(c >= 0, 1.0, -1.0).to(w.dtype)
     w = w * orient[:, None]
@@ -150,7 +119,7 @@ def boundary_projection(
 # -- the attack ----------------------------------------------------------------------------
 
 
-class FAB:
+class FAB(Attack):
     """FAB (Croce & Hein, 2020): minimal-norm attack, kept when within ``eps``.
 
     Parameters
@@ -162,7 +131,7 @@ class FAB:
     eps : float, default=8/255
         Radius of the threat model, in pixel units: a perturbation found is returned only
         when its ``norm`` is at most ``eps``; also the scale of the random starts. ``<= 1``
-        for l_inf, at most the pixel box's diameter for l_2 (``sqrt(D)``: every perturbation
+        for Linf, at most the pixel box's diameter for L2 (``sqrt(D)``: every perturbation
         found is kept).
     steps : int, default=100
         Iterations per run, ``>= 1``.
@@ -182,16 +151,17 @@ class FAB:
     eta : float >= 1, default=1.05
         Overshoot of the projections.
     beta : float in (0, 1), default=0.9
-        Backward step towards the clean image once misclassified.
+        Backward step towards the clean image once misclassified: FAB's step-bias factor
+        (torchattacks' name), unrelated to LEGO's error budget ``beta``.
     final_search_steps : int, default=3
         Steps of FAB's final search (``las`` in the authors' first implementation, 3 steps
         there): on the segment from the clean image to the best adversarial, the point
         where the linearly interpolated logit margin vanishes is tried and the segment
         shrunk, which only reduces the norm. AutoAttack's FAB does not run it: ``0``
         reproduces that implementation.
-    seed : int or None, default=0
+    seed : int, default=0
         Seed of the random starts (restarts only: with ``n_restarts=1`` FAB is
-        deterministic). ``None``: the global RNG.
+        deterministic).
 
     Notes
     -----
@@ -205,6 +175,8 @@ class FAB:
     plus one forward pass to check the prediction, as the reference implementation.
     """
 
+    norms = ("Linf", "L2")
+
     def __init__(
         self,
         model: nn.Module,
@@ -217,20 +189,14 @@ class FAB:
         alpha_max: float = 0.1,
         eta: float = 1.05,
         beta: float = 0.9,
-        seed: int | None = 0,
+        seed: int = 0,
         *,
         final_search_steps: int = 3,
     ) -> None:
-        self.model = _check_model(model)
-        self.norm = _check_norm(norm)
-        self.eps = check_eps(eps, self.norm)
+        super().__init__(model, norm=norm, eps=eps, seed=seed)
         self.steps = check_integer(steps, "steps", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
-        if not isinstance(targeted, bool):
-            raise TypeError(
-                f"targeted must be a bool; got {targeted!r} ({type(targeted).__name__})."
-            )
-        self.targeted = targeted
+        self.targeted = check_flag(targeted, "targeted")
         self.n_target_classes = check_integer(n_target_classes, "n_target_classes", minimum=1)
         self.alpha_max = check_real(alpha_max, "alpha_max", minimum=0, maximum=1)
         self.eta = check_real(eta, "eta", minimum=1)
@@ -238,16 +204,6 @@ class FAB:
         if self.beta >= 1:
             raise ValueError(f"beta must be a finite real number in (0, 1); got {beta!r}.")
         self.final_search_steps = check_integer(final_search_steps, "final_search_steps", minimum=0)
-        self.seed = _check_seed(seed)
-
-    def __repr__(self) -> str:
-        return (
-            f"FAB(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, "
-            f"n_restarts={self.n_restarts}, targeted={self.targeted}, "
-            f"n_target_classes={self.n_target_classes}, alpha_max={self.alpha_max:g}, "
-            f"eta={self.eta:g}, beta={self.beta:g}, seed={self.seed}, "
-            f"final_search_steps={self.final_search_steps})"
-        )
 
     # -- one linearisation ---------------------------------------------------------------
 
@@ -282,20 +238,15 @@ class FAB:
 
     # -- one run -------------------------------------------------------------------------
 
-    def _random_start(self, x: torch.Tensor, generators: list | None) -> torch.Tensor:
-        if generators is None or len(generators) == 1:
-            gen = None if generators is None else generators[0]
-            noise = self._noise(x.shape, gen, x)
+    def _noise(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A random start at distance ``eps / 2`` from ``x`` (as the original)."""
+        if self.norm == "Linf":
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = 2 * u - 1
         else:
-            noise = torch.cat([self._noise((1, *x.shape[1:]), g, x) for g in generators])
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         scale = _norm(noise, self.norm).clamp_min(1e-12)
         return (x + 0.5 * self.eps * noise / _view(scale, x.ndim)).clamp(0, 1)
-
-    def _noise(self, shape, generator, like: torch.Tensor) -> torch.Tensor:
-        if self.norm == "Linf":
-            u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
-            return 2 * u - 1
-        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
     def _run(
         self,
@@ -376,79 +327,41 @@ class FAB:
                 other = torch.where(correct, other, predicted)
         return outer
 
-    # -- the call ------------------------------------------------------------------------
+    # -- the attack ----------------------------------------------------------------------
 
-    def _generators(self, ids: torch.Tensor | None, slot: int, device, batch_generator):
-        if ids is None:
-            return None if batch_generator is None else [batch_generator]
-        return [
-            torch.Generator(device=device).manual_seed(sample_seed(self.seed, int(i), slot))
-            for i in ids.tolist()
-        ]
-
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, sample_ids: Any = None
-    ) -> torch.Tensor:
-        """Adversarial images: where FAB finds a misclassified point within ``eps``.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(N, ...)`` pixels in ``[0, 1]``.
-        labels : torch.LongTensor
-            ``(N,)`` class indices.
-        sample_ids : sequence of int, optional
-            Each sample's index in its dataset: seeds its random starts on its own (see
-            the class notes). Needs ``seed``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``images`` where the attack failed (or the sample was misclassified already),
-            the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
-        """
-        top = check_call(self, images, labels)
-        images, labels = autograd_tensors(images, labels)
-        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
-        x = images.detach()
+    def forward(self, images, labels, *, sample_ids=None, top_label=None) -> torch.Tensor:
+        x = images
         adversarial = x.clone()
-        if x.shape[0] == 0:
-            return adversarial
-        with eval_mode(self.model):
-            with torch.no_grad():
-                logits = self.model(x)
-            n_classes = logits.shape[-1]
-            check_labels(labels, n_classes, top)
-            if self.targeted and self.n_target_classes > n_classes - 1:
-                raise ValueError(
-                    f"n_target_classes must be at most the number of classes minus one "
-                    f"({n_classes - 1}: the model returns {n_classes} logits); got "
-                    f"{self.n_target_classes}."
-                )
-            robust = logits.argmax(1) == labels
-            ranking = logits.argsort(1, descending=True)
-            batch_generator = None
-            if self.seed is not None and ids is None and self.n_restarts > 1:
-                batch_generator = torch.Generator(device=x.device).manual_seed(self.seed)
-            rounds = self.n_target_classes if self.targeted else 1
-            for k in range(rounds):
-                for restart in range(self.n_restarts):
-                    index = robust.nonzero().flatten()
-                    if index.numel() == 0:
-                        return adversarial
-                    xs, ys = x[index], labels[index]
-                    targets = ranking[index, k + 1] if self.targeted else None
-                    start = None
-                    if restart > 0:
-                        own = None if ids is None else ids[index.cpu()]
-                        gens = self._generators(
-                            own, k * self.n_restarts + restart, x.device, batch_generator
-                        )
-                        start = self._random_start(xs, gens)
-                    best, _ = self._run(xs, ys, targets, start)
-                    with torch.no_grad():
-                        fooled = self.model(best).argmax(1) != ys
-                    fooled &= _norm(best - xs, self.norm) <= self.eps
-                    adversarial[index[fooled]] = best[fooled]
-                    robust[index[fooled]] = False
+        with torch.no_grad():
+            logits = self.model(x)
+        n_classes = logits.shape[-1]
+        check_labels(labels, n_classes, top_label)
+        if self.targeted and self.n_target_classes > n_classes - 1:
+            raise ValueError(
+                f"n_target_classes must be at most the number of classes minus one "
+                f"({n_classes - 1}: the model returns {n_classes} logits); got "
+                f"{self.n_target_classes}."
+            )
+        robust = logits.argmax(1) == labels
+        ranking = logits.argsort(1, descending=True)
+        generator = self._batch_generator(x.device)
+        rounds = self.n_target_classes if self.targeted else 1
+        for k in range(rounds):
+            for restart in range(self.n_restarts):
+                index = robust.nonzero().flatten()
+                if index.numel() == 0:
+                    return adversarial
+                xs, ys = x[index], labels[index]
+                targets = ranking[index, k + 1] if self.targeted else None
+                start = None
+                if restart > 0:
+                    own = None if sample_ids is None else sample_ids[index.cpu()]
+                    run = k * self.n_restarts + restart
+                    start = self._random_draw(self._noise, xs, generator, own, run)
+                best, _ = self._run(xs, ys, targets, start)
+                with torch.no_grad():
+                    fooled = self.model(best).argmax(1) != ys
+                fooled &= _norm(best - xs, self.norm) <= self.eps
+                adversarial[index[fooled]] = best[fooled]
+                robust[index[fooled]] = False
         return adversarial

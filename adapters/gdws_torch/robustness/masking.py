@@ -43,14 +43,14 @@ from torch import nn
 
 from gdws_approx.checks import check_real
 from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import (
+from gdws_torch.robustness.checks import (
     autograd_tensors,
     check_autograd,
     check_batch,
     check_input_dtype,
     check_labels,
+    check_model,
 )
-from gdws_torch.robustness.fab import _check_model
 
 __all__ = [
     "MaskingCheck",
@@ -191,7 +191,7 @@ def check_gradient_masking(
         A model that is not a module, images that are not pixels in ``[0, 1]``, labels out
         of range, no samples, or a negative threshold; the message names the argument.
     """
-    _check_model(model)
+    check_model(model)
     top = check_batch(images, labels)
     check_autograd("check_gradient_masking")
     check_input_dtype(model, images)

@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020), score-based black box, l_inf and l_2.
+"""Square Attack (Andriushchenko et al., ECCV 2020), score-based black box, Linf and L2.
 
 A random search: from a random start on the boundary of the ``eps`` ball, each iteration
 proposes a change of one random square window (of a side that shrinks with the schedule of
@@ -6,30 +6,23 @@ proposes a change of one random square window (of a side that shrinks with the s
 misclassified. Only the model's outputs are used: everything runs under
 :func:`torch.no_grad`, no gradient is ever computed.
 
-The conventions are those of :mod:`gdws_torch.robustness.attacks`: pixels in ``[0, 1]``,
-the model in eval mode during the attack (its modes restored afterwards), parameters and
-their ``.grad`` untouched, per-sample seeds through ``sample_ids``.
+Square subclasses :class:`~gdws_torch.robustness.attacks.Attack` and has its
+conventions: pixels in ``[0, 1]``, the model in eval mode during the attack (its modes
+restored afterwards), parameters and their ``.grad`` untouched, per-sample seeds through
+``sample_ids``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
-from gdws_torch.nn.module_tree import eval_mode
-from gdws_torch.robustness.attacks import (
-    check_call,
-    check_eps,
-    check_labels,
-    check_sample_ids,
-    sample_seed,
-)
-from gdws_torch.robustness.fab import _check_model, _check_norm, _check_seed
+from gdws_torch.robustness.attacks import Attack, sample_seed
+from gdws_torch.robustness.checks import check_labels
 
 __all__ = ["LOSSES", "Square", "p_selection"]
 
@@ -56,7 +49,7 @@ def p_selection(p_init: float, iteration: int, n_queries: int) -> float:
 
 
 def _bump_rectangle(rows: int, cols: int) -> torch.Tensor:
-    """Nested rectangles with weights ``1 / (k+1)^2`` around the centre, unit l_2 norm."""
+    """Nested rectangles with weights ``1 / (k+1)^2`` around the centre, unit L2 norm."""
     bump = torch.zeros(rows, cols, dtype=torch.float64)
     if rows == 0 or cols == 0:
         return bump
@@ -67,7 +60,7 @@ def _bump_rectangle(rows: int, cols: int) -> torch.Tensor:
 
 
 def _bump(s: int) -> torch.Tensor:
-    """The l_2 update's ``s x s`` pattern: two bumps of opposite signs, unit l_2 norm."""
+    """The L2 update's ``s x s`` pattern: two bumps of opposite signs, unit L2 norm."""
     pattern = torch.zeros(s, s, dtype=torch.float64)
     pattern[: s // 2] = _bump_rectangle(s // 2, s)
     pattern[s // 2 :] = -_bump_rectangle(s - s // 2, s)
@@ -79,7 +72,7 @@ class _Streams:
 
     Per-sample mode (``seeds``): every sample draws from its own generator, in blocks of
     ``block`` iterations refilled while it is still attacked, so the numbers a sample sees
-    depend on its seed alone. Batch mode: one generator (``None``: the global RNG) serves
+    depend on its seed alone. Batch mode: one generator (the attack's, seeded by ``seed``) serves
     the active samples of each iteration.
     """
 
@@ -113,7 +106,7 @@ class _Streams:
         return self.buffer[active, position]
 
 
-class Square:
+class Square(Attack):
     """Square Attack (Andriushchenko et al., 2020): random search on square windows.
 
     Parameters
@@ -123,8 +116,8 @@ class Square:
     norm : {"Linf", "L2"}, default="Linf"
         The threat model.
     eps : float, default=8/255
-        Radius of the ball, in pixel units: ``<= 1`` for l_inf, at most the pixel box's
-        diameter for l_2.
+        Radius of the ball, in pixel units: ``<= 1`` for Linf, at most the pixel box's
+        diameter for L2.
     n_queries : int, default=5000
         Model queries per sample and restart, the random start included.
     n_restarts : int, default=1
@@ -135,14 +128,14 @@ class Square:
     loss : {"margin", "ce"}, default="margin"
         The loss minimised: the margin ``z_y - max_{k != y} z_k`` or minus the
         cross-entropy. A candidate is kept when it lowers the loss or misclassifies.
-    seed : int or None, default=0
-        Seed of the random search. ``None``: the global RNG.
+    seed : int, default=0
+        Seed of the random search.
 
     Notes
     -----
-    l_inf (Algorithm 2 of the paper): vertical stripes of ``+-eps`` to start, then each
+    Linf (Algorithm 2 of the paper): vertical stripes of ``+-eps`` to start, then each
     iteration sets a random ``s x s`` window, per channel, to ``x +- eps``; a proposal that
-    would leave the image unchanged is redrawn, as in the original code. l_2 (Algorithm 3):
+    would leave the image unchanged is redrawn, as in the original code. L2 (Algorithm 3):
     a grid of ``+-`` bump pairs to start, then each iteration moves the perturbation's
     mass of a second random window into the first one, as a new bump pair plus the old
     content, and rescales the whole perturbation to the ``eps`` sphere.
@@ -154,6 +147,9 @@ class Square:
     batch or process it lands in.
     """
 
+    norms = ("Linf", "L2")
+    uses_gradients = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -163,11 +159,9 @@ class Square:
         n_restarts: int = 1,
         p_init: float = 0.8,
         loss: str = "margin",
-        seed: int | None = 0,
+        seed: int = 0,
     ) -> None:
-        self.model = _check_model(model)
-        self.norm = _check_norm(norm)
-        self.eps = check_eps(eps, self.norm)
+        super().__init__(model, norm=norm, eps=eps, seed=seed)
         self.n_queries = check_integer(n_queries, "n_queries", minimum=1)
         self.n_restarts = check_integer(n_restarts, "n_restarts", minimum=1)
         self.p_init = check_real(p_init, "p_init", minimum=0, strict=True, maximum=1)
@@ -176,14 +170,6 @@ class Square:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
         self.loss = loss
-        self.seed = _check_seed(seed)
-
-    def __repr__(self) -> str:
-        return (
-            f"Square(norm={self.norm!r}, eps={self.eps:g}, n_queries={self.n_queries}, "
-            f"n_restarts={self.n_restarts}, p_init={self.p_init:g}, loss={self.loss!r}, "
-            f"seed={self.seed})"
-        )
 
     # -- the loss ------------------------------------------------------------------------
 
@@ -340,28 +326,7 @@ class Square:
         seeds = [sample_seed(self.seed, int(i), restart) for i in ids.tolist()]
         return _Streams(n, width, device, seeds=seeds)
 
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, *, sample_ids: Any = None
-    ) -> torch.Tensor:
-        """Adversarial images: where the random search found a misclassified point.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``(N, C, H, W)`` pixels in ``[0, 1]``; ``H, W >= 2`` (l_inf) or ``>= 5`` (l_2).
-        labels : torch.LongTensor
-            ``(N,)`` class indices.
-        sample_ids : sequence of int, optional
-            Each sample's index in its dataset: seeds its random search on its own (see
-            the class notes). Needs ``seed``.
-
-        Returns
-        -------
-        torch.Tensor
-            ``images`` where the attack failed (or the sample was misclassified already),
-            the adversarial found elsewhere; always in ``[0, 1]`` and in the ``eps`` ball.
-        """
-        top = check_call(self, images, labels, gradients=False)
+    def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4:
             raise ValueError(
                 f"images must have shape (N, C, H, W) for the Square attack; got "
@@ -373,23 +338,22 @@ class Square:
                 f"images must be at least {smallest}x{smallest} pixels for the {self.norm} "
                 f"Square attack; got {images.shape[2]}x{images.shape[3]}."
             )
-        ids = check_sample_ids(sample_ids, images.shape[0], self.seed)
-        x = images.detach()
+
+    def forward(self, images, labels, *, sample_ids=None, top_label=None) -> torch.Tensor:
+        """As :meth:`Attack.__call__`, with images ``(N, C, H, W)``: ``H, W >= 2`` (Linf)
+        or ``>= 5`` (L2)."""
+        x = images
         adversarial = x.clone()
-        if x.shape[0] == 0:
-            return adversarial
-        with eval_mode(self.model), torch.no_grad():
+        with torch.no_grad():
             logits = self.model(x)
-            check_labels(labels, logits.shape[-1], top)
+            check_labels(labels, logits.shape[-1], top_label)
             robust = logits.argmax(1) == labels
-            generator = None
-            if self.seed is not None and ids is None:
-                generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            generator = self._batch_generator(x.device)
             for restart in range(self.n_restarts):
                 index = robust.nonzero().flatten()
                 if index.numel() == 0:
                     break
-                own = None if ids is None else ids[index.cpu()]
+                own = None if sample_ids is None else sample_ids[index.cpu()]
                 streams = self._streams(
                     index.numel(), x.shape[1], restart, own, x.device, generator
                 )
