@@ -2,7 +2,7 @@
 
 PreActResNet-18 (32x32, random weights with a fixed seed, eval mode), ``--images`` random
 images (default 16) labelled with the model's own clean predictions, so that every sample
-starts correctly classified; l_inf, ``eps = 8/255``, the standard version on both sides
+starts correctly classified; Linf, ``eps = 8/255``, the standard version on both sides
 (APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with 5000 queries, each on
 the samples still correct). torchattacks' ``AutoAttack`` runs APGD, APGD-T and FAB with 10
 steps (its attacks' default); the standard version runs 100, so its three attacks are set
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return robust(attack(images, labels))
 
     print(
-        f"PreActResNet-18 (random weights), {args.images} images, standard AutoAttack, l_inf "
+        f"PreActResNet-18 (random weights), {args.images} images, standard AutoAttack, Linf "
         f"8/255; torch {torch.__version__}, {torch.get_num_threads()} threads; torchattacks "
         f"{torchattacks.__version__} (APGD/APGD-T/FAB at {args.reference_steps} steps)"
     )
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "PreActResNet-18 (32x32, random weights)",
             "images": args.images,
             "eps": EPS,
-            "norm": "l_inf",
+            "norm": "Linf",
             "version": "standard",
             "reference_steps": args.reference_steps,
             "threads": torch.get_num_threads(),
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"JSON: {args.out}")
     print(
         f"RESULT autoattack_speed: {speedup:.2f}x (ours vs torchattacks, standard AutoAttack, "
-        f"l_inf 8/255, {args.images} images: {median['ours']:.1f} s vs "
+        f"Linf 8/255, {args.images} images: {median['ours']:.1f} s vs "
         f"{median['torchattacks']:.1f} s, medians of {args.repeats})"
     )
     return 0

@@ -1,6 +1,6 @@
 """Evaluation scaling: ``gdws eval`` with 1 process and with N under torchrun, same work.
 
-The shipped demo model (DigitsCNN) on the 540 test digits (``--n-samples``), l_inf
+The shipped demo model (DigitsCNN) on the 540 test digits (``--n-samples``), Linf
 PGD-``--steps`` at 24/255, per-sample seeded: every run must give the same accuracies
 (checked). The sides share the machine's cores: 1 process with all ``--threads``, N
 processes with ``threads / N`` each, and, for reference, 1 process with ``threads / N``
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     per_process = max(1, args.threads // args.processes)
     print(
-        f"demo model, {args.n_samples} test digits, l_inf PGD-{args.steps}; {os.cpu_count()} CPUs; "
+        f"demo model, {args.n_samples} test digits, Linf PGD-{args.steps}; {os.cpu_count()} CPUs; "
         f"1 process x {args.threads} threads vs {args.processes} processes x "
         f"{per_process} threads (gloo)"
     )
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {
             "model": f"DigitsCNN (demo), {args.n_samples} test digits",
-            "attack": f"l_inf PGD-{args.steps}, eps 24/255",
+            "attack": f"Linf PGD-{args.steps}, eps 24/255",
             "cpus": os.cpu_count(),
             "threads": args.threads,
             "runs": {f"{p}x{t}": v for (p, t), v in runs.items()},

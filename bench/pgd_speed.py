@@ -1,4 +1,4 @@
-"""PGD speed: our l_inf PGD against torchattacks' PGD, same model, inputs and settings.
+"""PGD speed: our Linf PGD against torchattacks' PGD, same model, inputs and settings.
 
 PreActResNet-18 (32x32, random weights with a fixed seed, eval mode), a batch of random
 images, ``eps = 8/255``, ``alpha = 2/255``, ``--steps`` iterations (default 10, the

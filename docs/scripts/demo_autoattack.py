@@ -2,7 +2,7 @@
 
 Builds the demo's "GDWS 2x, data, global + joint refit + BN" model exactly as ``gdws
 demo`` does (the same recipe, calibration digits and attack settings), then evaluates the
-dense and the GDWS model on the first ``--n-test`` test digits under l_inf PGD-20 and
+dense and the GDWS model on the first ``--n-test`` test digits under Linf PGD-20 and
 AutoAttack (``--version fast``: APGD-CE + APGD-T; ``standard``: + FAB-T and Square), all at
 eps 24/255, seed 0, and prints one row per model and attack plus the gradient-masking
 checks of both models. Run: ``python docs/scripts/demo_autoattack.py [--n-test N]
@@ -55,7 +55,7 @@ def main() -> None:
     gdws, _ = compress(network, inputs=inputs, target_mac_reduction=2.0, input_size=INPUT_SHAPE)
     models = {"dense": network, f"GDWS 2x, {BEST}": set_fused(gdws, True)}
     name = f"AutoAttack-{args.version}" if args.version == "fast" else "AutoAttack"
-    print(f"{args.n_test} test digits, l_inf eps 24/255, seed 0")
+    print(f"{args.n_test} test digits, Linf eps 24/255, seed 0")
     print(f"{'model':<42} {'natural %':>9} {'PGD-20 %':>9} {name + ' %':>19} {'seconds':>8}")
     for label, model in models.items():
         start = time.perf_counter()
