@@ -5,7 +5,9 @@ in ``[0, 1]`` (normalisation belongs inside the model; inputs outside that range
 refused), runs in eval mode during the attack and gets its train/eval mode back
 afterwards; gradients are taken with respect to the input only, so the model's parameters
 and their ``.grad`` are never touched. Every attack of the library (PGD here, APGD, APGD-T,
-FAB, Square and AutoAttack in their modules) subclasses :class:`Attack`.
+FAB, Square and AutoAttack in their modules) subclasses :class:`Attack`. PGD lives beside
+the base class (the module is longer than most, half of it docstrings): it is the simplest
+subclass, the one to read first.
 """
 
 from __future__ import annotations
