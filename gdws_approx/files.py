@@ -8,17 +8,24 @@ the temporary; a killed process leaves at most one temporary, named
 ``.<name>.<pid>-<random>.gdws-tmp<suffix>``, which the next write into that folder
 removes. The temporary keeps the destination's suffix, so writers that choose the format
 by extension (matplotlib, ONNX) write the right one.
+
+A file that several processes extend (a cache) is rewritten by :func:`update_json_atomic`:
+under an exclusive lock (:func:`locked`), read, merged, written atomically, so that
+concurrent writers lose nothing; a symbolic link is written through, and the file keeps
+its permissions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,12 @@ __all__ = [
     "atomic_output",
     "file_digest",
     "is_temporary",
+    "locked",
     "remove_stale_temporaries",
     "same_file",
+    "update_json_atomic",
     "user_umask",
+    "why_not_writable",
     "write_bytes_atomic",
     "write_json_atomic",
 ]
@@ -86,7 +96,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike, *, replace: bool = True, mode: int | None = None
+) -> Iterator[Path]:
     """A temporary path to write ``path``'s content to; it becomes ``path`` on success.
 
     Parameters
@@ -97,6 +109,9 @@ def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
         Replace an existing ``path``. With ``False`` the final step fails with
         :class:`FileExistsError` if ``path`` exists by then (also when another process
         created it meanwhile), and the temporary is removed.
+    mode : int, optional
+        The file's permissions; default ``0o666`` less the umask, as ``open(path, "w")``
+        gives a new file.
 
     Yields
     ------
@@ -128,7 +143,7 @@ def atomic_output(path: str | os.PathLike, *, replace: bool = True) -> Iterator[
         yield temporary
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~user_umask())
+        os.chmod(temporary, 0o666 & ~user_umask() if mode is None else mode)
         if replace:
             os.replace(temporary, path)
         else:
@@ -188,6 +203,92 @@ def write_json_atomic(
     """
     text = json.dumps(data, indent=2, default=default) + "\n"
     return write_bytes_atomic(path, text.encode(), replace=replace)
+
+
+def why_not_writable(path: str | os.PathLike, *, folder: bool = False) -> str | None:
+    """Why the file (or, with ``folder``, the folder) ``path`` cannot be written, or ``None``.
+
+    A missing path is writable when its nearest existing parent is a folder this process
+    may write in; an existing file needs its folder to be writable too (files are
+    replaced by a rename there). The answer is a clause: ``"'x' is a file, so nothing can
+    be written under it"``, ``"cannot write in 'x' (no permission, or a read-only file
+    system)"``.
+    """
+    path = Path(path)
+    if folder and path.is_dir():
+        existing = path
+    else:
+        existing = next(
+            (p for p in path.absolute().parents if p.exists() or p.is_symlink()),
+            Path(path.absolute().anchor),
+        )
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, so nothing can be written under it"
+    target = existing if folder else path.parent if path.parent.exists() else existing
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"cannot write in {str(target)!r} (no permission, or a read-only file system)"
+    return None
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the ``with`` block (other processes wait).
+
+    The lock is ``fcntl.flock`` on ``.<name>.lock`` beside ``path`` (created once, left in
+    place: removing it would let two processes lock two different files). The system
+    releases it when the process ends, even when killed.
+    """
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
+
+
+def update_json_atomic(
+    path: str | os.PathLike, update: Callable[[Any], Any], *, default: Any = None
+) -> Path:
+    """Rewrite the JSON file ``path`` as ``update(its content)``, safely against other
+    processes doing the same.
+
+    Under :func:`locked`, the file is read (``default`` when it does not exist),
+    ``update`` makes the new content, and it is written through :func:`atomic_output`.
+    A symbolic link is followed (the file it names is rewritten, the link stays); an
+    existing file keeps its permissions, a new one gets the umask's.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written (the link's target for a link).
+
+    Raises
+    ------
+    ValueError
+        The file holds no valid JSON.
+    OSError
+        It cannot be read or written.
+    """
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    with locked(real):
+        mode = None
+        try:
+            text = real.read_text()
+            mode = stat.S_IMODE(real.stat().st_mode)
+        except FileNotFoundError:
+            content = default
+        else:
+            try:
+                content = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{str(real)!r} is not valid JSON ({exc}).") from None
+        text = json.dumps(update(content), indent=2) + "\n"
+        with atomic_output(real, mode=mode) as temporary:
+            temporary.write_text(text)
+    return real
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
