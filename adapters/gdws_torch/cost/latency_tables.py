@@ -13,20 +13,24 @@ pointwise at a few ``(G, R)``. All forms of a layer are timed interleaved
 (:func:`gdws_torch.cost.throughput.measure_throughput`, medians), with random weights:
 latency depends on the shapes, not the values.
 
-Tables are cached as JSON, keyed by everything a timing depends on: the machine (processor
-or GPU name), the backend and its version, torch's version and thread count, the batch
+Tables are cached as JSON (:mod:`gdws_torch.cost.latency_store`: the file's sections,
+keys and checksums), keyed by everything a timing depends on: the machine (processor or
+GPU name), the backend and its version, torch's version and thread count, the batch
 size, and the layer (shape, stride, padding, dilation, padding mode, bias, input size).
-A second conversion on the same machine times nothing; a table built on another device
-(an embedded board, say) can be copied here and planned for.
+A second conversion on the same machine times nothing. A table is trusted only as far as
+it is checked: a file whose content does not match its checksum, made for other
+conditions, or with timings at sizes a layer cannot have, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
-import json
 import math
 import os
 import platform
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,8 @@ import torch
 from torch import nn
 
 from gdws_approx import LayerLatency, cost
-from gdws_approx.files import write_json_atomic
+from gdws_approx.files import why_not_writable
+from gdws_torch.cost import latency_store as store
 from gdws_torch.cost.throughput import BACKENDS, measure_throughput
 from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.nn.lowrank import LowRankConv2d
@@ -49,12 +54,10 @@ __all__ = [
     "machine_description",
     "measure_layer",
     "multiplier_grid",
+    "network_description",
     "rank_grid",
 ]
 
-_FORMAT = "gdws-approx/latency-table"
-# Entries of another version (other forms timed) are never matched: they are re-timed.
-_VERSION = 3
 # Kernel counts timed per layer (the planner interpolates between them).
 GRID_POINTS = 8
 # Ranks timed per layer: few, since every point adds to the table's building time.
@@ -70,11 +73,12 @@ PREFERRED_MULTIPLE = {
 
 
 def default_cache() -> Path:
-    """``$GDWS_CACHE_DIR/latency-tables.json``, else the user's cache folder."""
+    """``$GDWS_CACHE_DIR/latency-tables.json``, else the user's cache folder
+    (``$XDG_CACHE_HOME/gdws-approx`` or ``~/.cache/gdws-approx``); ``~`` is expanded."""
     root = os.environ.get("GDWS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "gdws-approx"
     )
-    return Path(root) / "latency-tables.json"
+    return Path(os.path.expanduser(root)) / "latency-tables.json"
 
 
 def _processor() -> str:
@@ -128,6 +132,19 @@ def layer_description(conv: nn.Conv2d, input_shape: Sequence[int]) -> dict[str, 
     }
 
 
+def network_description(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
+    """What a whole network's timing depends on: its modules, parameter and buffer shapes
+    and dtypes (hashed) and its input shape (one sample)."""
+    structure = hashlib.sha256(repr(model).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        structure.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return {
+        "class": type(model).__name__,
+        "structure": structure.hexdigest()[:24],
+        "input": [int(s) for s in input_shape],
+    }
+
+
 def kernel_grid(conv: nn.Conv2d, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
     """Kernel counts to time: geometric from one per channel (``C``) to below break-even,
     rounded up to ``multiple``."""
@@ -174,6 +191,68 @@ def gdws_lowrank_grid(conv: nn.Conv2d, kernel_counts: Sequence[int]) -> list[tup
 
 def _round_up(value: int, multiple: int) -> int:
     return int(math.ceil(value / multiple) * multiple)
+
+
+def check_entry(latency: LayerLatency, layer: Mapping[str, Any], backend: str) -> None:
+    """Refuse timings at sizes the layer cannot have: ``G`` below one kernel per channel
+    (it would drop input channels) or above every channel's rank (``min(M, Kh*Kw)``
+    kernels each, padded to the backend's multiple), multipliers above that rank, ranks
+    above ``min(M, C*Kh*Kw)``, GDWS-low-rank points outside both."""
+    m, c, kh, kw = (int(s) for s in layer["weight"])
+    rank = min(m, kh * kw)
+    low, high = c, _round_up(c * rank, PREFERRED_MULTIPLE.get(backend, 1))
+    counts = latency.kernel_counts
+    if counts[0] < low or counts[-1] > high:
+        raise ValueError(
+            f"kernel_counts {list(counts)} lie outside {low}..{high}, the kernel counts of a "
+            f"layer with {c} input channels of rank {rank} (fewer than {c} would drop input "
+            "channels)"
+        )
+    if latency.multipliers and latency.multipliers[-1] > rank:
+        raise ValueError(
+            f"multipliers {list(latency.multipliers)} exceed the channels' rank {rank}"
+        )
+    if latency.ranks and latency.ranks[-1] > min(m, c * kh * kw):
+        raise ValueError(
+            f"ranks {list(latency.ranks)} exceed the layer's rank {min(m, c * kh * kw)}"
+        )
+    for g, r in latency.gdws_lowrank_points:
+        if not (low <= g <= high and r <= m):
+            raise ValueError(
+                f"the GDWS low-rank point (G={g}, R={r}) lies outside the layer's sizes"
+            )
+
+
+def _forms(latency: LayerLatency) -> dict[str, dict[str, list]]:
+    """A layer's timings as the file stores them: one entry per form."""
+    forms = {
+        "dense": {"ms": latency.dense_ms},
+        "gdws": {"kernel_counts": list(latency.kernel_counts), "ms": list(latency.gdws_ms)},
+        "grouped": {"multipliers": list(latency.multipliers), "ms": list(latency.grouped_ms)},
+        "lowrank": {"ranks": list(latency.ranks), "ms": list(latency.lowrank_ms)},
+    }
+    if latency.gdws_lowrank_points:
+        forms["gdws_lowrank"] = {
+            "points": [list(point) for point in latency.gdws_lowrank_points],
+            "ms": list(latency.gdws_lowrank_ms),
+        }
+    return forms
+
+
+def _latency(forms: Mapping[str, Any]) -> LayerLatency:
+    """:func:`_forms` read back (forms this version does not plan with are skipped)."""
+    gdws_lowrank = forms.get("gdws_lowrank", {"points": [], "ms": []})
+    return LayerLatency(
+        forms["dense"]["ms"],
+        tuple(forms["gdws"]["kernel_counts"]),
+        tuple(forms["gdws"]["ms"]),
+        tuple(forms["grouped"]["multipliers"]),
+        tuple(forms["grouped"]["ms"]),
+        tuple(forms["lowrank"]["ranks"]),
+        tuple(forms["lowrank"]["ms"]),
+        tuple(map(tuple, gdws_lowrank["points"])),
+        tuple(gdws_lowrank["ms"]),
+    )
 
 
 def _gdws_layer(conv: nn.Conv2d, n_kernels: int) -> GDWSConv2d:
@@ -306,12 +385,35 @@ class LatencyTable:
     batch_size : int, default=1
     device : default="cpu"
     path : path-like or None, default=None
-        The JSON file the table is read from and saved to; ``None``: in memory only (use
-        :meth:`default` for the user cache, :func:`default_cache`). Entries of other
-        machines and batch sizes in the same file are kept.
+        The JSON file the table is read from and saved to (a symbolic link is written
+        through); ``None``: in memory only (use :meth:`default` for the user cache,
+        :func:`default_cache`). The tables of other machines, backends and batch sizes in
+        the same file are kept.
+    add_key : bool, default=False
+        Whether a file holding only tables made for other conditions may get a table for
+        these. ``False`` refuses it, naming what differs (a table timed with other
+        threads, another backend version or on another machine would mislead the plan);
+        :meth:`default` and ``gdws latency-table`` add one.
     gdws_lowrank : bool, default=False
         Also time GDWS with a low-rank pointwise (:func:`gdws_lowrank_grid`); such
-        entries are kept apart from the others.
+        tables are kept apart from the others (their key says so).
+
+    Raises
+    ------
+    ValueError
+        ``path`` is not a latency table, is of an older format, fails its checksum, has
+        no table for these conditions (without ``add_key``), or holds timings at kernel
+        counts outside a layer's range.
+
+    Attributes
+    ----------
+    measured : int
+        Layers timed by this object (0 when all came from the file).
+    saved : int
+        Of those, the layers saved to :attr:`path` so far.
+    not_cached : str or None
+        Why the timings are not saved (:meth:`default` on a cache that cannot be
+        written), else ``None``.
     """
 
     def __init__(
@@ -321,74 +423,71 @@ class LatencyTable:
         device: Any = "cpu",
         path: str | os.PathLike | None = None,
         *,
+        add_key: bool = False,
         gdws_lowrank: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
         self.machine = machine_description(backend, device)
         self.backend, self.batch_size, self.device = backend, batch_size, torch.device(device)
-        self.path = None if path is None else Path(path)
         self.gdws_lowrank = bool(gdws_lowrank)
-        self._entries: dict[str, dict] = {}
-        self.measured = 0  # layers timed by this object (0 when all came from the cache)
-        if self.path is not None and self.path.exists():
-            self._entries = self._read(self.path)
+        self.key = {**self.machine, "batch_size": batch_size}
+        if self.gdws_lowrank:
+            self.key["gdws_lowrank"] = True
+        self.path = None if path is None else Path(path)
+        self.measured = self.saved = 0
+        self.not_cached: str | None = None
+        self._layers: dict[str, dict] = {}
+        self._networks: dict[str, dict] = {}
+        self._unsaved = False
+        if self.path is not None and (self.path.exists() or self.path.is_symlink()):
+            sections = store.read_sections(self.path)
+            section = store.find_section(sections, self.key)
+            if section is None and sections and not add_key:
+                raise ValueError(store.key_mismatch(self.path, sections, self.key))
+            if section is not None:
+                self._layers, self._networks = section["layers"], section["networks"]
+                for entry in self._layers.values():
+                    self._checked(entry)
 
     @classmethod
     def default(
         cls, backend: str, batch_size: int = 1, device: Any = "cpu", *, gdws_lowrank: bool = False
     ) -> LatencyTable:
-        """A table cached in :func:`default_cache`."""
-        return cls(backend, batch_size, device, default_cache(), gdws_lowrank=gdws_lowrank)
+        """A table cached in :func:`default_cache`. A cache that cannot be written is read
+        if it exists and not written (a ``UserWarning`` and :attr:`not_cached` say so)."""
+        path = default_cache()
+        reason = why_not_writable(os.path.realpath(path))
+        kind = {"gdws_lowrank": gdws_lowrank}
+        if reason and not path.is_file():  # nothing to read there either
+            table = cls(backend, batch_size, device, None, **kind)
+        else:
+            table = cls(backend, batch_size, device, path, add_key=True, **kind)
+        if reason:
+            table.not_cached = (
+                f"the latency cache {str(path)!r} cannot be written ({reason}): layers timed "
+                "now are not cached (set GDWS_CACHE_DIR to a writable folder)"
+            )
+            warnings.warn(table.not_cached, stacklevel=2)
+        return table
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, dict]:
+    def _checked(self, entry: Mapping[str, Any]) -> LayerLatency:
+        """The latencies of a file's entry, checked against its layer."""
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"latency table {str(path)!r} is not readable JSON ({exc}).") from None
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r} is not a gdws latency table (no format entry).")
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            raise ValueError(f"latency table {str(path)!r} has no entries.")
-        return entries
-
-    def _key(self, layer: Mapping[str, Any]) -> str:
-        text = json.dumps(
-            {
-                "version": _VERSION,
-                "machine": self.machine,
-                "batch_size": self.batch_size,
-                "layer": dict(layer),
-                **({"gdws_lowrank": True} if self.gdws_lowrank else {}),
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+            latency = _latency(entry["forms"])
+            check_entry(latency, entry["layer"], self.backend)
+        except (KeyError, TypeError, ValueError) as exc:
+            where = entry.get("layer", {}).get("weight") if isinstance(entry, dict) else None
+            raise ValueError(
+                f"latency table {str(self.path)!r}: the entry of the layer of shape {where} is "
+                f"refused ({exc}); time the table again: delete the file or give another."
+            ) from None
+        return latency
 
     def get(self, conv: nn.Conv2d, input_shape: Sequence[int]) -> LayerLatency | None:
         """The cached latencies of this layer here, or ``None``."""
-        entry = self._entries.get(self._key(layer_description(conv, input_shape)))
-        if entry is None:
-            return None
-        try:
-            return LayerLatency(
-                entry["dense_ms"],
-                tuple(entry["kernel_counts"]),
-                tuple(entry["gdws_ms"]),
-                tuple(entry["multipliers"]),
-                tuple(entry["grouped_ms"]),
-                tuple(entry["ranks"]),
-                tuple(entry["lowrank_ms"]),
-                tuple(map(tuple, entry["gdws_lowrank_points"])),
-                tuple(entry["gdws_lowrank_ms"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"latency table {str(self.path)!r}: a damaged entry ({exc}); delete the file "
-                "to time the layers again."
-            ) from None
+        entry = self._layers.get(store.entry_id(layer_description(conv, input_shape)))
+        return None if entry is None else self._checked(entry)
 
     def layer(
         self, conv: nn.Conv2d, input_shape: Sequence[int], *, rounds: int = 9
@@ -419,20 +518,35 @@ class LatencyTable:
         if not isinstance(latency, LayerLatency):
             raise TypeError(f"latency must be a LayerLatency; got {type(latency).__name__}.")
         layer = layer_description(conv, input_shape)
-        self._entries[self._key(layer)] = {
-            "machine": self.machine,
-            "batch_size": self.batch_size,
-            "layer": layer,
-            "dense_ms": latency.dense_ms,
-            "kernel_counts": list(latency.kernel_counts),
-            "gdws_ms": list(latency.gdws_ms),
-            "multipliers": list(latency.multipliers),
-            "grouped_ms": list(latency.grouped_ms),
-            "ranks": list(latency.ranks),
-            "lowrank_ms": list(latency.lowrank_ms),
-            "gdws_lowrank_points": [list(point) for point in latency.gdws_lowrank_points],
-            "gdws_lowrank_ms": list(latency.gdws_lowrank_ms),
-        }
+        try:
+            check_entry(latency, layer, self.backend)
+        except ValueError as exc:
+            raise ValueError(f"latency: {exc}.") from None
+        self._layers[store.entry_id(layer)] = {"layer": layer, "forms": _forms(latency)}
+        self._unsaved = True
+
+    def missing(
+        self, convs: Mapping[str, nn.Conv2d], input_shapes: Mapping[str, Sequence[int]]
+    ) -> list[str]:
+        """The names of the convs this table has no latencies for."""
+        return [name for name in convs if self.get(convs[name], input_shapes[name]) is None]
+
+    def check_writable(self) -> None:
+        """Refuse a table whose file cannot be written (before anything is timed for it).
+
+        Raises
+        ------
+        ValueError
+            Naming the file and why.
+        """
+        if self.path is None or self.not_cached:
+            return
+        reason = why_not_writable(os.path.realpath(self.path))
+        if reason:
+            raise ValueError(
+                f"latency table {str(self.path)!r}: {reason}; the layers it lacks would be "
+                "timed for nothing. Give a file that can be written."
+            )
 
     def layers(
         self,
@@ -442,26 +556,75 @@ class LatencyTable:
         rounds: int = 9,
         progress: bool = False,
     ) -> dict[str, LayerLatency]:
-        """:meth:`layer` for every named conv; the table is saved if anything was timed."""
+        """:meth:`layer` for every named conv; what was timed is saved, also when the loop
+        is interrupted (Ctrl-C keeps the layers already timed).
+
+        Raises
+        ------
+        ValueError
+            A layer must be timed and the file cannot be written (before any timing).
+        """
         from tqdm.auto import tqdm
 
+        if self.missing(convs, input_shapes):
+            self.check_writable()
         out = {}
-        names = list(convs)
-        for name in tqdm(names, desc="latency table", unit="layer", disable=not progress):
-            out[name] = self.layer(convs[name], input_shapes[name], rounds=rounds)
-        if self.measured and self.path is not None:
-            self.save()
+        try:
+            for name in tqdm(list(convs), desc="latency table", unit="layer", disable=not progress):
+                out[name] = self.layer(convs[name], input_shapes[name], rounds=rounds)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what was timed; the error goes on
+                self._save_timed()
+            raise
+        self._save_timed()
         return out
 
+    def network(self, model: nn.Module, input_shape: Sequence[int], *, rounds: int = 15) -> float:
+        """The whole dense ``model``'s latency in ms: from the table, or timed now (a float32
+        copy, eval mode) and saved. Planning from it makes the same call plan alike."""
+        description = network_description(model, input_shape)
+        key = store.entry_id(description)
+        entry = self._networks.get(key)
+        if entry is not None:
+            try:
+                ms = float(entry["dense_ms"])
+            except (KeyError, TypeError, ValueError):
+                ms = math.nan
+            if not (math.isfinite(ms) and ms > 0):
+                raise ValueError(
+                    f"latency table {str(self.path)!r}: a network's dense_ms is not a positive "
+                    "number; time the table again: delete the file or give another."
+                )
+            return ms
+        self.check_writable()
+        (row,) = measure_throughput(
+            {"dense": copy.deepcopy(model).float().eval()},
+            input_shape,
+            backends=(self.backend,),
+            batch_sizes=(self.batch_size,),
+            rounds=rounds,
+            device=self.device,
+        )
+        self._networks[key] = {"network": description, "dense_ms": row["latency_ms"]}
+        self._unsaved = True
+        self._save_timed()
+        return row["latency_ms"]
+
+    def _save_timed(self) -> None:
+        if self._unsaved and self.path is not None and not self.not_cached:
+            self.save()
+
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the table (atomically) to ``path`` or its own path."""
+        """Merge the table into ``path`` or its own path: under a lock, with the file's
+        other tables and entries (also those written meanwhile by other processes),
+        atomically, keeping the file's permissions; returns the path."""
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("this latency table has no path: give one to save it.")
-        entries = dict(self._read(target)) if target.exists() else {}
-        entries.update(self._entries)
-        write_json_atomic(target, {"format": _FORMAT, "version": _VERSION, "entries": entries})
+        store.write_section(target, self.key, self._layers, self._networks)
+        if target == self.path:
+            self._unsaved, self.saved = False, self.measured
         return target
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._layers)

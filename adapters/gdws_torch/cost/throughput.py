@@ -30,7 +30,14 @@ from torch import nn
 
 from gdws_approx.checks import check_integer
 
-__all__ = ["BACKENDS", "available_backends", "make_runner", "measure_fps", "measure_throughput"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_available",
+    "make_runner",
+    "measure_fps",
+    "measure_throughput",
+]
 
 BACKENDS = ("eager", "channels_last", "onnxruntime", "openvino", "tensorrt")
 
@@ -46,30 +53,40 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def available_backends(device: Any = "cpu") -> tuple[str, ...]:
-    """The backends of :data:`BACKENDS` that can run here.
+    """The backends of :data:`BACKENDS` that can run here (:func:`backend_available`).
 
     ONNX Runtime if installed; OpenVINO if installed and ``device`` is the CPU; TensorRT
     (ONNX Runtime's TensorRT execution provider) if ``device`` is a CUDA GPU and the
-    installed ONNX Runtime has that provider (``onnxruntime-gpu`` with TensorRT).
+    installed ONNX Runtime has that provider (``onnxruntime-gpu`` with TensorRT). Every
+    installed runtime is imported: to ask about one, use :func:`backend_available`.
     """
-    out = ["eager", "channels_last"]
-    try:
-        import onnxruntime
-    except ImportError:
-        pass
-    else:
-        out.append("onnxruntime")
-        providers = onnxruntime.get_available_providers()
-        if torch.device(device).type == "cuda" and "TensorrtExecutionProvider" in providers:
-            out.append("tensorrt")
-    if torch.device(device).type == "cpu":
+    return tuple(backend for backend in BACKENDS if backend_available(backend, device))
+
+
+def backend_available(backend: str, device: Any = "cpu") -> bool:
+    """Whether ``backend`` can run on ``device`` here; only that backend's runtime is
+    imported (ONNX Runtime and OpenVINO write telemetry files when imported)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
+    device = torch.device(device)
+    if backend in ("eager", "channels_last"):
+        return True
+    if backend == "openvino":
+        if device.type != "cpu":
+            return False
         try:
             import openvino  # noqa: F401
         except ImportError:
-            pass
-        else:
-            out.append("openvino")
-    return tuple(out)
+            return False
+        return True
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    if backend == "tensorrt":
+        providers = onnxruntime.get_available_providers()
+        return device.type == "cuda" and "TensorrtExecutionProvider" in providers
+    return True
 
 
 def _onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> bytes:
@@ -162,7 +179,7 @@ def make_runner(
 
         # Padded as for ONNX Runtime: the outputs are the same.
         return _openvino_runner(pad_kernels(copy.deepcopy(model).eval(), 4), shape)
-    if backend == "tensorrt" and backend not in available_backends(device):
+    if backend == "tensorrt" and not backend_available(backend, device):
         raise ValueError(
             f"the tensorrt backend needs a CUDA device and onnxruntime-gpu with the TensorRT "
             f"execution provider; got device {device}."
@@ -235,7 +252,8 @@ def measure_throughput(
     list of dict
         One row per (model, backend, batch size): ``fps`` (median over blocks),
         ``fps_q1``, ``fps_q3`` (quartiles), ``latency_ms`` (``batch_size / fps``),
-        ``threads``, ``device``.
+        ``round_ms`` (each round's latency, in round order: the models of one round ran
+        back to back, so per-round ratios pair like with like), ``threads``, ``device``.
     """
     if not models:
         raise ValueError("models must name at least one model.")
@@ -301,6 +319,7 @@ def measure_throughput(
                         "fps_q1": q1,
                         "fps_q3": q3,
                         "latency_ms": 1000 * batch_size / median,
+                        "round_ms": [1000 * t for t in seconds],
                         "threads": torch.get_num_threads(),
                         "device": str(device),
                     }
