@@ -449,7 +449,14 @@ def _latency_summary(latency: Mapping[str, Any]) -> str:
     )
     if latency.get("realised_speedup") is not None:
         text += f", measured {latency['realised_speedup']:.3g}x"
-    return text + "."
+        if latency.get("spread") is not None:
+            text += f" (spread {latency['spread']:.2g})"
+        if "reached" in latency:
+            text += ": reached" if latency["reached"] else ": NOT reached"
+    text += "."
+    if latency.get("table_warning"):
+        text += f"\nwarning: {latency['table_warning']}."
+    return text
 
 
 def _finite_or_none(x: float) -> float | None:

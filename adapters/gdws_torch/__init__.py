@@ -22,6 +22,7 @@ from gdws_torch.conversion.recipes import (
     get_recipe,
     recipe_inputs,
 )
+from gdws_torch.conversion.speed_target import SpeedTargetMissed
 from gdws_torch.conversion.weightings import weighting
 from gdws_torch.cost.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.io.checkpoints import (
@@ -64,6 +65,7 @@ __all__ = [
     "Recipe",
     "RecipeInputs",
     "Recovery",
+    "SpeedTargetMissed",
     "Square",
     "Weighting",
     "check_gradient_masking",

@@ -41,6 +41,7 @@ def convert(
     inplace: bool = False,
     svd_solver: str = "auto",
     progress: bool = False,
+    require_target: bool = True,
     **deprecated: Any,
 ) -> tuple[nn.Module, NetworkPlan]:
     """Replace the eligible convolutions of ``model`` by optimal GDWS convolutions.
@@ -67,17 +68,19 @@ def convert(
         ``weighting.allocation`` says.
     target_speedup : float, optional
         The measured speed-up (``> 1``) to reach on ``latency.backend``, ``.device`` and
-        ``.batch_size``. Every eligible layer's latency is taken from ``latency.table``
-        (timed and cached when missing), each layer becomes dense, GDWS, grouped
+        ``.batch_size``. Every eligible layer's latency, and the dense network's, are
+        taken from ``latency.table`` (timed and cached when missing; a table file that
+        fails its checks is refused), each layer becomes dense, GDWS, grouped
         (depthwise-separable at ``m = 1``), low-rank, ... (the forms of
         ``latency.forms``) at the size of least total response error whose predicted
         network latency meets the target (:func:`gdws_approx.plan_latency`; the error of
         every form is measured on ``weighting.input_moments`` when given); then the
         converted network is timed against the dense one and, if it misses the target by
-        more than 5 % either way, planned again (3 attempts at most; the least-error
-        attempt that reached the target is kept). ``report.latency`` records the
-        prediction, the measurement and whether the target was reached
-        (:mod:`gdws_torch.conversion.speed_target`).
+        more than 5 % either way and by more than the timing's spread, planned again (3
+        attempts at most; the least-error attempt that reached the target is kept). The
+        target is reached when the measured speed-up is at least 95 % of it and above 1.
+        ``report.latency`` records the prediction, the measurement, its spread and
+        whether the target was reached (:mod:`gdws_torch.conversion.speed_target`).
     weighting : Weighting, optional
         The per-layer error weights (``alphas``, output weights ``A``, input transforms
         ``B_c``) and the MAC allocation; unit weights and a common ``beta`` when
@@ -108,6 +111,11 @@ def convert(
     progress : bool, default=False
         Progress bars: timing layers for ``target_speedup``, the refit (per layer) and
         the BatchNorm re-estimation. ``report.seconds`` gives each stage's time.
+    require_target : bool, default=True
+        With ``target_speedup``: a target not reached raises
+        :class:`~gdws_torch.conversion.speed_target.SpeedTargetMissed` (a miss is never
+        silent). ``False`` accepts the closest model; ``report.latency["reached"]`` then
+        says whether it reached the target.
     **deprecated
         The keywords the option groups replace (``alphas``, ``output_weights``,
         ``input_transforms``, ``allocation``; ``refit``, ``refit_samples``,
@@ -133,7 +141,11 @@ def convert(
         A setting of the wrong type, an unknown keyword.
     ValueError
         No eligible convolution, an alpha missing or of the wrong length, a budget that
-        keeps no kernel in a layer, an unreachable target. The model is untouched then.
+        keeps no kernel in a layer, an unreachable target, a latency table refused. The
+        model is untouched then.
+    SpeedTargetMissed
+        ``target_speedup`` measured out of reach, with ``require_target`` (the model is
+        untouched; the exception's ``report`` has the measurements).
 
     Examples
     --------
@@ -154,6 +166,8 @@ def convert(
             raise TypeError(
                 f"{name} must be a {cls.__name__} or None; got {type(groups[name]).__name__}."
             )
+    if not isinstance(require_target, bool):
+        raise TypeError(f"require_target must be a bool; got {require_target!r}.")
     groups = from_legacy_keywords(deprecated, groups)
     weighting, recovery, latency = groups["weighting"], groups["recovery"], groups["latency"]
     if target_speedup is not None:
@@ -189,6 +203,7 @@ def convert(
             svd_solver=svd_solver,
             fused=fused,
             inplace=inplace,
+            require_target=require_target,
             progress=progress,
         )
     else:
@@ -311,17 +326,17 @@ def _recover(model, converted, originals, recovery: Recovery, *, inplace, progre
 
 def _convert_for_speedup(model, specs, other, latency: Latency, **kw):
     from gdws_torch.conversion.speed_target import convert_for_speedup
-    from gdws_torch.cost.latency_tables import LatencyTable, default_cache
+    from gdws_torch.cost.latency_tables import LatencyTable
 
     table = latency.table
     gdws_lowrank = "gdws_lowrank" in latency.forms
-    if not isinstance(table, LatencyTable):
+    if table is None:
+        table = LatencyTable.default(
+            latency.backend, latency.batch_size, latency.device, gdws_lowrank=gdws_lowrank
+        )
+    elif not isinstance(table, LatencyTable):
         table = LatencyTable(
-            latency.backend,
-            latency.batch_size,
-            latency.device,
-            default_cache() if table is None else table,
-            gdws_lowrank=gdws_lowrank,
+            latency.backend, latency.batch_size, latency.device, table, gdws_lowrank=gdws_lowrank
         )
     elif (table.backend, table.batch_size) != (latency.backend, latency.batch_size):
         raise ValueError(

@@ -285,6 +285,7 @@ def compress(
     seed: int = 0,
     progress: bool = False,
     convert_options: dict[str, Any] | None = None,
+    require_target: bool = True,
     **deprecated: Any,
 ) -> tuple[nn.Module, NetworkPlan]:
     """``model`` converted to GDWS and recovered by ``recipe``, in one call.
@@ -329,6 +330,10 @@ def compress(
     convert_options : dict, optional
         Further :func:`gdws_torch.convert` keywords (``layers``, ``exclude``,
         ``skip_first``, ``only_if_cheaper``, ``svd_solver``).
+    require_target : bool, default=True
+        With ``target_speedup``: a target the measurement does not reach raises
+        :class:`~gdws_torch.conversion.speed_target.SpeedTargetMissed` before the
+        recovery runs; ``False`` accepts the closest model (``report.latency["reached"]``).
     **deprecated
         ``backend``, ``latency_batch_size``, ``latency_table``, ``device``: the settings
         ``latency`` replaces, with a ``FutureWarning`` until the next release.
@@ -391,6 +396,7 @@ def compress(
         latency=latency,
         input_size=input_size,
         progress=progress,
+        require_target=require_target,
     )
     report.recipe = {**chosen.to_dict(), "calibration_attack": inputs.attack}
     if computed_here:  # the stages of this call, in the order they ran

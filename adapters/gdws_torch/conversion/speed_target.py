@@ -1,25 +1,34 @@
 """Conversion for a measured speed-up: plan from latency tables, build, time, re-plan.
 
 1. Every eligible layer's latencies (dense, GDWS at a grid of ``G``, grouped at a grid of
-   channel multipliers ``m``, low-rank at a grid of ranks ``R``) come from a
-   :class:`~gdws_torch.cost.latency_tables.LatencyTable` (cached, or timed now) on the
-   backend, device and batch size the model will run on; the dense network is timed
-   whole.
+   channel multipliers ``m``, low-rank at a grid of ranks ``R``) and the whole dense
+   network's latency come from a :class:`~gdws_torch.cost.latency_tables.LatencyTable`
+   (cached, or timed now and cached) on the backend, device and batch size the model
+   will run on. So the first plan depends on the table only: the same call on the same
+   machine and table plans alike.
 2. :func:`gdws_approx.plan_latency` chooses each layer's form (among ``forms``) for the
    least total response error whose predicted latency is ``dense / target_speedup``.
-3. The converted network is timed against the dense one (interleaved, medians). If the
-   measured speed-up misses the target by more than ``tolerance`` (too slow, or so much
-   faster that error was spent for nothing), the plan is made again for a planned target
-   between the attempts measured on either side of the target (linear interpolation), or
-   the last planned target scaled by the measured ratio while all attempts lie on one
-   side, at most ``attempts`` times in all. The result
-   is the attempt of least error among those that reached the target (the fastest if
-   none did); the plan records what was predicted and measured at every attempt.
+3. The converted network is timed against the dense one (interleaved rounds; the
+   speed-up is the ratio of the medians, its *spread* the interquartile range of the
+   per-round ratios). It is planned again only when it misses the target by more than
+   ``tolerance`` (too slow, or so much faster that error was spent for nothing) *and* by
+   more than the spread, which timing noise alone would explain: for a planned target
+   between the attempts measured on either side of the target (linear interpolation),
+   or the last planned target scaled by the measured ratio while all attempts lie on one
+   side, at most ``attempts`` times in all. The result is the attempt of least error
+   among those that reached the target (the fastest if none did).
+
+A target is *reached* when the measured speed-up is at least ``target * (1 - tolerance)``
+and above 1: a model that is not faster never reaches a target. A miss raises
+:class:`SpeedTargetMissed` unless ``require_target=False`` accepts the closest model. A
+measured speed-up more than 10 % below the table's prediction adds a warning to the plan
+(the table does not describe this machine now: rebuild it).
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +41,28 @@ from gdws_torch.cost.throughput import measure_throughput
 from gdws_torch.nn.module_tree import replace_module
 from gdws_torch.nn.planned import build_layer
 
-__all__ = ["convert_for_speedup", "measure_speedup"]
+__all__ = ["MISPREDICTION", "SpeedTargetMissed", "convert_for_speedup", "measure_speedup"]
+
+#: A measured speed-up this far below the table's prediction (a fraction) is reported.
+MISPREDICTION = 0.10
+
+
+class SpeedTargetMissed(RuntimeError):
+    """The converted model did not reach ``target_speedup`` (``require_target=True``).
+
+    Attributes
+    ----------
+    reason : str
+        What was measured and why it missed (the message, without the advice).
+    report : gdws_approx.NetworkPlan
+        The plan of the closest model: ``report.latency`` has the measurement, its spread,
+        every attempt and why the target was missed.
+    """
+
+    def __init__(self, reason: str, report: NetworkPlan) -> None:
+        super().__init__(f"{reason}. Pass require_target=False to keep the closest model.")
+        self.reason = reason
+        self.report = report
 
 
 def measure_speedup(
@@ -45,7 +75,12 @@ def measure_speedup(
     device: Any,
     rounds: int = 15,
 ) -> dict[str, float]:
-    """Both models timed interleaved: ``{"dense_ms", "gdws_ms", "speedup"}`` (medians)."""
+    """Both models timed interleaved: ``{"dense_ms", "gdws_ms", "speedup", "spread"}``.
+
+    ``speedup`` is the ratio of the median latencies; ``spread`` the interquartile range
+    of the per-round ratios (the rounds time both models back to back), the size of a
+    difference that timing noise alone can make.
+    """
     rows = measure_throughput(
         {"dense": dense, "gdws": converted},
         input_size,
@@ -54,8 +89,28 @@ def measure_speedup(
         rounds=rounds,
         device=device,
     )
-    ms = {row["model"]: row["latency_ms"] for row in rows}
-    return {"dense_ms": ms["dense"], "gdws_ms": ms["gdws"], "speedup": ms["dense"] / ms["gdws"]}
+    by_model = {row["model"]: row for row in rows}
+    ratios = [
+        d / g
+        for d, g in zip(by_model["dense"]["round_ms"], by_model["gdws"]["round_ms"], strict=True)
+    ]
+    spread = 0.0
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        spread = q3 - q1
+    dense_ms, gdws_ms = by_model["dense"]["latency_ms"], by_model["gdws"]["latency_ms"]
+    return {
+        "dense_ms": dense_ms,
+        "gdws_ms": gdws_ms,
+        "speedup": dense_ms / gdws_ms,
+        "spread": spread,
+    }
+
+
+def reached(speedup: float, target: float, tolerance: float) -> bool:
+    """Whether a measured ``speedup`` reaches ``target``: within ``tolerance`` below it or
+    above, and faster than dense."""
+    return speedup >= target * (1 - tolerance) and speedup > 1
 
 
 def convert_for_speedup(
@@ -73,6 +128,7 @@ def convert_for_speedup(
     attempts: int = 3,
     tolerance: float = 0.05,
     rounds: int = 15,
+    require_target: bool = True,
     progress: bool = False,
     forms: Sequence[str] = DEFAULT_FORMS,
 ) -> tuple[nn.Module, NetworkPlan, dict[str, nn.Module]]:
@@ -84,27 +140,29 @@ def convert_for_speedup(
     plan : gdws_approx.NetworkPlan
         ``plan.latency`` adds to the planner's record: ``backend``, ``device``,
         ``batch_size``, ``measured_dense_ms``, ``measured_ms``, ``realised_speedup``,
-        ``reached`` (realised within ``tolerance`` of the target or above),
-        ``attempts`` (planned target, predicted and measured speed-up of each) and
-        ``layers_timed`` (0 when every layer came from the cache).
+        ``spread`` (interquartile range of the per-round speed-ups), ``reached`` (see
+        :func:`reached`), ``attempts`` (planned target, predicted and measured speed-up
+        and spread of each), ``layers_timed`` (0 when every layer came from the table),
+        ``why_not_reached`` when missed and ``table_warning`` when the measurement is
+        more than :data:`MISPREDICTION` below the prediction.
     originals : dict of str to torch.nn.Module
         The dense convolutions that were replaced, by name.
+
+    Raises
+    ------
+    SpeedTargetMissed
+        The target was not reached and ``require_target`` (before ``model`` is changed,
+        even with ``inplace``).
     """
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ValueError(f"attempts must be a positive integer; got {attempts!r}.")
+    if not isinstance(require_target, bool):
+        raise TypeError(f"require_target must be a bool; got {require_target!r}.")
     modules = dict(model.named_modules())
     convs = {spec.name: modules[spec.name] for spec in specs}
     latencies = table.layers(convs, input_shapes, progress=progress)
     reference = copy.deepcopy(model).float().eval()
-    (row,) = measure_throughput(
-        {"dense": reference},
-        input_size,
-        backends=(table.backend,),
-        batch_sizes=(table.batch_size,),
-        rounds=rounds,
-        device=table.device,
-    )
-    network_ms = row["latency_ms"]
+    network_ms = table.network(reference, input_size, rounds=rounds)
     planned, history, tried = target_speedup, [], []
     for _ in range(attempts):
         plan = plan_latency(
@@ -132,49 +190,85 @@ def convert_for_speedup(
                 "planned_target": planned,
                 "predicted_speedup": plan.latency["predicted_speedup"],
                 "measured_speedup": measured["speedup"],
+                "spread": measured["spread"],
             }
         )
         tried.append((plan, (converted, originals), measured))
-        ratio = measured["speedup"] / target_speedup
-        if abs(ratio - 1) <= tolerance:
-            break
-        # Missed (or overshot, spending error for nothing): plan again.
+        miss = abs(measured["speedup"] - target_speedup)
+        if miss <= tolerance * target_speedup or miss <= measured["spread"]:
+            break  # on target, or off by no more than timing noise
+        # Missed (or overshot, spending error for nothing) beyond the noise: plan again.
         again = min(_next_plan(history, target_speedup), plan.latency["best_predicted_speedup"])
         if again <= 1 or any(abs(again - h["planned_target"]) <= 1e-3 * again for h in history):
             break
         planned = again
     # The least error among the attempts that reached the target, else the fastest.
-    reaching = [t for t in tried if t[2]["speedup"] >= target_speedup * (1 - tolerance)]
+    reaching = [t for t in tried if reached(t[2]["speedup"], target_speedup, tolerance)]
     if reaching:
         plan, (converted, originals), measured = min(reaching, key=lambda t: t[0].error)
     else:
         plan, (converted, originals), measured = max(tried, key=lambda t: t[2]["speedup"])
-    reached = measured["speedup"] >= target_speedup * (1 - tolerance)
-    if not reached:
-        plan.latency["why_not_reached"] = (
-            f"measured {measured['speedup']:.3g}x where the plan predicted "
-            f"{plan.latency['predicted_speedup']:.3g}x (the fastest plan is predicted at "
-            f"{plan.latency['best_predicted_speedup']:.3g}x): the layers timed alone do not add "
-            "up to the whole network on this backend (fusions, layout changes, overheads)"
+    _record(plan, measured, table, target_speedup, tolerance, history)
+    if not plan.latency["reached"] and require_target:
+        raise SpeedTargetMissed(_missed_message(plan.latency), plan)
+    if fused or inplace:
+        converted, originals = _build(model, plan, fused=fused, inplace=inplace)
+    return converted, plan, originals
+
+
+def _record(
+    plan: NetworkPlan,
+    measured: Mapping[str, float],
+    table: LatencyTable,
+    target: float,
+    tolerance: float,
+    history: list[dict],
+) -> None:
+    """What was planned, measured and concluded, into ``plan.latency``."""
+    record = plan.latency
+    speedup, predicted = measured["speedup"], record["predicted_speedup"]
+    if not reached(speedup, target, tolerance):
+        faster = "" if speedup > 1 else " (not faster than dense)"
+        record["why_not_reached"] = (
+            f"measured {speedup:.3g}x{faster} where the plan predicted {predicted:.3g}x (the "
+            f"fastest plan is predicted at {record['best_predicted_speedup']:.3g}x): the "
+            "layers timed alone do not add up to the whole network on this backend "
+            "(fusions, layout changes, overheads)"
         )
-    plan.latency.update(
+    if speedup < (1 - MISPREDICTION) * predicted:
+        where = f" ({table.path})" if table.path is not None else ""
+        record["table_warning"] = (
+            f"the measured speed-up {speedup:.3g}x is {100 * (1 - speedup / predicted):.0f} % "
+            f"below the {predicted:.3g}x the latency table{where} predicted: the table does "
+            "not describe this machine now (timed elsewhere, under other load, or edited); "
+            "rebuild it here with gdws latency-table"
+        )
+    record.update(
         backend=table.backend,
         backend_version=table.machine["backend_version"],
         device=table.machine["device"],
         threads=table.machine["threads"],
         batch_size=table.batch_size,
-        target_speedup=target_speedup,
+        target_speedup=target,
         measured_dense_ms=measured["dense_ms"],
         measured_ms=measured["gdws_ms"],
-        realised_speedup=measured["speedup"],
-        reached=reached,
+        realised_speedup=speedup,
+        spread=measured["spread"],
+        reached=reached(speedup, target, tolerance),
         tolerance=tolerance,
         attempts=history,
         layers_timed=table.measured,
     )
-    if fused or inplace:
-        converted, originals = _build(model, plan, fused=fused, inplace=inplace)
-    return converted, plan, originals
+
+
+def _missed_message(record: Mapping[str, Any]) -> str:
+    text = (
+        f"target_speedup={record['target_speedup']:g} not reached: "
+        f"{record['why_not_reached']}; spread of the timing {record['spread']:.2g}"
+    )
+    if record.get("table_warning"):
+        text += f"; {record['table_warning']}"
+    return text
 
 
 def _next_plan(history: list[dict], target: float) -> float:
