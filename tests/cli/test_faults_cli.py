@@ -772,8 +772,14 @@ POOL = {
     "new": "new.json",  # a new path
     "deep": "deep/new.txt",  # a new path in a new folder
     "checkpoint": "model_best.pth",  # the input
+    "table": "table.json",  # a latency table of this machine, for the digits CNN
+    "tablelink": "tablelink.json",  # a symlink to "table"
+    "cached": "cache/latency-tables.json",  # where the cache "cachedir" keeps its table
 }
+# GDWS_CACHE_DIR: a new folder, an empty one, a file, a path under a file.
+CACHES = {"cachedir": "cache", "empty": "empty", "file": "file", "under": "file/x"}
 LOG = "epsilon\ttestacc\n0.00000000\t50.000\n"
+SAME = {"tablelink": "table", "link": "file"}  # names of the same file
 
 
 def _populate(folder: Path, weights: Path) -> None:
@@ -784,23 +790,58 @@ def _populate(folder: Path, weights: Path) -> None:
     (folder / "folder" / "inner.txt").write_text("inner\n")
     (folder / "empty").mkdir()
     (folder / "link").symlink_to("file")
+    from _fake_timing import fake_timing
+
+    from gdws_torch import eligible_convs
+    from gdws_torch.cost.latency import layer_input_shapes
+    from gdws_torch.cost.latency_tables import LatencyTable
+
+    network = DigitsCNN().eval()
+    convs = dict(eligible_convs(network))  # those a conversion times
+    shapes = layer_input_shapes(network, list(convs), (1, 16, 16))
+    with fake_timing():
+        table = LatencyTable("eager", 1, "cpu", folder / "table.json")
+        table.layers(convs, shapes)
+        table.network(network, (1, 16, 16))
+    (folder / "tablelink.json").symlink_to("table.json")
 
 
-def _expected_refusal(json_: str, log: str | None, resume: str | None, overwrite: bool) -> bool:
-    if json_ in ("folder", "empty", "link", "under", "checkpoint"):
+def _table_file(table: str | None, cache: str) -> str:
+    """The pool name (or path) of the latency table the run reads and extends."""
+    if table is not None:
+        return SAME.get(table, table)
+    return "cached" if cache == "cachedir" else f"{CACHES[cache]}/latency-tables.json"
+
+
+def _expected_refusal(
+    json_: str,
+    log: str | None,
+    resume: str | None,
+    overwrite: bool,
+    table: str | None = None,
+    cache: str = "cachedir",
+) -> bool:
+    if json_ in ("folder", "empty", "link", "under", "checkpoint", "tablelink"):
         return True
-    if json_ in ("file", "log") and not overwrite:
+    if json_ in ("file", "log", "table") and not overwrite:
         return True
-    if log not in (None, "log", "new", "deep"):
+    if log not in (None, "log", "new", "deep", "cached"):
         return True
-    if resume not in (None, "empty", "new", "deep"):
+    if resume not in (None, "empty", "new", "deep", "cached"):
         return True
+    if table not in (None, "table", "tablelink", "new", "deep", "cached"):
+        return True  # not a table, a folder, under a file, the checkpoint
     named = [n for n in (json_, log, resume) if n is not None]
+    if _table_file(table, cache) in named:
+        return True  # an output over the table
+    if resume == "empty" and table is None and cache == "empty":
+        return True  # the cache inside the resume folder
     return len(set(named)) < len(named)
 
 
 WRITABLE = {"json": ["new", "deep", "file", "log"], "log": [None, "log", "new", "deep"]}
 WRITABLE["resume"] = [None, "empty", "new", "deep"]
+WRITABLE["table"] = [None, "table", "tablelink", "new", "deep"]
 
 
 def _names(option: str):
@@ -808,50 +849,77 @@ def _names(option: str):
     return st.sampled_from(2 * WRITABLE[option] + sorted(POOL))
 
 
-@settings(max_examples=20)
+@settings(max_examples=30)
 @given(
     json_=_names("json"),
     log=_names("log"),
     resume=_names("resume"),
     overwrite=st.booleans(),
+    table=st.one_of(st.none(), _names("table")),
+    cache=st.sampled_from(sorted(CACHES)),
 )
-def test_any_output_paths_lose_nothing(weights, json_, log, resume, overwrite):
+def test_any_output_paths_lose_nothing(weights, json_, log, resume, overwrite, table, cache):
+    """eval's outputs, and the latency table its speed target reads and extends (given, or
+    the cache of GDWS_CACHE_DIR), from any paths: each refused before the work, or
+    written with nothing else changed."""
+    from unittest import mock
+
+    from _fake_timing import fake_timing
+
+    from gdws_torch.cost.latency_tables import LatencyTable
+
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         _populate(folder, weights)
         args = ["eval", *DIGITS, "--checkpoint", folder / "model_best.pth", *QUICK]
+        args += ["--apply-gdws", "--target-speedup", "1.05", "--allow-miss"]
         args += ["--json", folder / POOL[json_]]
         if log is not None:
             args += ["--logfilename", folder / POOL[log]]
         if resume is not None:
             args += ["--resume-dir", folder / POOL[resume]]
+        if table is not None:
+            args += ["--latency-table", folder / POOL[table]]
         if overwrite:
             args += ["--overwrite"]
         before = snapshot(folder)
-        err = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            rc = gdws(*args)
+        out, err = io.StringIO(), io.StringIO()
+        environment = {"GDWS_CACHE_DIR": str(folder / CACHES[cache])}
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with mock.patch.dict(os.environ, environment), fake_timing(speedup=1.05):
+                rc = gdws(*args)
         after = snapshot(folder)
-        refused = _expected_refusal(json_, log, resume, overwrite)
+        refused = _expected_refusal(json_, log, resume, overwrite, table, cache)
         event("refused" if refused else "written")
         assert rc == (2 if refused else 0), err.getvalue()
         if refused:
             one_line(err.getvalue())
             assert after == before
+            assert not temporaries(folder)
+            return
+        allowed = {POOL[json_]} if overwrite else set()
+        if log == "log":
+            allowed.add(POOL["log"])
+        allowed.add("table.json")  # extended, never replaced: checked below
+        assert_kept(before, after, allowed)
+        assert json.loads((folder / POOL[json_]).read_text())["command"] == "eval"
+        if log is not None:
+            lines = (folder / POOL[log]).read_text().splitlines()
+            assert lines[0] == "epsilon\ttestacc" and len(lines) >= 2
+        if resume == "empty":
+            assert os.listdir(folder / "empty") == []
+        elif resume is not None:
+            assert not (folder / POOL[resume]).exists()
+        assert not (folder / POOL[json_]).with_suffix(".partial").exists()
+        written = _table_file(table, cache)
+        if table is None and cache in ("file", "under"):  # the cache cannot be written
+            assert "cannot be written" in out.getvalue()
         else:
-            allowed = {POOL[json_]} if overwrite else set()
-            if log == "log":
-                allowed.add(POOL["log"])
-            assert_kept(before, after, allowed)
-            assert json.loads((folder / POOL[json_]).read_text())["command"] == "eval"
-            if log is not None:
-                lines = (folder / POOL[log]).read_text().splitlines()
-                assert lines[0] == "epsilon\ttestacc" and len(lines) >= 2
-            if resume == "empty":
-                assert os.listdir(folder / "empty") == []
-            elif resume is not None:
-                assert not (folder / POOL[resume]).exists()
-            assert not (folder / POOL[json_]).with_suffix(".partial").exists()
+            path = folder / POOL.get(written, written)
+            assert len(LatencyTable("eager", 1, "cpu", path)) == 4  # complete, checked
+        assert (folder / "tablelink.json").is_symlink()
+        if json_ != "table":  # else replaced by the results, as --overwrite asked
+            assert len(LatencyTable("eager", 1, "cpu", folder / "table.json")) == 4
         assert not temporaries(folder)
 
 

@@ -106,5 +106,8 @@ def _kept(args) -> str:
     outputs = getattr(args, "outputs", None)
     written = [str(p) for p in getattr(outputs, "written", [])]
     kept = f"kept {', '.join(written)}" if written else "no output written"
+    table = getattr(args, "latency_table_object", None)
+    if getattr(table, "saved", 0):
+        kept += f"; the {table.saved} layer(s) timed are saved in {table.path}"
     resume = getattr(args, "resume_note", None)
     return f"{kept}{'; ' + resume if resume else ''}."

@@ -23,8 +23,10 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_torch.cli._errors import UsageError
 from gdws_torch.cli._outputs import Outputs
+from gdws_torch.cli._speed import check_speed_flags, say_accepted_miss, speed_target_missed
 from gdws_torch.conversion.convert import convert
 from gdws_torch.conversion.options import Latency, Recovery, Weighting
+from gdws_torch.conversion.speed_target import SpeedTargetMissed
 from gdws_torch.cost.throughput import BACKENDS
 from gdws_torch.io.checkpoints import load_alphas
 from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
@@ -233,8 +235,15 @@ def add_latency_arguments(group, users: str = "--target-speedup") -> None:
     group.add_argument(
         "--latency-table",
         metavar="JSON",
-        help="latency table of --target-speedup, read and extended (default: the user cache, "
+        help="latency table of --target-speedup, read (refused when its checksum or the "
+        "conditions it was timed in do not match) and extended (default: the user cache, "
         "$GDWS_CACHE_DIR or ~/.cache/gdws-approx/latency-tables.json)",
+    )
+    group.add_argument(
+        "--allow-miss",
+        action="store_true",
+        help="keep the closest model when the measured speed-up misses --target-speedup "
+        "(without it a miss ends the command with exit code 1)",
     )
 
 
@@ -396,6 +405,8 @@ def check_gdws_flags(args: argparse.Namespace) -> None:
             ("--weighting", None if args.weighting == "unit" else args.weighting),
             ("--allocation", None if args.allocation == "common_beta" else args.allocation),
             ("--latency-aware", args.latency_aware or None),
+            ("--latency-table", args.latency_table),
+            ("--allow-miss", args.allow_miss or None),
         )
         if value is not None
     ]
@@ -754,7 +765,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
         return str(value)
 
     body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, (_, h) in enumerate(columns)]
+    widths = [max([len(h), *(len(r[i]) for r in body)]) for i, (_, h) in enumerate(columns)]
     lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for r in body:
@@ -799,6 +810,7 @@ def check_gdws(args: argparse.Namespace) -> None:
             raise UsageError(
                 "--target-speedup already plans from measured latencies; drop --latency-aware."
             )
+    check_speed_flags(args)
     if args.weighting != "unit" and getattr(args, "alphas", None) is not None:
         raise UsageError("--weighting and --alphas-filename exclude each other.")
     custom = custom_flags(args)
@@ -870,6 +882,15 @@ def approximate(
     end (:func:`gdws_torch.compress`). Returns ``(converted copy, report, alphas file or
     None)``; prints the report.
     """
+    try:
+        return _approximate(args, network, shape, default_recipe)
+    except SpeedTargetMissed as exc:
+        raise speed_target_missed(exc) from None
+
+
+def _approximate(
+    args: argparse.Namespace, network: nn.Module, shape: Sequence[int], default_recipe: bool
+):
     recipe, why = chosen_recipe(args, default_recipe)
     if recipe is not None:
         converted, report = _run_recipe(args, network, shape, recipe, why)
@@ -916,9 +937,11 @@ def approximate(
         only_if_cheaper=not args.replace_all,
         skip_first=not args.include_first,
         progress=not getattr(args, "no_progress", False),
+        require_target=not getattr(args, "allow_miss", False),
     )
     converted, report = _unwrapped(model, network, converted, report)
     print(report.format_table())
+    say_accepted_miss(args, report)
     if args.refit and not any(layer.replaced for layer in report.layers):
         print("no GDWS layer: nothing to refit (--refit ignored)")
         recovery = dataclasses.replace(recovery, refit=None)
@@ -940,11 +963,12 @@ def cli_budget(args: argparse.Namespace, n_kernels: bool = False) -> dict[str, A
 
 def cli_latency(args: argparse.Namespace, keep_faster: bool = False) -> Latency:
     """Where ``--target-speedup`` and ``--latency-aware`` time layers."""
+    table = getattr(args, "latency_table_object", None)
     return Latency(
         backend=args.backend,
         batch_size=args.latency_batch_size,
         device=device(args) if hasattr(args, "device") else "cpu",
-        table=getattr(args, "latency_table", None),
+        table=getattr(args, "latency_table", None) if table is None else table,
         keep_faster=keep_faster,
     )
 
@@ -983,13 +1007,14 @@ def _run_recipe(
     print(f"{recipe.summary()} ({why})")
     model = with_normalization(args, network)  # attacks and statistics in pixel space
     data = loader(dataset(args, "train"), args) if recipe.needs_data else None
+    epsilon, step = calibration_attack(args)
     converted, report = compress(
         model,
         data,
         recipe=recipe,
-        epsilon=args.epsilon / 255 if hasattr(args, "epsilon") else 8 / 255,
+        epsilon=epsilon,
         attack_steps=getattr(args, "attack_iters", 10),
-        attack_alpha=args.pgd_alpha / 255 if hasattr(args, "pgd_alpha") else None,
+        attack_alpha=step,
         input_size=shape,
         latency=cli_latency(args, keep_faster=args.latency_aware),
         seed=args.seed,
@@ -998,11 +1023,26 @@ def _run_recipe(
             "only_if_cheaper": not args.replace_all,
             "skip_first": not args.include_first,
         },
+        require_target=not getattr(args, "allow_miss", False),
         **cli_budget(args),
     )
     converted, report = _unwrapped(model, network, converted, report)
     print(report.format_table())
+    say_accepted_miss(args, report)
     return converted, report
+
+
+def calibration_attack(args: argparse.Namespace) -> tuple[float, float | None]:
+    """The radius and step (pixel units) of a recipe's l_inf PGD calibration: the l_inf
+    ``--epsilon`` and ``--pgd-alpha`` (eval takes one per ``--norm``: the l_inf one), else
+    8/255 and the recipe's default step."""
+    if not hasattr(args, "epsilon"):
+        return 8 / 255, None
+    specs = [spec for spec in attack_specs(args) if spec["norm"] == "l_inf"]
+    if not specs:
+        print("the recipe calibrates on l_inf PGD inputs: at the default 8/255 (no l_inf --norm)")
+        return 8 / 255, None
+    return specs[0]["epsilon"], specs[0]["step"]
 
 
 def _recovery_attack(args: argparse.Namespace, adversarial: bool):

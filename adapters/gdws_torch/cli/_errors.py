@@ -2,7 +2,8 @@
 
 - ``2``: bad input (arguments, files, data), whenever it is found; the commands look for
   it before their work starts.
-- ``1``: a failure during the work (a write that fails, training that diverges).
+- ``1``: a failure during the work (a write that fails, training that diverges, a speed
+  target the measured model does not reach without ``--allow-miss``).
 - ``130``: interrupted (Ctrl-C or SIGTERM), with a line saying what was kept.
 
 ``--debug`` shows the traceback instead.
@@ -12,13 +13,26 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["BAD_INPUT", "FAILED", "INTERRUPTED", "UsageError", "exit_code", "expected", "one_line"]
+__all__ = [
+    "BAD_INPUT",
+    "FAILED",
+    "INTERRUPTED",
+    "UsageError",
+    "WorkFailed",
+    "exit_code",
+    "expected",
+    "one_line",
+]
 
 BAD_INPUT, FAILED, INTERRUPTED = 2, 1, 130
 
 
 class UsageError(ValueError):
     """A bad command line: reported as one line, exit code 2."""
+
+
+class WorkFailed(RuntimeError):
+    """The work did not give what was asked (a speed target missed): one line, exit code 1."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -42,4 +56,4 @@ def exit_code(exc: BaseException, work_started: bool) -> int:
 
 def expected(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure the commands report (not a bug of gdws)."""
-    return isinstance(exc, (ValueError, TypeError, OSError, ArithmeticError))
+    return isinstance(exc, (ValueError, TypeError, OSError, ArithmeticError, WorkFailed))

@@ -2,7 +2,10 @@
 
 - Every output file and folder is declared before the work starts, and checked then:
   outputs that collide with each other or with an input, a file where a folder is needed
-  (or the reverse), and a folder that cannot be written are refused.
+  (or the reverse), an empty path, and a folder that cannot be written are refused.
+- A file the command reads and extends (the latency table) is both: an input that no
+  other output may replace, and an output checked with the others. It is extended, never
+  replaced, so it needs no ``--overwrite``; a symbolic link to it is written through.
 - An existing file is replaced only with ``--overwrite``, or when it lies in a folder that
   gdws created (marked by ``.gdws-outputs.json``) and the same command and option wrote
   it there, unchanged since. So re-running a command into its own results folder just
@@ -20,7 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gdws_approx.files import atomic_output, file_digest, same_file, write_json_atomic
+from gdws_approx.files import (
+    atomic_output,
+    file_digest,
+    same_file,
+    why_not_writable,
+    write_json_atomic,
+)
 from gdws_torch.cli._errors import UsageError
 
 MARKER = ".gdws-outputs.json"
@@ -40,11 +49,11 @@ def _describe(flag: str, path: Path) -> str:
     return f"{flag} {str(path)!r}"
 
 
-def _nearest_existing(path: Path) -> Path:
-    for parent in path.absolute().parents:
-        if parent.exists() or parent.is_symlink():
-            return parent
-    return Path(path.absolute().anchor)
+def _declared(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; an empty one (which would mean the current folder) refused."""
+    if not str(path).strip():
+        raise UsageError(f"{flag} is empty; give a path.")
+    return Path(path)
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -79,6 +88,9 @@ class Outputs:
         self._replace: dict[Path, bool] = {}
         self._new_folders: set[Path] = set()  # output folders missing when checked
         self._exclusive: list[tuple[str, Path]] = []
+        self._tables: list[tuple[str, Path, bool]] = []
+        # Tables that cannot be written (declared with required=False): why, by path.
+        self.unwritable: dict[Path, str] = {}
 
     # -- declaring ---------------------------------------------------------------------
 
@@ -89,17 +101,26 @@ class Outputs:
 
     def file(self, flag: str, path: str | os.PathLike, *, append: bool = False) -> Path:
         """An output file; ``append`` for a log that runs add lines to."""
-        path = Path(path)
+        path = _declared(flag, path)
         self._files.append((flag, path, append))
         return path
 
     def folder(self, flag: str, path: str | os.PathLike, *, exclusive: bool = False) -> Path:
         """A folder the command writes files into (created if missing); ``exclusive``: a
         folder of its own (a resume folder) that no other output may lie in."""
-        path = Path(path)
+        path = _declared(flag, path)
         self._folders.append((flag, path))
         if exclusive:
             self._exclusive.append((flag, path))
+        return path
+
+    def table(self, flag: str, path: str | os.PathLike, *, required: bool = True) -> Path:
+        """A file the command reads and extends (a latency table): an input that no other
+        output may be, and an output checked with them. ``required=False``: a table that
+        cannot be written is not refused; :attr:`unwritable` says why (the command then
+        works without saving it)."""
+        path = _declared(flag, path)
+        self._tables.append((flag, path, required))
         return path
 
     # -- checking ------------------------------------------------------------------------
@@ -115,8 +136,10 @@ class Outputs:
         for flag, path in self._folders:
             if path.exists() and not path.is_dir():
                 raise UsageError(f"{_describe(flag, path)} is a file, not a folder.")
+        self._check_tables()
+        inputs = self._inputs + [(flag, path) for flag, path, _ in self._tables]
         for i, (flag, path, append) in enumerate(self._files):
-            for input_flag, source in self._inputs:
+            for input_flag, source in inputs:
                 if same_file(path, source):
                     raise UsageError(
                         f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
@@ -148,7 +171,7 @@ class Outputs:
                 self._new_folders.add(path.parent.absolute())
         for flag, path in self._folders:
             self._check_writable(flag, path, folder=True)
-            for input_flag, source in self._inputs:
+            for input_flag, source in inputs:
                 if same_file(path, source):
                     raise UsageError(
                         f"{_describe(flag, path)} is {_describe(input_flag, source)}, an input "
@@ -156,19 +179,37 @@ class Outputs:
                     )
         self.checked = True
 
+    def _check_tables(self) -> None:
+        """The extended files: plain files (through links) or new, not an input, not in a
+        folder of gdws's saved results, writable (or noted in :attr:`unwritable`)."""
+        for flag, path, required in self._tables:
+            real = Path(os.path.realpath(path))
+            if real.is_dir():
+                raise UsageError(f"{_describe(flag, path)} is a folder; give a file name.")
+            if real.exists() and not real.is_file():
+                raise UsageError(f"{_describe(flag, path)} exists and is not a plain file.")
+            for input_flag, source in self._inputs:
+                if same_file(path, source):
+                    raise UsageError(
+                        f"{_describe(flag, path)} is {_describe(input_flag, source)}, another "
+                        "input of this command."
+                    )
+            for folder_flag, folder in self._exclusive:
+                if folder.resolve() in real.parents:
+                    raise UsageError(
+                        f"{_describe(flag, path)} lies inside {_describe(folder_flag, folder)}, "
+                        "which holds only gdws's saved results; keep it elsewhere."
+                    )
+            reason = why_not_writable(real)
+            if reason and required:
+                raise UsageError(f"{_describe(flag, path)}: {reason}.")
+            if reason:
+                self.unwritable[path] = reason
+
     def _check_writable(self, flag: str, path: Path, folder: bool = False) -> None:
-        existing = path if folder and path.is_dir() else _nearest_existing(path)
-        if not existing.is_dir():
-            raise UsageError(
-                f"{_describe(flag, path)}: {str(existing)!r} is a file, so nothing can be "
-                "written under it."
-            )
-        target = existing if folder else path.parent if path.parent.exists() else existing
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise UsageError(
-                f"{_describe(flag, path)}: cannot write in {str(target)!r} (no permission, or "
-                "a read-only file system)."
-            )
+        reason = why_not_writable(path, folder=folder)
+        if reason:
+            raise UsageError(f"{_describe(flag, path)}: {reason}.")
 
     def _may_replace(self, flag: str, path: Path) -> bool:
         if path.is_symlink() or not path.is_file():

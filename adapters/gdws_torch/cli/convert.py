@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gdws_torch.cli import _common as common
+from gdws_torch.cli import _speed as speed
 from gdws_torch.cli._outputs import report_beside
 from gdws_torch.io.checkpoints import save_converted
 
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     outputs.input("--data-dir", args.data_dir)
     out = outputs.file("--out", common.in_run_folder(args, args.out))
     report_path = outputs.file("--out's report", report_beside(out))
+    speed.declare_latency_table(args, outputs)
     outputs.check()
+    speed.open_latency_table(args)
     network = common.build_network(args, checkpoint)
     converted, report, alphas_path = common.approximate(args, network, shape, default_recipe=True)
     outputs.write(

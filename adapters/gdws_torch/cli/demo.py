@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from gdws_torch.cli import _common as common
-from gdws_torch.cost.throughput import BACKENDS, available_backends
+from gdws_torch.cost.latency_tables import default_cache
+from gdws_torch.cost.throughput import BACKENDS, backend_available
 from gdws_torch.robustness.masking import MaskingReport
 
 HELP = (
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [r for r in recipes if r not in demo.RECIPES]
     if unknown:
         raise common.UsageError(f"--recipes: unknown {unknown}; choose from {demo.RECIPES}.")
-    if args.backend and args.backend not in available_backends():
+    if args.backend and not backend_available(args.backend):
         raise common.UsageError(
             f"--backend {args.backend} cannot run here (is onnxruntime or openvino installed?)."
         )
@@ -201,8 +203,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = outputs.folder("--out-dir", args.out_dir)
     json_path = outputs.file("--out-dir's results", out_dir / "demo.json")
     plot_path = outputs.file("--out-dir's plot", out_dir / "demo_sweep.png")
+    cache = outputs.table("the latency cache", default_cache(), required=False)
     outputs.check()
-    results = demo.run_demo(progress=not args.no_progress, **settings)
+    with warnings.catch_warnings():
+        if cache in outputs.unwritable:  # said here, in one line, before the work
+            print(
+                f"note: the latency cache {str(cache)!r} cannot be written "
+                f"({outputs.unwritable[cache]}): layers timed now are not cached."
+            )
+            warnings.filterwarnings("ignore", message="the latency cache")
+        results = demo.run_demo(progress=not args.no_progress, **settings)
     attack = results["attack"]
     name = demo.ATTACKS[attack["name"]]
     steps = f"-{attack['steps']}" if attack["name"] in ("pgd", "apgd") else ""

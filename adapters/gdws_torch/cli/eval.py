@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from gdws_torch.cli import _common as common
+from gdws_torch.cli import _speed as speed
 from gdws_torch.conversion.convert import set_fused
 from gdws_torch.cost.macs import count_macs
 from gdws_torch.io.checkpoints import load_converted
@@ -87,7 +88,11 @@ def _run(args: argparse.Namespace, device, group) -> int:
         check_results_folder(resume_dir)
     except ValueError as exc:
         raise common.UsageError(f"{flag}: {exc}") from None
+    if args.apply_gdws:
+        speed.declare_latency_table(args, outputs)
     outputs.check()
+    if args.apply_gdws:
+        speed.open_latency_table(args, device)
     # The inputs are read and checked (weights, data, saved results) before the work.
     if args.converted:
         network, info = load_converted(converted_path, common.build_network(args, None))

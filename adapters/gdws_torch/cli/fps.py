@@ -7,8 +7,14 @@ import argparse
 import torch
 
 from gdws_torch.cli import _common as common
+from gdws_torch.cli import _speed as speed
 from gdws_torch.cost.macs import count_macs
-from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
+from gdws_torch.cost.throughput import (
+    BACKENDS,
+    available_backends,
+    backend_available,
+    measure_throughput,
+)
 from gdws_torch.io.datasets import DATASETS
 
 HELP = "measure FPS of a dense model and its GDWS version (default: the demo model)"
@@ -81,11 +87,9 @@ def run(args: argparse.Namespace) -> int:
     common.check_common(args)
     if args.rounds < 1 or any(b < 1 for b in args.batch_sizes):
         raise common.UsageError("--rounds and --batch-sizes must be positive.")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise common.UsageError(f"--device {args.device}: CUDA is not available here.")
+    device = common.device(args)
     backends = args.backends or list(available_backends(device))
-    missing = sorted(set(backends) - set(available_backends(device)))
+    missing = sorted(b for b in set(backends) if not backend_available(b, device))
     if missing:
         raise common.UsageError(
             f"--backends {missing} cannot run here (is onnxruntime or openvino installed? "
@@ -99,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         outputs.input("--converted", common.in_run_folder(args, args.converted))
     outputs.input("--alphas-filename", common.in_run_folder(args, args.alphas))
     json_path = outputs.file("--json", args.json)
+    speed.declare_latency_table(args, outputs)
     outputs.check()
+    speed.open_latency_table(args, device)
     dense, converted, shape, description = _models(args)
     dense_macs = count_macs(dense, shape).conv_macs
     gdws_macs = count_macs(converted, shape).conv_macs

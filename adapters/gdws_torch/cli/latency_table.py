@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 from gdws_torch.cli import _common as common
 from gdws_torch.conversion.eligibility import eligible_convs
 from gdws_torch.cost.latency import layer_input_shapes
 from gdws_torch.cost.latency_tables import LatencyTable, default_cache
-from gdws_torch.cost.throughput import BACKENDS, available_backends
+from gdws_torch.cost.throughput import BACKENDS, backend_available
 from gdws_torch.io.datasets import DATASETS
 
 HELP = "time each eligible layer dense and as GDWS on a backend: the table --target-speedup uses"
@@ -46,14 +43,14 @@ def add_parser(subparsers) -> None:
     timing.add_argument("--backend", default="eager", choices=BACKENDS)
     timing.add_argument("--batch-size", type=int, default=1)
     timing.add_argument("--rounds", type=int, default=9, help="interleaved rounds per layer")
-    timing.add_argument("--device", default="cpu")
+    timing.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     timing.add_argument("--threads", type=int)
     timing.add_argument("--seed", type=int, default=0)
     timing.add_argument("--no-progress", action="store_true")
     timing.add_argument(
         "--out",
         help="the table's JSON file, created or extended (default: the user cache, "
-        f"{default_cache()})",
+        "$GDWS_CACHE_DIR/latency-tables.json or ~/.cache/gdws-approx/latency-tables.json)",
     )
     parser.set_defaults(run=run)
 
@@ -62,19 +59,22 @@ def run(args: argparse.Namespace) -> int:
     common.check_common(args)
     if args.rounds < 1:
         raise common.UsageError(f"--rounds must be positive; got {args.rounds}.")
-    device = torch.device(args.device) if args.device != "auto" else common.device(args)
-    if args.backend not in available_backends(device):
+    device = common.device(args)
+    if not backend_available(args.backend, device):
         raise common.UsageError(
-            f"--backend {args.backend} cannot run here (is onnxruntime or openvino installed? "
-            "openvino runs on the CPU only)."
+            f"--backend {args.backend} cannot run on {device} here (is onnxruntime or "
+            "openvino installed? openvino runs on the CPU only; tensorrt needs a CUDA GPU)."
         )
-    out = Path(args.out) if args.out else default_cache()
-    if out.is_dir():
-        raise common.UsageError(f"--out {str(out)!r} is a folder; give a JSON file name.")
+    outputs = common.outputs(args)
+    if args.model is not None and not args.random_weights:
+        outputs.input("--checkpoint", common.checkpoint_path(args))
+    flag = "--out" if args.out is not None else "the latency cache"
+    out = outputs.table(flag, args.out if args.out is not None else default_cache())
+    outputs.check()
     try:
-        table = LatencyTable(args.backend, args.batch_size, device, out)
+        table = LatencyTable(args.backend, args.batch_size, device, out, add_key=True)
     except ValueError as exc:
-        raise common.UsageError(f"--out: {exc} Give another file.") from None
+        raise common.UsageError(f"{flag}: {exc}") from None
     if args.model is None:
         from gdws_torch.experiments import demo
 
@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     shapes = layer_input_shapes(network, list(convs), shape)
     convs = {name: conv for name, conv in convs.items() if name in shapes}
     before = len(table)
+    args.latency_table_object = table  # an interruption says what was saved
     latencies = table.layers(convs, shapes, rounds=args.rounds, progress=not args.no_progress)
+    table.network(network, shape, rounds=args.rounds)
     rows = []
     for name, latency in latencies.items():
         fastest = min((*latency.gdws_ms, *latency.grouped_ms, *latency.lowrank_ms))

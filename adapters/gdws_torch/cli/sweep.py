@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader
 
 from gdws_approx.latency_planning import GDWS_FORMS
 from gdws_torch.cli import _common as common
+from gdws_torch.cli import _speed as speed
+from gdws_torch.cli._errors import WorkFailed
 from gdws_torch.conversion.options import Latency
 from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.experiments.sweep import DEFAULT_REFIT, METHODS, REFIT_VARIANTS
@@ -27,6 +29,7 @@ COLUMNS = [
     ("mac_reduction", "MACs x fewer"),
     ("natural", "natural %"),
     ("robust", "robust %"),
+    ("measured", "speed target: measured x"),
     ("fps", "FPS"),
     ("speedup", "FPS x"),
 ]
@@ -133,10 +136,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(not t > 1 for t in args.targets):
-        raise common.UsageError(f"--targets must be > 1; got {args.targets}.")
+    if any(not (math.isfinite(t) and t > 1) for t in args.targets):
+        raise common.UsageError(f"--targets must be finite and > 1; got {args.targets}.")
     if any(not (math.isfinite(t) and t > 1) for t in args.target_speedup):
         raise common.UsageError(f"--target-speedup must be > 1; got {args.target_speedup}.")
+    if args.target_speedup and "gdws" not in args.methods:
+        raise common.UsageError(
+            "--target-speedup converts GDWS for a measured speed-up; the baselines of "
+            f"--methods {' '.join(args.methods)} are built for MAC targets only: add gdws to "
+            "--methods, or drop --target-speedup."
+        )
     if args.latency_batch_size < 1:
         raise common.UsageError(
             f"--latency-batch-size must be positive; got {args.latency_batch_size}."
@@ -154,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         outputs.input("--checkpoint", common.checkpoint_path(args))
         outputs.input("--data-dir", args.data_dir)
+    speed.declare_latency_table(args, outputs)
     outputs.check()
+    speed.open_latency_table(args)
     if args.model is None:
         network, shape, description = demo.demo_network(), demo.INPUT_SHAPE, "digits CNN (demo)"
         args.dataset, args.no_norm = "digits", True
@@ -194,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         latency=Latency(  # the sweep's speed rows are its GDWS method's
             backend=args.backend,
             batch_size=args.latency_batch_size,
-            table=args.latency_table,
+            table=getattr(args, "latency_table_object", None),
             forms=GDWS_FORMS,
         ),
         recalibration_samples=min(args.recalibrate_bn, len(train)),
@@ -220,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
         f"{description}: dense {dense['natural']:.2f} % natural, {dense['robust']:.2f} % robust "
         f"({label})"
     )
-    print(common.format_table(results["rows"], COLUMNS))
+    print(common.format_table([_cells(row) for row in results["rows"]], COLUMNS))
+    if not results["rows"]:
+        print("no model: every target was out of reach (the lines above say why)")
     dense_model = common.with_normalization(args, network)
     results["masking_checks"] = common.masking_checks(
         dense_model,
@@ -233,4 +246,23 @@ def run(args: argparse.Namespace) -> int:
     title = f"{description}: {label} (dotted: dense - 1 point)"
     outputs.write(plot_path, lambda temporary: plot_frontier(results, temporary, title))
     print(f"done in {results['seconds']:.0f} s")
+    missed = [r for r in results["rows"] if r.get("reached") is False and r["recovery"] == "none"]
+    if missed and not args.allow_miss:
+        which = ", ".join(
+            f"{r['strategy']} {r['target']:g}x (measured {r['measured_speedup']:.3g}x)"
+            for r in missed
+        )
+        raise WorkFailed(
+            f"speed target(s) not reached: {which}; their rows say so. Pass --allow-miss to "
+            "accept the closest models"
+        )
     return 0
+
+
+def _cells(row: dict) -> dict:
+    """A row as the table shows it: a speed target's measured speed-up and whether it was
+    reached."""
+    if row.get("measured_speedup") is None:
+        return row
+    reached = "reached" if row["reached"] else "MISSED"
+    return {**row, "measured": f"{row['measured_speedup']:.2f} {reached}"}

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gdws_approx import cost
 from gdws_torch.baselines.compress import METHODS as BASELINES
 from gdws_torch.baselines.compress import compress_baseline
 from gdws_torch.common import take_samples
 from gdws_torch.conversion.convert import convert, set_fused
+from gdws_torch.conversion.eligibility import eligible_convs
 from gdws_torch.conversion.options import Latency, Weighting
 from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.cost.macs import count_macs
@@ -26,7 +28,14 @@ from gdws_torch.io.figures import save_figure
 from gdws_torch.recovery import batchnorm_layers, calibration_inputs
 from gdws_torch.robustness.evaluate import evaluate
 
-__all__ = ["DEFAULT_REFIT", "METHODS", "REFIT_VARIANTS", "plot_frontier", "run_sweep"]
+__all__ = [
+    "DEFAULT_REFIT",
+    "METHODS",
+    "REFIT_VARIANTS",
+    "max_mac_reduction",
+    "plot_frontier",
+    "run_sweep",
+]
 
 #: The refits a sweep can compare (keyword arguments of :func:`gdws_torch.recovery.refit_gdws`):
 #: the pointwise weights only, or the depthwise kernels too (alternating least squares).
@@ -89,7 +98,10 @@ def run_sweep(
     allocations : sequence of {"common_beta", "global"}
     speedup_targets : sequence of float
         Measured speed-ups: each strategy is also converted with ``target_speedup``
-        (rows with ``allocation="latency"``, ``target`` the speed-up).
+        (rows with ``allocation="latency"``, ``target`` the speed-up, and what was
+        measured: ``measured_speedup``, ``spread``, ``reached``; a model that misses its
+        target is kept, and its row says so). GDWS only: refused with other methods
+        alone.
     latency : Latency, optional
         Where those conversions are timed (:class:`gdws_torch.Latency`: backend, batch
         size, table).
@@ -117,7 +129,14 @@ def run_sweep(
         ``{"dense": row, "rows": [row, ...], "seconds": ...}``; a row has ``method``,
         ``strategy`` (a baseline's: its criterion), ``allocation``, ``recovery``,
         ``target``, ``beta``, ``conv_macs``, ``mac_reduction``, ``natural``, ``robust``,
-        ``fps``, ``speedup``.
+        ``fps``, ``speedup``; the rows of a speed target also ``measured_speedup``,
+        ``spread`` and ``reached``.
+
+    Raises
+    ------
+    ValueError
+        Before any work: unknown methods or refit variants, speed targets without GDWS,
+        or (GDWS alone) a MAC target above :func:`max_mac_reduction`.
     """
     from gdws_torch.recovery import recalibrate_batchnorm
 
@@ -129,6 +148,19 @@ def run_sweep(
             f"refit_variants must be a non-empty sequence of {tuple(REFIT_VARIANTS)}; "
             f"got {list(refit_variants)!r}."
         )
+    if speedup_targets and "gdws" not in methods:
+        raise ValueError(
+            f"speedup_targets {list(speedup_targets)} apply to GDWS only (the baselines are "
+            f"built for MAC targets); methods {list(methods)} have no 'gdws'."
+        )
+    if list(methods) == ["gdws"] and targets:
+        ceiling = max_mac_reduction(network, input_shape)
+        beyond = [t for t in targets if t > ceiling]
+        if beyond:
+            raise ValueError(
+                f"targets {beyond} are out of reach: with one kernel per layer GDWS reaches "
+                f"at most {ceiling:.4g}x fewer conv MACs on this network."
+            )
     start = time.perf_counter()
     recover = recalibration_samples > 0 and bool(batchnorm_layers(network))
     if recalibration_samples > 0 and not recover:
@@ -163,8 +195,8 @@ def run_sweep(
     jobs += [(s, "latency", t) for s in strategies for t in speedup_targets]
     jobs = jobs if "gdws" in methods else []
     for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
-        if allocation == "latency":
-            budget = {"target_speedup": target, "latency": latency}
+        if allocation == "latency":  # a miss is kept: its row says so
+            budget = {"target_speedup": target, "latency": latency, "require_target": False}
             weights_used = weights[strategy]
         else:
             budget = {"target_mac_reduction": target}
@@ -212,6 +244,19 @@ def run_sweep(
                 )
                 label = "refit+BN" if variant == DEFAULT_REFIT else f"{variant} refit+BN"
                 variants.append((label, refitted))
+        measured = {}
+        if allocation == "latency":
+            record = report.latency
+            measured = {
+                "measured_speedup": record["realised_speedup"],
+                "spread": record["spread"],
+                "reached": record["reached"],
+            }
+            if not record["reached"]:
+                log(
+                    f"{strategy}, speed {target:g}x: not reached (measured "
+                    f"{record['realised_speedup']:.3g}x); the row says so"
+                )
         for recovery, model in variants:
             key = f"{strategy}|{allocation}|{recovery}|{target:g}"
             models[key] = wrap(model)
@@ -226,6 +271,7 @@ def run_sweep(
                     "beta": report.beta,
                     "conv_macs": count_macs(model, input_shape).conv_macs,
                     "mac_reduction": report.mac_reduction,
+                    **measured,
                     **assess(model),
                 }
             )
@@ -280,6 +326,24 @@ def run_sweep(
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
     }
+
+
+def max_mac_reduction(network: nn.Module, input_shape: Sequence[int]) -> float:
+    """The most conv MAC reduction GDWS can give ``network`` (one kernel in each eligible
+    layer, the others dense): a MAC target above it is out of reach."""
+    modules = dict(network.named_modules())
+    eligible = {name for name, _ in eligible_convs(network)}
+    dense = floor = 0
+    for layer in count_macs(network, input_shape).layers:
+        if layer.kind not in ("conv", "gdws"):
+            continue
+        dense += layer.macs
+        if layer.name in eligible:
+            m, _, kh, kw = modules[layer.name].weight.shape
+            floor += cost.gdws_macs(1, kh * kw, m) * layer.output_pixels
+        else:
+            floor += layer.macs
+    return dense / floor
 
 
 def _baseline_rows(
@@ -417,6 +481,18 @@ def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") ->
                 marker=style["marker"],
                 linestyle="none",
                 fillstyle="none" if recovery == "none" else "full",
+            )
+    for row in rows:  # what a speed target gave, beside its point
+        if row.get("measured_speedup") is not None and row["recovery"] == "none":
+            note = f"{row['target']:g}x speed: {row['measured_speedup']:.2f}x measured"
+            note += "" if row.get("reached") else " (missed)"
+            axes[0].annotate(
+                note,
+                (row["mac_reduction"], row["robust"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=6,
+                color="black" if row.get("reached") else "red",
             )
     axes[0].scatter(
         [1.0], [dense["robust"]], marker="*", s=180, color="black", label="dense", zorder=3
