@@ -26,7 +26,8 @@ from gdws_torch.cost.latency import layer_input_shapes
 from gdws_torch.cost.latency_tables import LatencyTable
 from gdws_torch.models import DigitsCNN
 
-QUIET = ["--no-progress", "--threads", "1"]
+# No --threads: the tables made here are keyed by this process's thread count.
+QUIET = ["--no-progress"]
 
 
 def gdws(*args) -> int:
@@ -326,7 +327,8 @@ def test_latency_table_on_eager_imports_no_other_runtime(tmp_path):
         "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in "
         "('onnxruntime', 'openvino')))"
     )
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    threads = str(torch.get_num_threads())  # the table's key: nothing to time
+    environment = {**os.environ, "OMP_NUM_THREADS": threads, "HOME": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300
     )

@@ -133,7 +133,8 @@ for size in range(first, first + 40):
 
 def test_two_processes_saving_one_table_lose_no_entry(tmp_path):
     path, go = tmp_path / "shared.json", tmp_path / "go"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The table's key holds the thread count: the writers' and this reader's alike.
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     writers = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path), str(go), str(first)],

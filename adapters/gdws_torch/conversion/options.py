@@ -224,9 +224,10 @@ class Latency:
         Samples per timed call.
     device : torch.device or str, default="cpu"
     table : LatencyTable, path-like or None, default=None
-        The per-layer latency table to use and extend, or its JSON file; ``None``: the
-        user's cache (:func:`gdws_torch.cost.latency_tables.default_cache`). Used by
-        ``target_speedup``.
+        The per-layer latency table to use and extend, or its JSON file (refused when it
+        fails its checksum or was made for other conditions, naming what differs);
+        ``None``: the user's cache (:func:`gdws_torch.cost.latency_tables.default_cache`).
+        Used by ``target_speedup``.
     keep_faster : bool, default=False
         With a MAC or error budget: time every planned layer dense against GDWS on its
         own input shape and keep the dense conv wherever GDWS is not faster (the report
