@@ -83,7 +83,7 @@ def test_a_table_times_each_layer_once_and_keys_by_machine_and_layer(tmp_path):
     (section,) = json.loads(path.read_text())["tables"]
     entry = next(iter(section["layers"].values()))
     assert section["key"]["backend"] == "eager" and entry["layer"]["weight"] == [16, 8, 3, 3]
-    assert set(entry["forms"]) == {"dense", "gdws", "grouped"}  # one entry per form
+    assert set(entry["forms"]) == {"dense", "gdws", "grouped", "lowrank"}  # one per form
     path.write_text('{"something": "else"}')
     with pytest.raises(ValueError, match="not a gdws latency table"):
         LatencyTable("eager", 1, "cpu", path)

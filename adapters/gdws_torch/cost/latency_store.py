@@ -42,6 +42,7 @@ __all__ = [
     "find_section",
     "key_mismatch",
     "read_sections",
+    "same_conditions",
     "sections_of",
     "write_section",
 ]
@@ -128,6 +129,12 @@ def sections_of(data: Any, path: Path) -> list[dict[str, Any]]:
 def find_section(sections: Sequence[Mapping], key: Mapping[str, Any]) -> dict | None:
     """The section made for ``key``, or ``None``."""
     return next((dict(s) for s in sections if s["key"] == dict(key)), None)
+
+
+def same_conditions(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two keys name the same conditions (:data:`KEY_FIELDS`): their tables may
+    still differ in what they timed (a key's other fields)."""
+    return all(a.get(name) == b.get(name) for name in KEY_FIELDS)
 
 
 def key_mismatch(path: str | os.PathLike, sections: Sequence[Mapping], key: Mapping) -> str:

@@ -240,16 +240,19 @@ def _forms(latency: LayerLatency) -> dict[str, dict[str, list]]:
 
 
 def _latency(forms: Mapping[str, Any]) -> LayerLatency:
-    """:func:`_forms` read back (forms this version does not plan with are skipped)."""
+    """:func:`_forms` read back: ``dense`` and ``gdws`` are needed, a form missing was not
+    timed, and forms this version does not plan with are skipped."""
+    grouped = forms.get("grouped", {"multipliers": [], "ms": []})
+    lowrank = forms.get("lowrank", {"ranks": [], "ms": []})
     gdws_lowrank = forms.get("gdws_lowrank", {"points": [], "ms": []})
     return LayerLatency(
         forms["dense"]["ms"],
         tuple(forms["gdws"]["kernel_counts"]),
         tuple(forms["gdws"]["ms"]),
-        tuple(forms["grouped"]["multipliers"]),
-        tuple(forms["grouped"]["ms"]),
-        tuple(forms["lowrank"]["ranks"]),
-        tuple(forms["lowrank"]["ms"]),
+        tuple(grouped["multipliers"]),
+        tuple(grouped["ms"]),
+        tuple(lowrank["ranks"]),
+        tuple(lowrank["ms"]),
         tuple(map(tuple, gdws_lowrank["points"])),
         tuple(gdws_lowrank["ms"]),
     )
@@ -390,10 +393,11 @@ class LatencyTable:
         :func:`default_cache`). The tables of other machines, backends and batch sizes in
         the same file are kept.
     add_key : bool, default=False
-        Whether a file holding only tables made for other conditions may get a table for
-        these. ``False`` refuses it, naming what differs (a table timed with other
-        threads, another backend version or on another machine would mislead the plan);
-        :meth:`default` and ``gdws latency-table`` add one.
+        Whether a file holding only tables made for other conditions (machine, backend
+        and version, torch, threads, batch size) may get a table for these. ``False``
+        refuses it, naming what differs (a table timed with other threads, another
+        backend version or on another machine would mislead the plan); :meth:`default`
+        and ``gdws latency-table`` add one.
     gdws_lowrank : bool, default=False
         Also time GDWS with a low-rank pointwise (:func:`gdws_lowrank_grid`); such
         tables are kept apart from the others (their key says so).
@@ -443,7 +447,8 @@ class LatencyTable:
         if self.path is not None and (self.path.exists() or self.path.is_symlink()):
             sections = store.read_sections(self.path)
             section = store.find_section(sections, self.key)
-            if section is None and sections and not add_key:
+            alike = any(store.same_conditions(s["key"], self.key) for s in sections)
+            if section is None and sections and not (add_key or alike):
                 raise ValueError(store.key_mismatch(self.path, sections, self.key))
             if section is not None:
                 self._layers, self._networks = section["layers"], section["networks"]
