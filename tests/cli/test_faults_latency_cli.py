@@ -80,7 +80,7 @@ def test_eval_applies_a_recipe_with_several_norms(tmp_path, weights, capsys):
         capsys.readouterr().err
     )
     attack = json.loads(out.read_text())["gdws"]["recipe"]["calibration_attack"]
-    assert attack["norm"] == "l_inf" and attack["eps"] == pytest.approx(8 / 255)
+    assert attack["norm"] == "Linf" and attack["eps"] == pytest.approx(8 / 255)
 
 
 # -- 2. the table is an input and an output ---------------------------------------------

@@ -1033,14 +1033,14 @@ def _run_recipe(
 
 
 def calibration_attack(args: argparse.Namespace) -> tuple[float, float | None]:
-    """The radius and step (pixel units) of a recipe's l_inf PGD calibration: the l_inf
-    ``--epsilon`` and ``--pgd-alpha`` (eval takes one per ``--norm``: the l_inf one), else
+    """The radius and step (pixel units) of a recipe's Linf PGD calibration: the Linf
+    ``--epsilon`` and ``--pgd-alpha`` (eval takes one per ``--norm``: the Linf one), else
     8/255 and the recipe's default step."""
     if not hasattr(args, "epsilon"):
         return 8 / 255, None
-    specs = [spec for spec in attack_specs(args) if spec["norm"] == "l_inf"]
+    specs = [spec for spec in attack_specs(args) if spec["norm"] == "Linf"]
     if not specs:
-        print("the recipe calibrates on l_inf PGD inputs: at the default 8/255 (no l_inf --norm)")
+        print("the recipe calibrates on Linf PGD inputs: at the default 8/255 (no Linf --norm)")
         return 8 / 255, None
     return specs[0]["epsilon"], specs[0]["step"]
 
