@@ -42,8 +42,15 @@ from alpha_speed import network  # the same random PreActResNet-18 (bench/ is on
 from torch.utils.data import DataLoader, TensorDataset
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch import compress, recipe_inputs
-from gdws_torch.conversion.recipes import RECIPES
+from gdws_torch import (
+    RECIPES,
+    BatchNormStatistics,
+    Recovery,
+    Refit,
+    Weighting,
+    compress,
+    recipe_inputs,
+)
 from gdws_torch.nn.layers import GDWSConv2d
 from gdws_torch.recovery import refit_layer_factors
 from gdws_torch.recovery.reference_steps import reference_refit_layer_factors
@@ -78,9 +85,10 @@ def main() -> None:
         args.samples, args.repeats, args.layers = 200, 1, args.layers[:2]
     model, loader = network(), data(args.samples)
     recipe = RECIPES["robust"].replace(
-        weighting_samples=min(256, args.samples),
-        refit_samples=args.samples,
-        recalibrate_samples=args.samples,
+        weighting=Weighting("data", samples=min(256, args.samples)),
+        recovery=Recovery(
+            refit=Refit(samples=args.samples), batchnorm=BatchNormStatistics(args.samples)
+        ),
     )
     print(
         f"PreActResNet-18 {INPUT_SHAPE}, {args.samples} calibration inputs, "
@@ -95,7 +103,7 @@ def main() -> None:
         loader,
         target_mac_reduction=args.targets[0],
         recipe=recipe,
-        epsilon=EPSILON,
+        eps=EPSILON,
         input_size=INPUT_SHAPE,
         progress=True,
     )
@@ -108,14 +116,14 @@ def main() -> None:
     # 2. A sweep over targets, the recipe's inputs computed once.
     start = time.perf_counter()
     inputs = recipe_inputs(
-        model, loader, recipe, epsilon=EPSILON, input_size=INPUT_SHAPE, progress=True
+        model, loader, recipe, eps=EPSILON, input_size=INPUT_SHAPE, progress=True
     )
     sweep = {}
     for target in args.targets:
         _, sweep_report = compress(
             model, inputs=inputs, target_mac_reduction=target, input_size=INPUT_SHAPE
         )
-        sweep[target] = sweep_report.seconds
+        sweep[target] = dict(sweep_report.seconds)
     sweep_seconds = time.perf_counter() - start
     print(
         f"\n{len(args.targets)}-target sweep ({', '.join(f'{t:g}x' for t in args.targets)}): "
@@ -127,11 +135,11 @@ def main() -> None:
         model,
         loader,
         target_mac_reduction=args.targets[0],
-        recipe=recipe.replace(refit_samples=0, recalibrate_samples=0),
-        epsilon=EPSILON,
+        recipe=recipe.replace(recovery=Recovery()),
+        eps=EPSILON,
         input_size=INPUT_SHAPE,
     )
-    batches = [images for images, _ in inputs.recovery.refit]
+    batches = [images for images, *_ in inputs.calibration]
     modules, dense = dict(plain.named_modules()), dict(model.named_modules())
     layers = {}
     for name in args.layers:
@@ -181,7 +189,7 @@ def main() -> None:
         "samples": args.samples,
         "threads": torch.get_num_threads(),
         "recipe_seconds": one_target,
-        "stages": report.seconds,
+        "stages": dict(report.seconds),
         "peak_memory_mb": peak,
         "sweep_targets": args.targets,
         "sweep_seconds": sweep_seconds,

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch import convert, count_macs, eligible_convs
+from gdws_torch import compress, count_macs, eligible_convs
 from gdws_torch.conversion.options import Latency
 from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
@@ -50,7 +50,7 @@ def preact_resnet18(layer_reduction: float) -> tuple[nn.Module, nn.Module]:
         m, c, kh, kw = conv.weight.shape
         k2 = kh * kw
         budgets[name] = max(1, int(m * c * k2 / (layer_reduction * (k2 + m))))
-    gdws, _ = convert(dense, n_kernels=budgets)
+    gdws, _ = compress(dense, n_kernels=budgets, recipe="unit")
     return dense, gdws
 
 
@@ -58,7 +58,9 @@ def demo_models() -> tuple[nn.Module, nn.Module]:
     from gdws_torch.experiments import demo
 
     dense = demo.demo_network()
-    gdws, _ = convert(dense, target_mac_reduction=demo.DEFAULT_TARGET, input_size=demo.INPUT_SHAPE)
+    gdws, _ = compress(
+        dense, target_mac_reduction=demo.DEFAULT_TARGET, recipe="unit", input_size=demo.INPUT_SHAPE
+    )
     return dense, gdws
 
 
@@ -67,8 +69,9 @@ def for_speedup(backend: str, batch: int, target: float, rounds: int) -> dict:
     dense, _ = preact_resnet18(2.0)
     with tempfile.TemporaryDirectory() as folder:
         try:
-            gdws, report = convert(
+            gdws, report = compress(
                 dense,
+                recipe="unit",
                 target_speedup=target,
                 latency=Latency(
                     backend=backend, batch_size=batch, table=Path(folder) / "table.json"
@@ -86,7 +89,7 @@ def for_speedup(backend: str, batch: int, target: float, rounds: int) -> dict:
         rounds=rounds,
     )
     fps = {r["model"]: r["fps"] for r in rows}
-    record = report.latency
+    record = report.to_dict()["latency"]
     print(
         f"  {backend:14s} batch {batch}: dense {fps['dense']:8.1f} FPS, GDWS {fps['gdws']:8.1f} "
         f"FPS, {fps['gdws'] / fps['dense']:.2f}x (predicted {record['predicted_speedup']:.2f}x, "

@@ -4,14 +4,14 @@ For PreActResNet-18 (CIFAR shape, random weights with a fixed seed: latency and 
 ranking depend on shapes and spectra, not on training) and the embedded digits CNN, on a
 backend (default: the one where the dense model is fastest here, at the batch size):
 
-1. ``convert(target_speedup=t)`` for each target (default 1.5 and 2): the latency tables
-   are built (or read from ``--table``), the plan made and checked by the conversion
-   itself; then the dense and converted models are timed again in a separate run
-   (interleaved, medians of ``--rounds``), which gives the realised speed-up.
-2. The MAC-targeted conversions (``allocation="global"``, the least error for the MACs)
-   at MAC reductions from 1.5x to 6x are timed the same way; the comparison is the least
-   weighted error among those measured at least as fast as the realised speed-up of
-   step 1 (none: no MAC-targeted plan in that range is as fast).
+1. ``compress(target_speedup=t, recipe="unit")`` for each target (default 1.5 and 2):
+   the latency tables are built (or read from ``--table``), the plan made and checked by
+   the conversion itself; then the dense and converted models are timed again in a
+   separate run (interleaved, medians of ``--rounds``), which gives the realised speed-up.
+2. The MAC-targeted conversions (unit weights, ``allocation="global"``: the least error
+   for the MACs) at MAC reductions from 1.5x to 6x are timed the same way; the
+   comparison is the least weighted error among those measured at least as fast as the
+   realised speed-up of step 1 (none: no MAC-targeted plan in that range is as fast).
 
 Printed per model and target: realised speed-up (and whether it is within 10 % of the
 target), the latency plan's weighted error, the MAC-targeted error at the same speed-up,
@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from gdws_approx.files import write_json_atomic
-from gdws_torch import convert
-from gdws_torch.conversion.options import Latency, Weighting
+from gdws_torch import Latency, Recipe, compress
 from gdws_torch.conversion.speed_target import measure_speedup
 from gdws_torch.cost.throughput import BACKENDS, available_backends, measure_throughput
 from gdws_torch.models import PreActResNet18
@@ -104,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         curve = []  # (measured speed-up, error) of the MAC-targeted plans
         for mac_target in mac_targets:
             try:
-                converted, report = convert(
+                converted, report = compress(
                     dense,
                     target_mac_reduction=mac_target,
+                    recipe=Recipe("unit, global", allocation="global"),
                     input_size=shape,
-                    weighting=Weighting(allocation="global"),
                 )
             except ValueError:
                 continue
@@ -117,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         curve.sort()
         for target in args.targets:
             try:
-                converted, report = convert(
+                converted, report = compress(
                     dense,
+                    recipe="unit",
                     target_speedup=target,
                     input_size=shape,
                     latency=Latency(backend=backend, batch_size=args.batch_size, table=table),
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     "target": target,
                     "realised_speedup": realised,
                     "within_10_percent": within,
-                    "conversion_record": report.latency,
+                    "conversion_record": report.to_dict()["latency"],
                     "error": report.error,
                     "mac_targeted_error_at_same_speedup": mac_error,
                     "error_ratio": ratio,

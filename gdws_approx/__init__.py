@@ -23,7 +23,7 @@ from gdws_approx.factors import (
 )
 from gdws_approx.knapsack import choose_options
 from gdws_approx.latency_planning import LayerLatency, plan_latency
-from gdws_approx.planning import LayerPlan, LayerSpec, NetworkPlan, plan_network
+from gdws_approx.planning import LatencyPlan, LayerPlan, LayerSpec, NetworkPlan, plan_network
 from gdws_approx.response import ResponseErrors, reduced_rank_fit, response_error
 from gdws_approx.selection import (
     channel_errors,
@@ -40,6 +40,7 @@ __all__ = [
     "ChannelSpectra",
     "GDWSApproximator",
     "KernelLayout",
+    "LatencyPlan",
     "LayerLatency",
     "LayerPlan",
     "LayerSpec",

@@ -44,6 +44,7 @@ from gdws_approx import cost
 from gdws_approx.checks import check_real
 from gdws_approx.knapsack import choose_options
 from gdws_approx.planning import (
+    LatencyPlan,
     LayerPlan,
     LayerSpec,
     NetworkPlan,
@@ -259,9 +260,9 @@ def plan_latency(
     Returns
     -------
     NetworkPlan
-        ``solver="latency"``; :attr:`NetworkPlan.latency` holds the target, the dense and
-        predicted network latencies, the forms offered and each layer's form
-        (:attr:`LayerPlan.form_label`: ``"dense"``, ``"gdws"``, ``"grouped xm"``,
+        ``solver="latency"``; :attr:`NetworkPlan.latency` (a :class:`LatencyPlan`) holds
+        the target, the dense and predicted network latencies, the forms offered and each
+        layer's form (:attr:`LayerPlan.form_label`: ``"dense"``, ``"gdws"``, ``"grouped xm"``,
         ``"lowrank R=r"``, ``"gdws_lowrank R=r"``); each layer's ``timings_ms`` holds
         its dense and chosen latencies, its ``error`` the option's response error.
 
@@ -316,15 +317,15 @@ def plan_latency(
         latencies[spec.name].dense_ms - options[k]["ms"]
         for spec, options, k in zip(specs, per_layer, chosen, strict=True)
     )
-    latency = {
-        "target_speedup": target,
-        "network_dense_ms": float(network_dense_ms),
-        "predicted_ms": float(predicted),
-        "predicted_speedup": float(network_dense_ms / predicted),
-        "best_predicted_speedup": float(best),
-        "forms_offered": list(forms),
-        "forms": {plan.name: plan.form_label for plan in plans},
-    }
+    latency = LatencyPlan(
+        target_speedup=target,
+        network_dense_ms=float(network_dense_ms),
+        predicted_ms=float(predicted),
+        predicted_speedup=float(network_dense_ms / predicted),
+        best_predicted_speedup=float(best),
+        forms_offered=tuple(forms),
+        forms={plan.name: plan.form_label for plan in plans},
+    )
     return NetworkPlan(plans, "latency", None, None, other_macs, kernel_multiple, latency)
 
 

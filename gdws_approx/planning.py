@@ -48,7 +48,7 @@ from gdws_approx.checks import check_integer, check_real
 from gdws_approx.estimator import GDWSApproximator, weighted_channel_spectra
 from gdws_approx.selection import lego_breakpoints
 
-__all__ = ["LayerPlan", "LayerSpec", "NetworkPlan", "plan_network"]
+__all__ = ["LatencyPlan", "LayerPlan", "LayerSpec", "NetworkPlan", "plan_network"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,63 @@ class LayerPlan:
         }
 
 
+@dataclass(frozen=True)
+class LatencyPlan:
+    """What a plan for a speed-up predicts (:func:`gdws_approx.plan_latency`).
+
+    Attributes
+    ----------
+    target_speedup : float
+        The speed-up planned for.
+    network_dense_ms : float
+        The whole dense network's measured latency.
+    predicted_ms : float
+        The network's latency the plan predicts: ``network_dense_ms`` minus what each
+        layer's chosen form saves on its dense latency.
+    predicted_speedup : float
+        ``network_dense_ms / predicted_ms``.
+    best_predicted_speedup : float
+        The prediction with the fastest form of every layer.
+    forms_offered : tuple of str
+        The forms the planner could choose besides dense.
+    forms : mapping of str to str
+        Each layer's form (:attr:`LayerPlan.form_label`), by layer name.
+    """
+
+    target_speedup: float
+    network_dense_ms: float
+    predicted_ms: float
+    predicted_speedup: float
+    best_predicted_speedup: float
+    forms_offered: tuple[str, ...]
+    forms: Mapping[str, str]
+
+    def renamed(self, rename: Any) -> LatencyPlan:
+        """A copy with every layer name ``n`` of :attr:`forms` replaced by ``rename(n)``."""
+        forms = {rename(name): form for name, form in self.forms.items()}
+        return dataclasses.replace(self, forms=forms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "target_speedup": self.target_speedup,
+            "network_dense_ms": self.network_dense_ms,
+            "predicted_ms": self.predicted_ms,
+            "predicted_speedup": self.predicted_speedup,
+            "best_predicted_speedup": self.best_predicted_speedup,
+            "forms_offered": list(self.forms_offered),
+            "forms": dict(self.forms),
+        }
+
+    def summary(self) -> str:
+        """One line: the target and the prediction."""
+        return (
+            f"latency plan: target {self.target_speedup:.3g}x, predicted "
+            f"{self.predicted_speedup:.3g}x ({self.network_dense_ms:.4g} ms dense -> "
+            f"{self.predicted_ms:.4g} ms)."
+        )
+
+
 @dataclass
 class NetworkPlan:
     """Per-layer plans and network totals.
@@ -245,16 +302,10 @@ class NetworkPlan:
     kernel_multiple : int, default=1
         Every replaced layer's ``G`` is padded up to a multiple of this when deployed
         (set on each layer); :attr:`padded_macs` counts the padding.
-    latency : dict or None, default=None
+    latency : LatencyPlan or None, default=None
         For a plan made for a speed-up (:func:`gdws_approx.plan_latency`): the target,
-        the dense and predicted network latencies (ms), each layer's form, and what the
-        adapter records (backend, device, batch size, the measured speed-up).
-    recipe : dict or None, default=None
-        The settings of the recipe an adapter ran around the plan (weighting,
-        allocation, recovery; ``gdws_torch.compress``), for the report.
-    seconds : dict or None, default=None
-        Wall-clock seconds of each stage an adapter ran around the plan (e.g.
-        ``{"weighting": 9.1, "calibration": 152.0, "conversion": 3.2, "refit": 40.5}``).
+        the dense and predicted network latencies and each layer's form. What an adapter
+        measures of the built model is its own report's, not the plan's.
     """
 
     layers: list[LayerPlan]
@@ -263,9 +314,7 @@ class NetworkPlan:
     target_mac_reduction: float | None
     other_macs: int
     kernel_multiple: int = 1
-    latency: dict[str, Any] | None = None
-    recipe: dict[str, Any] | None = None
-    seconds: dict[str, float] | None = None
+    latency: LatencyPlan | None = None
     dense_macs: int = field(init=False)
     macs: int = field(init=False)
 
@@ -295,6 +344,15 @@ class NetworkPlan:
         """Sum of the replaced layers' weighted squared errors."""
         return sum(layer.error for layer in self.layers)
 
+    def renamed(self, rename: Any) -> NetworkPlan:
+        """A copy with every layer name ``n`` replaced by ``rename(n)`` (e.g. a wrapper's
+        ``"module."`` prefix removed)."""
+        return dataclasses.replace(
+            self,
+            layers=[dataclasses.replace(layer, name=rename(layer.name)) for layer in self.layers],
+            latency=None if self.latency is None else self.latency.renamed(rename),
+        )
+
     def __getitem__(self, name: str) -> LayerPlan:
         for layer in self.layers:
             if layer.name == name:
@@ -319,9 +377,7 @@ class NetworkPlan:
             "padded_mac_reduction": _finite_or_none(
                 cost.mac_reduction(self.dense_macs, self.padded_macs)
             ),
-            "latency": self.latency,
-            "recipe": self.recipe,
-            "seconds": self.seconds,
+            "latency": None if self.latency is None else self.latency.to_dict(),
         }
 
     def format_table(self) -> str:
@@ -409,13 +465,8 @@ class NetworkPlan:
                 f"{how} when deployed (zero kernels, same outputs): {self.padded_macs:,} MACs, "
                 f"{reduction:.2f}x fewer."
             )
-        if self.latency:
-            lines.append(_latency_summary(self.latency))
-        if self.recipe:
-            lines.append(_recipe_summary(self.recipe))
-        if self.seconds:
-            stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in self.seconds.items())
-            lines.append(f"time: {stages}")
+        if self.latency is not None:
+            lines.append(self.latency.summary())
         return "\n".join(line.rstrip() for line in lines)
 
     def __str__(self) -> str:
@@ -428,35 +479,6 @@ def _timing_cell(timings: Mapping[str, float] | None) -> str:
         return ""
     planned = next((ms for form, ms in timings.items() if form != "dense"), timings["dense"])
     return f"{timings['dense']:.4g} / {planned:.4g}"
-
-
-def _recipe_summary(recipe: Mapping[str, Any]) -> str:
-    settings = ", ".join(
-        f"{key} {value}" for key, value in recipe.items() if key not in ("name", "description")
-    )
-    return f"recipe {recipe.get('name')!r}: {settings}"
-
-
-def _latency_summary(latency: Mapping[str, Any]) -> str:
-    where = ", ".join(
-        f"{key} {latency[key]}" for key in ("backend", "device", "batch_size") if key in latency
-    )
-    where = f" ({where})" if where else ""
-    text = (
-        f"latency plan{where}: target {latency['target_speedup']:.3g}x"
-        f", predicted {latency['predicted_speedup']:.3g}x ({latency['network_dense_ms']:.4g} ms "
-        f"dense -> {latency['predicted_ms']:.4g} ms)"
-    )
-    if latency.get("realised_speedup") is not None:
-        text += f", measured {latency['realised_speedup']:.3g}x"
-        if latency.get("spread") is not None:
-            text += f" (spread {latency['spread']:.2g})"
-        if "reached" in latency:
-            text += ": reached" if latency["reached"] else ": NOT reached"
-    text += "."
-    if latency.get("table_warning"):
-        text += f"\nwarning: {latency['table_warning']}."
-    return text
 
 
 def _finite_or_none(x: float) -> float | None:

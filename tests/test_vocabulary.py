@@ -8,6 +8,7 @@ docs name them as the original's spellings. The attacks' restart count is ``n_re
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from pathlib import Path
 
@@ -86,3 +87,55 @@ def test_the_restart_count_is_n_restarts():
 )
 def test_the_pattern_finds_the_old_spellings(line, old):
     assert bool(OLD_NORM.search(line)) is old
+
+
+# -- the pipeline's terms: channel weights (not alphas), eps (not epsilon) ---------------
+
+LIBRARY = ("adapters/gdws_torch", "adapters/gdws_onnx")
+#: Parameter names the Python API no longer uses, and the name that replaced each.
+RETIRED_PARAMETERS = {
+    "alphas": "channel_weights",
+    "alpha_samples": "noise_gain_samples",
+    "epsilon": "eps",
+    "convert_options": "real keywords",
+}
+
+
+def parameters(source: str) -> list[tuple[str, str]]:
+    """``(function, parameter)`` of every function defined in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            every = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            found += [(node.name, a.arg) for a in every]
+            found += [(node.name, f"**{node.args.kwarg.arg}")] if node.args.kwarg else []
+    return found
+
+
+@pytest.mark.parametrize("retired", sorted(RETIRED_PARAMETERS))
+def test_no_function_of_the_library_takes_a_retired_parameter(retired):
+    found = [
+        f"{path.relative_to(ROOT)}: {function}({name})"
+        for folder in LIBRARY
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for function, name in parameters(path.read_text())
+        if name == retired
+    ]
+    assert found == [], f"use {RETIRED_PARAMETERS[retired]}: {found}"
+
+
+def test_the_pipelines_public_functions_take_no_keyword_catch_all():
+    import gdws_torch
+
+    stages = ("compress", "convert", "recipe_inputs", "recover")
+    for name in stages:
+        source = ast.parse(inspect.getsource(getattr(gdws_torch, name)))
+        assert not [n for n in ast.walk(source) if isinstance(n, ast.arguments) and n.kwarg]
+
+
+def test_the_parameters_finder_sees_keyword_catch_alls():
+    assert parameters("def f(a, *, alphas=None, **deprecated): pass") == [
+        ("f", "a"),
+        ("f", "alphas"),
+        ("f", "**deprecated"),
+    ]

@@ -32,9 +32,9 @@ class ConvNode:
     Attributes
     ----------
     name : str
-        The name used in reports, ``exclude``, ``alphas`` and ``n_kernels``: the node's name,
-        or ``"Conv:<weight initializer name>"`` for an unnamed node (``#2``, ``#3``, ...
-        appended when names repeat).
+        The name used in reports, ``exclude``, ``channel_weights`` and ``n_kernels``: the
+        node's name, or ``"Conv:<weight initializer name>"`` for an unnamed node (``#2``,
+        ``#3``, ... appended when names repeat).
     index : int
         Position in ``graph.node``.
     node_name : str

@@ -15,6 +15,7 @@ import gdws_approx
 from gdws_approx import LayerPlan, LayerSpec, NetworkPlan, plan_network
 from gdws_approx.cost import check_kernel_multiple
 from gdws_approx.files import same_file
+from gdws_approx.layer_names import find_entry
 from gdws_onnx._files import check_model, load_model, save_model
 from gdws_onnx.graph import ConvNode, all_names, conv_nodes, used_names
 from gdws_onnx.memory import check_memory
@@ -31,7 +32,7 @@ def rewrite(
     beta: float | None = None,
     n_kernels: int | Mapping[str, int] | None = None,
     target_mac_reduction: float | None = None,
-    alphas: Mapping[str, Any] | None = None,
+    channel_weights: Mapping[str, Any] | None = None,
     input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     skip_first: bool = True,
     only_if_cheaper: bool = True,
@@ -65,9 +66,11 @@ def rewrite(
         LEGO with the smallest common ``beta`` for which the model's ``Conv`` MACs
         (every Conv, rewritten or not) are that many times fewer, ``> 1``.
         With no budget: ``beta=0``, an exact rewrite.
-    alphas : mapping of str to array of shape (C,), optional
-        Per-layer error weights (noise gains), keyed by conv name (see below), node name
-        or weight initializer name; every planned layer needs one. Unit weights if ``None``.
+    channel_weights : mapping of str to array of shape (C,), optional
+        Per-layer channel weights of the error (the paper's alpha; e.g. noise gains),
+        keyed by conv name (see below), node name or weight initializer name, each with or
+        without a ``"module."`` prefix (:func:`gdws_approx.layer_names.find_entry`); every
+        planned layer needs one. Unit weights if ``None``.
     input_shape : sequence of int or mapping of str to sequence of int, optional
         One sample's shape without the batch dimension (``(3, 32, 32)``), or one per graph
         input by name. Needed when the model's spatial dimensions are dynamic: MACs are
@@ -107,10 +110,11 @@ def rewrite(
     Raises
     ------
     ValueError
-        Not a valid model; no eligible conv; an unknown ``exclude`` name; a missing alpha;
-        shapes that inference cannot determine (give ``input_shape``); an ``input_shape``
-        needing more memory than is available; a budget that keeps no kernel in a layer;
-        an unreachable ``target_mac_reduction``; ``kernel_multiple`` outside 1..64.
+        Not a valid model; no eligible conv; an unknown ``exclude`` name; a missing
+        channel weight; shapes that inference cannot determine (give ``input_shape``); an
+        ``input_shape`` needing more memory than is available; a budget that keeps no
+        kernel in a layer; an unreachable ``target_mac_reduction``; ``kernel_multiple``
+        outside 1..64.
     """
     kernel_multiple = check_kernel_multiple(kernel_multiple)
     check_model(model)
@@ -141,7 +145,7 @@ def rewrite(
             c.name,
             numpy_helper.to_array(initializers[c.weight]).astype(np.float64),
             c.output_pixels,
-            _lookup_alpha(alphas, c),
+            _channel_weights(channel_weights, c),
         )
         for c in chosen
     ]
@@ -178,30 +182,22 @@ def rewrite_file(
     return plan
 
 
-def _lookup_alpha(alphas: Mapping[str, Any] | None, conv: ConvNode) -> np.ndarray | None:
-    if alphas is None:
-        return None
-    if not isinstance(alphas, Mapping):
-        raise TypeError(
-            f"alphas must be a mapping {{conv name: array(C)}}; got {type(alphas).__name__}."
-        )
-    keys = [k for k in (conv.name, conv.node_name, conv.weight) if k]
-    for key in keys:
-        if key in alphas:
-            value = alphas[key]
-            if hasattr(value, "detach"):  # a torch tensor, without importing torch
-                value = value.detach().cpu().numpy()
-            value = np.asarray(value)
-            if value.dtype.kind not in "fiu":
-                raise TypeError(
-                    f"alphas[{key!r}] must hold real numbers (noise gains); got dtype "
-                    f"{value.dtype}."
-                )
-            return value.astype(np.float64)
-    raise ValueError(
-        f"alphas has no entry for conv {conv.name!r} (looked for {keys}); it has "
-        f"{len(alphas)} entries, for example {sorted(alphas)[:3]}."
+def _channel_weights(weights: Mapping[str, Any] | None, conv: ConvNode) -> np.ndarray | None:
+    """The channel weights of ``conv`` in ``weights`` (by its names), as float64."""
+    found = find_entry(
+        weights, (conv.name, conv.node_name, conv.weight), what="channel_weights", required=True
     )
+    if found is None:
+        return None
+    key, value = found
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiu":
+        raise TypeError(
+            f"channel_weights[{key!r}] must hold real numbers; got dtype {value.dtype}."
+        )
+    return value.astype(np.float64)
 
 
 def _apply(

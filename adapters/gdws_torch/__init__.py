@@ -1,7 +1,8 @@
 """gdws_torch: the PyTorch adapter of gdws-approx.
 
-GDWS layers, whole-model conversion (:func:`compress` runs a whole recipe), MAC
-counting, noise gains and checkpoint files; :func:`compress_baseline` builds the
+GDWS layers; the pipeline from a dense model to a compressed one (:func:`compress`
+chains :func:`recipe_inputs`, :func:`convert` and :func:`recover` for a :class:`Recipe`);
+MAC counting, noise gains and checkpoint files; :func:`compress_baseline` builds the
 training-free baselines (DWS, low-rank, channel pruning) at the same conv MACs.
 """
 
@@ -13,24 +14,36 @@ from gdws_torch.conversion.noise_gains import (
     plan_noise_gain_forms,
     reference_noise_gains,
 )
-from gdws_torch.conversion.options import Latency, Recovery, Weighting
-from gdws_torch.conversion.recipes import (
-    RECIPES,
-    Recipe,
+from gdws_torch.conversion.options import (
+    BatchNormStatistics,
+    ErrorWeights,
+    Latency,
+    Recovery,
+    Refit,
+    Weighting,
+)
+from gdws_torch.conversion.pipeline import (
+    CalibrationAttack,
     RecipeInputs,
     compress,
-    get_recipe,
     recipe_inputs,
 )
+from gdws_torch.conversion.recipes import RECIPES, Recipe, get_recipe
+from gdws_torch.conversion.recover import recover
+from gdws_torch.conversion.reports import (
+    CompressionReport,
+    ConversionReport,
+    RecoveryReport,
+    SpeedMeasurement,
+)
 from gdws_torch.conversion.speed_target import SpeedTargetMissed
-from gdws_torch.conversion.weightings import weighting
 from gdws_torch.cost.macs import LayerMacs, MacCount, count_macs
 from gdws_torch.io.checkpoints import (
-    load_alphas,
+    load_channel_weights,
     load_checkpoint,
     load_converted,
     load_state_dict_file,
-    save_alphas,
+    save_channel_weights,
     save_checkpoint,
     save_converted,
 )
@@ -57,6 +70,11 @@ __all__ = [
     "Attack",
     "AutoAttack",
     "BaselineReport",
+    "BatchNormStatistics",
+    "CalibrationAttack",
+    "CompressionReport",
+    "ConversionReport",
+    "ErrorWeights",
     "GDWSConv2d",
     "Latency",
     "LayerMacs",
@@ -65,6 +83,9 @@ __all__ = [
     "Recipe",
     "RecipeInputs",
     "Recovery",
+    "RecoveryReport",
+    "Refit",
+    "SpeedMeasurement",
     "SpeedTargetMissed",
     "Square",
     "Weighting",
@@ -77,7 +98,7 @@ __all__ = [
     "evaluate",
     "get_recipe",
     "is_approximable",
-    "load_alphas",
+    "load_channel_weights",
     "load_checkpoint",
     "load_converted",
     "load_original_checkpoint",
@@ -87,12 +108,12 @@ __all__ = [
     "plan_noise_gain_forms",
     "recalibrate_batchnorm",
     "recipe_inputs",
+    "recover",
     "reference_noise_gains",
     "refit_pointwise",
     "replace_module",
-    "save_alphas",
+    "save_channel_weights",
     "save_checkpoint",
     "save_converted",
     "set_fused",
-    "weighting",
 ]

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_torch import AutoAttack, check_gradient_masking, compress, recipe_inputs
 from gdws_torch.experiments.demo import (
-    ALPHA_ATTACK,
     BEST,
+    CALIBRATION_ATTACK,
     DEMO_ATTACK,
     INPUT_SHAPE,
     VALIDATION_DIGITS,
@@ -49,8 +49,8 @@ def main() -> None:
         input_size=INPUT_SHAPE,
         seed=0,
         progress=False,
-        epsilon=ALPHA_ATTACK["eps"],
-        attack_steps=ALPHA_ATTACK["steps"],
+        eps=CALIBRATION_ATTACK["eps"],
+        attack_steps=CALIBRATION_ATTACK["steps"],
     )
     gdws, _ = compress(network, inputs=inputs, target_mac_reduction=2.0, input_size=INPUT_SHAPE)
     models = {"dense": network, f"GDWS 2x, {BEST}": set_fused(gdws, True)}

@@ -14,7 +14,7 @@ import torch
 from _torch_models import with_batchnorm_statistics
 from test_datasets import write_cifar10
 
-from gdws_torch import load_alphas, load_converted, noise_gains
+from gdws_torch import load_channel_weights, load_converted, noise_gains
 from gdws_torch.cli import main
 from gdws_torch.models import WRN28_4, PreActResNet18
 from gdws_torch.nn.normalization import Normalized
@@ -154,7 +154,7 @@ def test_alphas_in_the_original_format_drive_a_mac_target(run_folder):
     assert gdws("alphas", *args, "--chunk-size", "4") == 0
     saved = torch.load(root / "run" / "alphas.pth", weights_only=True)
     assert saved["sample_size"] == 6 and saved["attack"] == "none"
-    gains = load_alphas(root / "run" / "alphas.pth")
+    gains = load_channel_weights(root / "run" / "alphas.pth")
     assert all(k.startswith("module.") for k in gains)  # as the original's DataParallel files
     from gdws_torch.io.datasets import load_dataset
 
@@ -472,6 +472,7 @@ def test_eval_with_the_pointwise_refit(tmp_path, capsys):
 
 
 def test_convert_runs_the_robust_recipe_by_default_and_says_so(tmp_path, capsys):
+    from gdws_torch import compress
     from gdws_torch.conversion.recipes import RECIPES
     from gdws_torch.experiments import demo
 
@@ -483,7 +484,7 @@ def test_convert_runs_the_robust_recipe_by_default_and_says_so(tmp_path, capsys)
     out = tmp_path / "robust.pth"
     assert gdws("convert", *base, "--out", out) == 0
     printed = capsys.readouterr().out
-    assert "recipe 'robust': data weighting, global MAC allocation, joint refit" in printed
+    assert "recipe 'robust': data weighting on 256 inputs, global MAC allocation, joint" in printed
     assert "(the default with training data)" in printed
     report = json.loads(out.with_suffix(".json").read_text())
     recipe = report["recipe"]
@@ -497,12 +498,129 @@ def test_convert_runs_the_robust_recipe_by_default_and_says_so(tmp_path, capsys)
     converted, info = load_converted(out, DigitsCNN())  # the unwrapped network's layers
     assert converted.eval()(torch.rand(2, 1, 16, 16)).shape == (2, 10)
     assert info["report"]["recipe"]["name"] == "robust"
+    # The model is compress's with the same recipe, threat model and seed.
+    expected, _ = compress(
+        demo.demo_network(),
+        digits_loader(),
+        target_mac_reduction=2,
+        recipe="robust",
+        eps=24 / 255,
+        attack_steps=3,
+        attack_alpha=6 / 255,
+        input_size=(1, 16, 16),
+    )
+    assert same_state(converted, expected)
     # Flags of one's own make a conversion of one's own; --recipe excludes them.
     plain = tmp_path / "plain.pth"
     assert gdws("convert", *base, "--weighting", "data", "--out", plain) == 0
-    assert "no recipe: your flags (--weighting)" in capsys.readouterr().out
+    assert (
+        "recipe 'custom': data weighting on 256 inputs, no recovery (your flags (--weighting))"
+        in (capsys.readouterr().out)
+    )
     assert gdws("convert", *base, "--recipe", "original", "--refit", "10", "--out", plain) == 2
     assert "--recipe runs a whole recipe; it excludes --refit" in capsys.readouterr().err
+
+
+def digits_loader():
+    """The digits training data as the command line reads them (in order, batches of 128)."""
+    from gdws_torch.io.datasets import load_dataset
+
+    return torch.utils.data.DataLoader(load_dataset("digits", split="train", size=16), 128)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_convert_with_flags_of_ones_own_is_compress_with_their_recipe(tmp_path, capsys):
+    """``gdws convert``'s weighting and recovery flags make a Recipe("custom", ...): the
+    saved model is compress's with that recipe, the same threat model and seed."""
+    from gdws_torch import (
+        BatchNormStatistics,
+        Recipe,
+        Recovery,
+        Refit,
+        Weighting,
+        compress,
+    )
+    from gdws_torch.experiments import demo
+    from gdws_torch.models import DigitsCNN
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    base += ["--target-mac-reduction", "2", "--no-progress", "--epsilon", "24", "--seed", "3"]
+    flags = ["--weighting", "data", "--allocation", "global", "--refit", "200", "--refit-attack"]
+    flags += ["--refit-iterations", "1", "--recalibrate-bn", "300", "--recalibrate-attack"]
+    flags += ["--attack-iters", "2"]
+    out = tmp_path / "custom.pth"
+    assert gdws("convert", *base, *flags, "--out", out) == 0
+    assert "recipe 'custom'" in capsys.readouterr().out
+    converted, info = load_converted(out, DigitsCNN())
+    recipe = Recipe(
+        "custom",
+        weighting=Weighting("data"),
+        allocation="global",
+        recovery=Recovery(
+            refit=Refit(200, adversarial=True, iterations=1),
+            batchnorm=BatchNormStatistics(300, adversarial=True),
+        ),
+        description="the command line's weighting and recovery flags",
+    )
+    assert info["report"]["recipe"] == {
+        **recipe.to_dict(),
+        "calibration_attack": info["report"]["recipe"]["calibration_attack"],
+    }
+    expected, _ = compress(
+        demo.demo_network(),
+        digits_loader(),
+        target_mac_reduction=2,
+        recipe=recipe,
+        eps=24 / 255,
+        attack_steps=2,
+        attack_alpha=2 / 255,
+        input_size=(1, 16, 16),
+        seed=3,
+    )
+    assert same_state(converted, expected)
+
+
+def test_convert_with_an_alphas_file_is_compress_with_its_channel_weights(tmp_path, capsys):
+    from gdws_torch import ErrorWeights, compress, noise_gains, save_channel_weights
+    from gdws_torch.experiments import demo
+    from gdws_torch.models import DigitsCNN
+
+    checkpoint = tmp_path / "digits.pth"
+    torch.save({"state_dict": demo.demo_network().state_dict()}, checkpoint)
+    gains = noise_gains(demo.demo_network(), digits_loader(), 64, progress=False)
+    save_channel_weights(tmp_path / "alphas.pth", gains)
+    base = ["--model", "digits_cnn", "--dataset", "digits", "--checkpoint", checkpoint]
+    out = tmp_path / "given.pth"
+    args = [
+        "--alphas-filename",
+        tmp_path / "alphas.pth",
+        "--target-mac-reduction",
+        "2",
+        "--out",
+        out,
+    ]
+    assert gdws("convert", *base, "--no-progress", *args) == 0
+    assert f"channel weights from {tmp_path / 'alphas.pth'}" in capsys.readouterr().out
+    converted, info = load_converted(out, DigitsCNN())
+    assert info["metadata"]["alphas"] == str(tmp_path / "alphas.pth")
+    expected, _ = compress(
+        demo.demo_network(),
+        target_mac_reduction=2,
+        recipe="unit",
+        error_weights=ErrorWeights(load_channel_weights(tmp_path / "alphas.pth")),
+        input_size=(1, 16, 16),
+    )
+    assert same_state(converted, expected)
+    plain, _ = compress(
+        demo.demo_network(), target_mac_reduction=2, recipe="unit", input_size=(1, 16, 16)
+    )
+    assert not same_state(converted, plain)  # the file's weights made a difference
 
 
 def test_convert_without_training_data_runs_the_unit_recipe(tmp_path, capsys):

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import gdws_approx.files as files
 import gdws_torch.cli.eval as eval_command
-from gdws_torch import load_alphas, load_converted
+from gdws_torch import load_channel_weights, load_converted
 from gdws_torch.cli import main
 from gdws_torch.models import DigitsCNN, PreActResNet18
 from gdws_torch.robustness.resume import MANIFEST, ResultStore
@@ -227,7 +227,7 @@ def test_convert_and_alphas_to_a_json_name_keep_the_report_apart(tmp_path, weigh
     alphas = tmp_path / "a.json"
     args = ["alphas", *DIGITS, "--checkpoint", checkpoint, "--attack", "none", "--no-progress"]
     assert gdws(*args, "--sample-size", "8", "--out", alphas) == 0, capsys.readouterr().err
-    gains = load_alphas(alphas)
+    gains = load_channel_weights(alphas)
     summary = json.loads((tmp_path / "a.report.json").read_text())
     assert summary["command"] == "alphas"
     assert {row["layer"] for row in summary["layers"]} == set(gains)

@@ -11,7 +11,7 @@ import torch
 from test_datasets import write_cifar10
 from torch import nn
 
-from gdws_torch import load_alphas, load_converted, noise_gains
+from gdws_torch import load_channel_weights, load_converted, noise_gains
 from gdws_torch.cli import build_parser, main
 from gdws_torch.io.datasets import load_dataset
 from gdws_torch.models import ARCHITECTURES
@@ -107,7 +107,7 @@ def test_alphas_with_an_explicit_format_equal_the_library(runs, tmp_path):
     flags = ["--sample-size", "2", "--chunk-size", "2", "--checkpoint-format", "msd"]
     args = ["--model", "preactresnet18", "--fname", run, *quiet(root), *flags]
     assert gdws("alphas", *args, "--out", "alphas.pth") == 0
-    gains = load_alphas(run / "alphas.pth")
+    gains = load_channel_weights(run / "alphas.pth")
     data = load_dataset("cifar10", root / "data", "train")
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     expected = noise_gains(normalized(network, "cifar10"), loader, 2, progress=False)

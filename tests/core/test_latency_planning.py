@@ -203,8 +203,8 @@ def test_the_latency_plan_is_least_error_within_the_budget(seed, n_layers, targe
             plan_it()
         return
     plan = plan_it()
-    assert plan.latency["predicted_ms"] <= network / target + 1e-9
-    assert plan.latency["predicted_speedup"] >= target - 1e-9
+    assert plan.latency.predicted_ms <= network / target + 1e-9
+    assert plan.latency.predicted_speedup >= target - 1e-9
     # The dynamic programme rounds latencies up to 1/4000 of the budget: its error is at
     # most the least error of a budget smaller by one step per layer.
     tighter = _brute_force(specs, latencies, budget - budget / 4000 * n_layers, forms)
@@ -212,7 +212,7 @@ def test_the_latency_plan_is_least_error_within_the_budget(seed, n_layers, targe
     assert plan.error <= (best if tighter is None else tighter) + tol
     assert plan.error >= best - tol
     for layer, spec in zip(plan.layers, specs, strict=True):
-        form = plan.latency["forms"][layer.name]
+        form = plan.latency.forms[layer.name]
         assert form == layer.form_label and (layer.form in forms or layer.form == "dense")
         sigma = np.eye(spec.weight[0].size) if spec.input_moment is None else spec.input_moment
         assert layer.error == pytest.approx(

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import gdws_onnx  # noqa: E402
 from gdws_approx import GDWSApproximator  # noqa: E402
-from gdws_torch import GDWSConv2d, Weighting, convert  # noqa: E402
+from gdws_torch import ErrorWeights, GDWSConv2d, convert  # noqa: E402
 from gdws_torch.cli import main  # noqa: E402
 
 X_SHAPE = (4, 12, 12)  # one sample of the option model's input
@@ -318,9 +318,9 @@ def test_the_same_plan_as_gdws_torch_convert_gives_the_same_outputs():
         )
     }
     budget = {"beta": 0.3, "only_if_cheaper": False, "svd_solver": "full"}
-    rewritten, plan = gdws_onnx.rewrite(model, **budget, alphas=alphas)
-    weighting = Weighting(alphas=alphas)
-    converted, report = convert(network, input_size=INPUT_SIZE, **budget, weighting=weighting)
+    rewritten, plan = gdws_onnx.rewrite(model, **budget, channel_weights=alphas)
+    weights = ErrorWeights(channel_weights=alphas)
+    converted, report = convert(network, input_size=INPUT_SIZE, **budget, error_weights=weights)
     assert len(plan.layers) == len(report.layers) == 4
     for ours, theirs in zip(plan.layers, report.layers, strict=True):
         assert (ours.shape, ours.n_kernels, ours.multiplier_histogram, ours.macs) == (
@@ -457,11 +457,11 @@ def test_bad_budgets_and_models_are_refused_and_the_input_is_unchanged():
         gdws_onnx.rewrite(model, target_mac_reduction=100.0)
     with pytest.raises(ValueError, match="give one budget"):
         gdws_onnx.rewrite(model, beta=0.1, target_mac_reduction=2.0)
-    with pytest.raises(ValueError, match="alphas has no entry for conv 'pads'"):
-        gdws_onnx.rewrite(model, alphas={"dil.w": np.ones(12)})
+    with pytest.raises(ValueError, match="channel_weights has no entry for layer 'pads'"):
+        gdws_onnx.rewrite(model, channel_weights={"dil.w": np.ones(12)})
     with pytest.raises(ValueError, match="layer 'pads'"):
         alphas = {"pads": np.ones(3), "dil.w": np.ones(12), "Conv:same.w": np.ones(10)}
-        gdws_onnx.rewrite(model, alphas=alphas)
+        gdws_onnx.rewrite(model, channel_weights=alphas)
     assert model.SerializeToString() == before
     with pytest.raises(TypeError, match=r"onnx\.ModelProto"):
         gdws_onnx.rewrite(b"not a model")

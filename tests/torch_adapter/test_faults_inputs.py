@@ -28,20 +28,24 @@ from gdws_torch import (
     PGDL2,
     RECIPES,
     AutoAttack,
+    BatchNormStatistics,
+    ErrorWeights,
     GDWSConv2d,
     Recovery,
+    Refit,
     Square,
     check_gradient_masking,
     compress,
     compress_baseline,
     convert,
-    load_alphas,
+    load_channel_weights,
     load_checkpoint,
     load_converted,
     load_state_dict_file,
     noise_gains,
     pad_kernels,
     recalibrate_batchnorm,
+    recover,
     replace_module,
     save_converted,
 )
@@ -180,7 +184,7 @@ JUNK = {
 LOADERS = {
     "checkpoint": lambda path: load_checkpoint(small_resnet().float(), path),
     "state_dict": load_state_dict_file,
-    "alphas": load_alphas,
+    "alphas": load_channel_weights,
     "converted": lambda path: load_converted(path, small_resnet().float()),
 }
 
@@ -225,7 +229,7 @@ def test_complex_noise_gains_in_a_file_are_refused(tmp_path):
         match=r"alphas\.pth': noise_gains\['block\.conv1\.weight'\] must hold real numbers; "
         r"got dtype torch\.complex64",
     ):
-        load_alphas(tmp_path / "alphas.pth")
+        load_channel_weights(tmp_path / "alphas.pth")
 
 
 def test_complex_alphas_are_refused_by_convert_and_the_estimator():
@@ -236,8 +240,8 @@ def test_complex_alphas_are_refused_by_convert_and_the_estimator():
         if isinstance(c, nn.Conv2d)
     }
     alphas["dilated"] = torch.ones(24) + 1j
-    with pytest.raises(TypeError, match=r"alphas\['dilated'\] must hold real numbers"):
-        convert(model, input_size=INPUT_SIZE, weighting=Weighting(alphas=alphas))
+    with pytest.raises(TypeError, match=r"channel_weights\['dilated'\] must hold real numbers"):
+        convert(model, input_size=INPUT_SIZE, error_weights=ErrorWeights(alphas))
     W = np.random.default_rng(0).standard_normal((8, 4, 3, 3))
     with pytest.raises(TypeError, match=r"alpha must hold real numbers; got dtype complex128"):
         GDWSApproximator().fit(W, alpha=np.ones(4) + 1j)
@@ -448,9 +452,16 @@ def data_loader(value=None, batch=2, sample=4, n=16, size=8):
 
 def small_recipe(**changes):
     base = RECIPES["robust"].replace(
-        refit_samples=16, recalibrate_samples=16, weighting_samples=16, refit_adversarial=False
+        weighting=Weighting("data", samples=16),
+        recovery=Recovery(
+            refit=Refit(samples=16, adversarial=False), batchnorm=BatchNormStatistics(16)
+        ),
     )
     return base.replace(**changes)
+
+
+def converted(model):
+    return convert(model, input_size=INPUT_SIZE, beta=0.5)[0]
 
 
 # Every stage that reads a loader: (stage named in the message, the call on a loader).
@@ -459,19 +470,16 @@ STAGES = {
         "BatchNorm re-estimation",
         lambda model, data: recalibrate_batchnorm(model, data, 16, progress=False),
     ),
-    "convert(recovery=Recovery(recalibrate))": (
+    "recover(Recovery(batchnorm))": (
         "BatchNorm re-estimation",
-        lambda model, data: convert(
-            model,
-            input_size=INPUT_SIZE,
-            beta=0.5,
-            recovery=Recovery(recalibrate=data, recalibrate_samples=16),
+        lambda model, data: recover(
+            converted(model), model, Recovery(batchnorm=BatchNormStatistics(16)), data=data
         ),
     ),
-    "convert(recovery=Recovery(refit))": (
+    "recover(Recovery(refit))": (
         "refit",
-        lambda model, data: convert(
-            model, input_size=INPUT_SIZE, beta=0.5, recovery=Recovery(refit=data, refit_samples=16)
+        lambda model, data: recover(
+            converted(model), model, Recovery(refit=Refit(16)), calibration=data
         ),
     ),
     "compress (data weighting)": (
@@ -483,7 +491,11 @@ STAGES = {
     "compress (calibration)": (
         "calibration",
         lambda model, data: compress(
-            model, data, beta=0.5, recipe=small_recipe(weighting="unit"), input_size=INPUT_SIZE
+            model,
+            data,
+            beta=0.5,
+            recipe=small_recipe(weighting=Weighting("unit")),
+            input_size=INPUT_SIZE,
         ),
     ),
     "noise_gains": (
@@ -630,10 +642,10 @@ def every_attack(model, norm="Linf", eps=0.1):
 def test_an_l_inf_eps_above_1_is_refused_as_compress_refuses_it(classifier, name):
     model, _ = classifier
     with pytest.raises(ValueError) as expected:
-        compress(model, [], beta=0.5, epsilon=8, input_size=INPUT_SIZE)
+        compress(model, [], beta=0.5, eps=8, input_size=INPUT_SIZE)
     with pytest.raises(ValueError, match=r"^eps must be .* <= 1 \(pixel units\); got 8\.$") as got:
         every_attack(model, "Linf", eps=8)[name]()
-    assert str(got.value).removeprefix("eps") == str(expected.value).removeprefix("epsilon")
+    assert str(got.value) == str(expected.value)
     every_attack(model, "Linf", eps=1.0)[name]()  # the whole box: allowed
 
 
@@ -762,9 +774,9 @@ def built_models(tmp_path):
         "convert (fused)": lambda: converted(fused=True),
         "convert (grouped)": lambda: grouped(converted()),
         "convert (padded)": lambda: pad_kernels(converted(), 4),
-        "convert (BatchNorm recovery)": lambda: converted(
-            recovery=Recovery(recalibrate=data_loader(), recalibrate_samples=16)
-        ),
+        "recover (BatchNorm)": lambda: recover(
+            converted(), dense, Recovery(batchnorm=BatchNormStatistics(16)), data=data_loader()
+        )[0],
         "compress": lambda: compress(dense, beta=0.5, recipe="unit", input_size=INPUT_SIZE)[0],
         "load_converted": reloaded,
         "baseline dws": lambda: baseline("dws"),

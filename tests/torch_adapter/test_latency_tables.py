@@ -266,13 +266,13 @@ def test_a_model_that_is_not_faster_never_reaches_a_target(tmp_path):
     with fake_timing(speedup=0.999, spread=0.0):  # within 5 % of 1.05, but slower
         with pytest.raises(SpeedTargetMissed, match="not faster than dense") as missed:
             convert_demo(table, 1.05)
-        assert missed.value.report.latency["reached"] is False
+        assert missed.value.report.speed.reached is False
         _, report = convert_demo(table, 1.05, require_target=False)
-    assert report.latency["reached"] is False and report.latency["realised_speedup"] == 0.999
+    assert report.speed.reached is False and report.speed.realised_speedup == 0.999
     assert "NOT reached" in report.format_table()
     with fake_timing(speedup=1.02, spread=0.0):  # within the tolerance and faster: reached
         _, report = convert_demo(table, 1.05)
-    assert report.latency["reached"] is True
+    assert report.speed.reached is True
 
 
 @pytest.mark.parametrize(("spread", "attempts"), [(0.5, 1), (0.01, 3)])
@@ -280,8 +280,8 @@ def test_a_miss_within_the_timing_spread_is_not_planned_again(tmp_path, spread, 
     calls = []
     with fake_timing(speedup=1.3, spread=spread, calls=calls):
         _, report = convert_demo(tmp_path / "t.json", 1.5, require_target=False)
-    assert len(calls) == len(report.latency["attempts"]) == attempts
-    assert report.latency["spread"] == spread
+    assert len(calls) == len(report.speed.attempts) == attempts
+    assert report.speed.spread == spread
 
 
 def test_the_same_call_on_the_same_table_gives_the_same_plan(tmp_path):
@@ -290,7 +290,7 @@ def test_the_same_call_on_the_same_table_gives_the_same_plan(tmp_path):
     for _ in range(3):  # the dense network is timed for real, once
         with fake_timing(speedup=1.45, spread=0.08, network=False):
             _, report = convert_demo(table, 1.5)
-        forms.append((report.latency["forms"], [layer.n_kernels for layer in report.layers]))
+        forms.append((report.latency.forms, [layer.n_kernels for layer in report.layers]))
     assert forms[0] == forms[1] == forms[2]
     # The whole network's latency, the plan's starting point, is in the table.
     (section,) = json.loads(table.read_text())["tables"]
@@ -300,13 +300,13 @@ def test_the_same_call_on_the_same_table_gives_the_same_plan(tmp_path):
 def test_a_measurement_far_below_the_prediction_says_to_rebuild_the_table(tmp_path):
     with fake_timing(speedup=1.1, spread=0.5):
         _, report = convert_demo(tmp_path / "t.json", 1.5, require_target=False)
-    predicted = report.latency["predicted_speedup"]
-    assert report.latency["realised_speedup"] < 0.9 * predicted
-    assert "rebuild it here" in report.latency["table_warning"]
+    predicted = report.latency.predicted_speedup
+    assert report.speed.realised_speedup < 0.9 * predicted
+    assert "rebuild it here" in report.speed.table_warning
     assert "warning: " in report.format_table()
     with fake_timing(speedup=1.49, spread=0.01):
         _, report = convert_demo(tmp_path / "t.json", 1.5)
-    assert "table_warning" not in report.latency
+    assert report.speed.table_warning is None
 
 
 def test_require_target_must_be_a_bool():

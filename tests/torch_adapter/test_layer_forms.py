@@ -16,14 +16,16 @@ from torch import nn
 from gdws_approx import LayerLatency, LayerSpec, ResponseErrors, plan_latency
 from gdws_approx.latency_planning import FORMS
 from gdws_torch import (
+    ErrorWeights,
     GDWSConv2d,
     Latency,
     LowRankConv2d,
     Recovery,
-    Weighting,
+    Refit,
     convert,
     count_macs,
     load_converted,
+    recover,
     replace_module,
     save_converted,
 )
@@ -144,7 +146,7 @@ def test_every_planned_form_is_built_as_planned():
             counted = count_macs(nn.Sequential(built), shapes[layer.name]).conv_macs
             assert counted == (layer.padded_macs if form == "grouped" else layer.macs)
             built_forms.add(form)
-        assert plan.latency["forms_offered"] == list(FORMS)
+        assert plan.latency.forms_offered == FORMS
     assert built_forms == set(FORMS)
     with pytest.raises(ValueError, match="planned dense"):
         build_layer(dataclasses.replace(plan.layers[0], replaced=False), net[2])
@@ -241,11 +243,12 @@ def test_convert_for_a_speedup_chooses_low_rank_and_gdws_only_excludes_it(tmp_pa
         target_speedup=1.1,
         input_size=(3, 16, 16),
         latency=Latency(table=table_path),
-        weighting=Weighting(input_moments=moments),
-        recovery=Recovery(refit=batches, refit_samples=8),
+        error_weights=ErrorWeights(input_moments=moments),
         require_target=False,  # made-up latencies: reached or not, the model is built
     )
-    forms = report.latency["forms"]
+    refit = Recovery(refit=Refit(8, adversarial=False))
+    converted, _ = recover(converted, net, refit, calibration=batches)
+    forms = report.latency.forms
     assert any(form.startswith("lowrank") for form in forms.values())
     for layer in report.layers:
         module = converted.get_submodule(layer.name)
@@ -348,8 +351,8 @@ def test_input_moments_are_checked_before_any_layer_is_timed(tmp_path, monkeypat
     good = {n: torch.eye(net.get_submodule(n).weight[0].numel()) for n in names}
     run = dict(target_speedup=1.5, input_size=(3, 16, 16), latency=Latency(table=tmp_path / "t"))
     with pytest.raises(ValueError, match=r"input_moments\['2'\] must have shape"):
-        convert(net, weighting=Weighting(input_moments={**good, "2": torch.eye(3)}), **run)
+        convert(net, error_weights=ErrorWeights(input_moments={**good, "2": torch.eye(3)}), **run)
     with pytest.raises(ValueError, match="input_moments has no entry for layer '4'"):
-        convert(net, weighting=Weighting(input_moments={"2": good["2"]}), **run)
+        convert(net, error_weights=ErrorWeights(input_moments={"2": good["2"]}), **run)
     with pytest.raises(TypeError, match="input_moments must be a mapping"):
-        Weighting(input_moments=torch.eye(3))
+        ErrorWeights(input_moments=torch.eye(3))

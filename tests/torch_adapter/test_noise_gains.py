@@ -17,7 +17,7 @@ from gdws_torch.conversion.noise_gains import (
     plan_noise_gain_forms,
     reference_noise_gains,
 )
-from gdws_torch.conversion.options import Weighting
+from gdws_torch.conversion.options import ErrorWeights
 
 N_SAMPLES = 10
 
@@ -261,7 +261,7 @@ def test_gains_plug_into_convert(model):
         input_size=INPUT_SIZE,
         beta=1e-6,
         only_if_cheaper=False,
-        weighting=Weighting(alphas=gains),
+        error_weights=ErrorWeights(channel_weights=gains),
     )
     assert [layer.name for layer in report.layers] == SMALL_RESNET_ELIGIBLE
 

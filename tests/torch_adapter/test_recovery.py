@@ -13,8 +13,17 @@ import torch
 from _torch_models import INPUT_SIZE, NoEligible, small_resnet
 from torch import nn
 
-from gdws_torch import GDWSConv2d, convert, recalibrate_batchnorm, refit_pointwise
-from gdws_torch.conversion.options import Recovery
+from gdws_torch import (
+    BatchNormStatistics,
+    GDWSConv2d,
+    Recovery,
+    Refit,
+    convert,
+    recalibrate_batchnorm,
+    recover,
+    refit_pointwise,
+)
+from gdws_torch.nn.planned import compressed_layers
 from gdws_torch.recovery import (
     batchnorm_layers,
     depthwise_step,
@@ -556,34 +565,50 @@ def test_joint_refit_of_an_exact_conversion_keeps_the_dense_outputs():
         torch.testing.assert_close(refitted(x), dense(x), rtol=1e-7, atol=1e-9)
 
 
-def test_convert_runs_the_joint_refit():
+def test_recover_runs_the_joint_refit_by_default_and_the_pointwise_one_when_asked():
     dense = small_resnet()
     batches = loader(24, 12)
-    options = {"input_size": INPUT_SIZE, "target_mac_reduction": 1.6}
-    plain, _ = convert(dense, **options)
+    plain, _ = convert(dense, input_size=INPUT_SIZE, target_mac_reduction=1.6)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
     expected = refit_gdws(dense, plain, batches, 24, iterations=2, progress=False)
-    joint = Recovery(refit=batches, refit_samples=24, refit_iterations=2)
-    got, _ = convert(dense, **options, recovery=joint)
+    joint = Recovery(refit=Refit(24, adversarial=False, iterations=2))
+    got, report = recover(plain, dense, joint, calibration=batches)
+    pointwise = refit_gdws(dense, plain, batches, 24, depthwise=False, progress=False)
+    only = Recovery(refit=Refit(24, adversarial=False, depthwise=False))
+    said, _ = recover(plain, dense, only, calibration=batches)
     x = loader(8, 8)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="refit_iterations must be an integer >= 0; got -1"):
-        Recovery(refit=batches, refit_samples=24, refit_iterations=-1)
-    # The deprecated keyword without refit_depthwise keeps its meaning (pointwise only).
-    with pytest.warns(FutureWarning, match="refit the pointwise weights only"):
-        unsaid, _ = convert(dense, **options, refit=batches, refit_samples=24)
-    pointwise = refit_gdws(dense, plain, batches, 24, depthwise=False, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        said, _ = convert(
-            dense,
-            **options,
-            recovery=Recovery(refit=batches, refit_samples=24, refit_depthwise=False),
-        )
-        convert(dense, **options)  # no refit: nothing to warn about
-    with torch.no_grad():
-        torch.testing.assert_close(unsaid(x), pointwise(x), rtol=0, atol=0)
         torch.testing.assert_close(said(x), pointwise(x), rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())  # a copy
+    assert list(report.seconds) == ["refit"] and not report.skipped
+    assert set(report.refit_errors) == {name for name, _ in compressed_layers(got)}
+    assert all(errors[-1] <= errors[0] for errors in report.refit_errors.values())
+    assert "refitted on 24 natural inputs" in report.summary()
+    with pytest.raises(ValueError, match="iterations must be an integer >= 0; got -1"):
+        Refit(24, iterations=-1)
+    with pytest.raises(ValueError, match=r"recovery\.refit needs calibration inputs"):
+        recover(plain, dense, joint)
+    with pytest.raises(ValueError, match=r"holds 24 inputs; recovery\.refit\.samples=30"):
+        recover(plain, dense, Recovery(refit=Refit(30)), calibration=batches)
+
+
+def test_recover_skips_what_the_model_does_not_have_and_says_so():
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).double()
+    batches = [(torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.zeros(4)) for _ in range(2)]
+    steps = Recovery(refit=Refit(8, adversarial=False), batchnorm=BatchNormStatistics(8))
+    same, report = recover(dense, dense, steps, calibration=batches, data=batches)
+    assert report.skipped == {"refit": "no compressed layer", "batchnorm": "no BatchNorm layer"}
+    assert report.seconds == {} and "refit skipped: no compressed layer" in report.summary()
+    assert same is not dense and all(
+        torch.equal(a, b) for a, b in zip(same.parameters(), dense.parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match=r"recovery\.batchnorm needs training data"):
+        recover(dense, dense, Recovery(batchnorm=BatchNormStatistics(8)))
+    with pytest.raises(ValueError, match="adversarial needs the attack"):
+        recover(dense, dense, Recovery(batchnorm=BatchNormStatistics(8, True)), data=batches)
+    with pytest.raises(TypeError, match="recovery must be a Recovery"):
+        recover(dense, dense, Refit())
 
 
 @pytest.mark.parametrize(
@@ -659,17 +684,11 @@ def test_sweep_rows_for_each_refit_variant():
         log=lambda message: None,
     )
     rows = results["rows"]
-    assert [r["recovery"] for r in rows] == [
-        "none",
-        "BN",
-        "refit+BN",
-        "joint refit+BN",
-    ]
+    assert [r["recovery"] for r in rows] == ["none", "BN", "pointwise refit+BN", "refit+BN"]
     assert len({r["conv_macs"] for r in rows}) == 1
-    assert results["refit"]["variants"] == {
-        "pointwise": {"depthwise": False},
-        "joint": {"depthwise": True},
-    }
+    assert results["refit"]["variants"] == ["pointwise", "joint"]
+    refits = [r["recipe"]["recovery"]["refit"] for r in rows]
+    assert [None if f is None else f["depthwise"] for f in refits] == [None, None, False, True]
     with pytest.raises(ValueError, match="refit_variants must be a non-empty sequence"):
         run_sweep(
             small_resnet(), INPUT_SIZE, loader(), loader(), lambda m: None,

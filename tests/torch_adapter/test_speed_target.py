@@ -147,7 +147,8 @@ def test_convert_for_a_speedup_records_the_plan_and_the_measurement(tmp_path):
         latency=Latency(table=table),
         require_target=False,  # made-up latencies: reached or not, the model is built
     )
-    record = report.latency
+    record = report.to_dict()["latency"]  # the plan's prediction and the measurement
+    assert report.latency.target_speedup == report.speed.target_speedup == 1.1
     assert report.solver == "latency" and record["backend"] == "eager"
     assert record["spread"] >= 0 and isinstance(record["reached"], bool)
     assert record["target_speedup"] == 1.1 and record["predicted_speedup"] >= 1.1 - 1e-9

@@ -15,14 +15,14 @@ from gdws_torch import (
     GDWSConv2d,
     convert,
     eligible_convs,
-    load_alphas,
+    load_channel_weights,
     load_checkpoint,
     load_converted,
     load_state_dict_file,
-    save_alphas,
+    save_channel_weights,
     save_converted,
 )
-from gdws_torch.conversion.options import Weighting
+from gdws_torch.conversion.options import ErrorWeights
 
 
 def fresh() -> SmallResNet:
@@ -107,25 +107,25 @@ def test_alpha_files_in_the_original_format(tmp_path):
         "sample_size": 1000,
     }
     torch.save(original, tmp_path / "alphas.pth")
-    loaded = load_alphas(tmp_path / "alphas.pth")
+    loaded = load_channel_weights(tmp_path / "alphas.pth")
     assert loaded.keys() == gains.keys()
     _, report = convert(
         model,
         input_size=INPUT_SIZE,
         beta=0.3,
         only_if_cheaper=False,
-        weighting=Weighting(alphas=loaded),
+        error_weights=ErrorWeights(channel_weights=loaded),
     )
     _, direct = convert(
         model,
         input_size=INPUT_SIZE,
         beta=0.3,
         only_if_cheaper=False,
-        weighting=Weighting(alphas=gains),
+        error_weights=ErrorWeights(channel_weights=gains),
     )
     assert [la.n_kernels for la in report.layers] == [la.n_kernels for la in direct.layers]
 
-    save_alphas(tmp_path / "ours.pth", loaded, attack="none", sample_size=10)
+    save_channel_weights(tmp_path / "ours.pth", loaded, attack="none", sample_size=10)
     ours = torch.load(tmp_path / "ours.pth", weights_only=True)
     assert ours["attack"] == "none" and ours["sample_size"] == 10
     assert all(torch.equal(ours["noise_gains"][k], v) for k, v in gains.items())
@@ -135,13 +135,13 @@ def test_alpha_files_in_the_original_format(tmp_path):
 def test_bad_alpha_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "a.pth")
     with pytest.raises(ValueError, match="not a noise-gain file"):
-        load_alphas(tmp_path / "a.pth")
+        load_channel_weights(tmp_path / "a.pth")
     torch.save({"noise_gains": {"x.weight": torch.ones(2, 2)}}, tmp_path / "b.pth")
     with pytest.raises(ValueError, match="1-D"):
-        load_alphas(tmp_path / "b.pth")
+        load_channel_weights(tmp_path / "b.pth")
     torch.save({"noise_gains": {"x.weight": -torch.ones(2)}}, tmp_path / "c.pth")
     with pytest.raises(ValueError, match=">= 0"):
-        load_alphas(tmp_path / "c.pth")
+        load_channel_weights(tmp_path / "c.pth")
 
 
 def test_converted_model_round_trips_without_refitting(tmp_path):
@@ -184,5 +184,5 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_alphas(tmp_path / "alphas.pth", {"a.weight": torch.ones(3)})
+        save_channel_weights(tmp_path / "alphas.pth", {"a.weight": torch.ones(3)})
     assert os.listdir(tmp_path) == []

@@ -19,7 +19,7 @@ from torch import nn
 
 from gdws_approx import GDWSApproximator
 from gdws_torch import GDWSConv2d, convert, count_macs, eligible_convs, set_fused
-from gdws_torch.conversion.options import Latency, Weighting
+from gdws_torch.conversion.options import ErrorWeights, Latency, Recovery
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,7 +141,7 @@ def test_alphas_weight_each_layers_error(model):
         input_size=INPUT_SIZE,
         beta=0.2,
         only_if_cheaper=False,
-        weighting=Weighting(alphas=alphas),
+        error_weights=ErrorWeights(channel_weights=alphas),
     )
     for name, conv in eligible_convs(model):
         reference = GDWSApproximator(beta=0.2).fit(
@@ -160,7 +160,7 @@ def test_alphas_weight_each_layers_error(model):
         input_size=INPUT_SIZE,
         beta=0.2,
         only_if_cheaper=False,
-        weighting=Weighting(alphas=prefixed),
+        error_weights=ErrorWeights(channel_weights=prefixed),
     )
     assert [la.n_kernels for la in again.layers] == [la.n_kernels for la in report.layers]
 
@@ -211,14 +211,14 @@ def test_training_mode_is_kept(model):
         ({"beta": 1.0, "target_mac_reduction": 2.0}, ValueError, "one budget"),
         ({"target_mac_reduction": 0.5}, ValueError, "> 1"),
         (
-            {"weighting": Weighting(alphas={"block.conv1.weight": torch.ones(8)})},
+            {"error_weights": ErrorWeights({"block.conv1.weight": torch.ones(8)})},
             ValueError,
             "no entry for layer",
         ),
         (
             {
-                "weighting": Weighting(
-                    alphas={f"{n}.weight": torch.ones(3) for n in SMALL_RESNET_ELIGIBLE}
+                "error_weights": ErrorWeights(
+                    {f"{n}.weight": torch.ones(3) for n in SMALL_RESNET_ELIGIBLE}
                 )
             },
             ValueError,
@@ -226,7 +226,7 @@ def test_training_mode_is_kept(model):
         ),
         (
             {
-                "weighting": Weighting(alphas={"dilated.weight": -torch.ones(24)}),
+                "error_weights": ErrorWeights({"dilated.weight": -torch.ones(24)}),
                 "layers": ["dilated"],
             },
             ValueError,
@@ -236,8 +236,11 @@ def test_training_mode_is_kept(model):
         ({"layers": ["grouped"]}, ValueError, "groups=4"),
         ({"n_kernels": {"dilated": 3}}, ValueError, "no budget for layer"),
         ({"input_size": (3, 7)}, ValueError, "input_size"),
-        ({"weighting": {"alphas": {}}}, TypeError, "weighting must be a Weighting"),
-        ({"recovery": Latency()}, TypeError, "recovery must be a Recovery"),
+        ({"error_weights": {"alphas": {}}}, TypeError, "error_weights must be an ErrorWeights"),
+        ({"latency": Recovery()}, TypeError, "latency must be a Latency"),
+        ({"beta": 0.5, "allocation": "global"}, ValueError, "allocation='global' shares"),
+        ({"beta": 0.5, "allocation": "greedy"}, ValueError, "allocation must be one of"),
+        ({"beta": 0.5, "recovery": Recovery()}, TypeError, "unexpected keyword"),
         ({"target_speedup": 1.5, "latency": Latency(keep_faster=True)}, ValueError, "excludes"),
         ({"beta": 0.5, "no_such_keyword": 1}, TypeError, "unexpected keyword"),
     ],

@@ -10,7 +10,7 @@ from _torch_models import INPUT_SIZE, small_resnet
 from torch import nn
 
 from gdws_approx import GDWSApproximator
-from gdws_torch import GDWSConv2d, Weighting, convert
+from gdws_torch import ErrorWeights, GDWSConv2d, Weighting, convert
 from gdws_torch.conversion.weightings import (
     batchnorm_output_weights,
     input_patch_transforms,
@@ -70,21 +70,19 @@ def test_patch_transforms_are_square_roots_of_each_channels_patch_moments():
 @pytest.mark.parametrize("strategy", ["unit", "output", "data", "output+data", "noise_gains"])
 def test_convert_plans_exactly_the_estimators_weighted_fit(strategy):
     model = small_resnet()
-    kwargs = strategy_weights(strategy, model, INPUT_SIZE, loader=batches(), n_samples=8)
+    kwargs = strategy_weights(strategy, model, INPUT_SIZE, data=batches(), n_samples=8)
     converted, report = convert(
         model,
         input_size=INPUT_SIZE,
         n_kernels=20,
         only_if_cheaper=False,
-        weighting=Weighting.from_strategy(
-            strategy, model, INPUT_SIZE, loader=batches(), n_samples=8
-        ),
+        error_weights=Weighting(strategy, samples=8).compute(model, batches(), INPUT_SIZE),
     )
     for layer in report.layers:
         conv = model.get_submodule(layer.name)
         fit_kwargs = {}
-        if "alphas" in kwargs:
-            fit_kwargs["alpha"] = kwargs["alphas"][f"{layer.name}.weight"]
+        if "channel_weights" in kwargs:
+            fit_kwargs["alpha"] = kwargs["channel_weights"][f"{layer.name}.weight"]
         if "output_weights" in kwargs:
             fit_kwargs["output_weights"] = kwargs["output_weights"][layer.name]
         if "input_transforms" in kwargs:
@@ -102,19 +100,27 @@ def test_convert_plans_exactly_the_estimators_weighted_fit(strategy):
 
 def test_global_allocation_through_convert_meets_the_target():
     model = small_resnet()
-    weights = Weighting.from_strategy(
-        "data", model, INPUT_SIZE, loader=batches(), n_samples=8, allocation="global"
+    weights = Weighting("data", samples=8).compute(model, batches(), INPUT_SIZE)
+    _, report = convert(
+        model,
+        input_size=INPUT_SIZE,
+        target_mac_reduction=1.6,
+        error_weights=weights,
+        allocation="global",
     )
-    _, report = convert(model, input_size=INPUT_SIZE, target_mac_reduction=1.6, weighting=weights)
     assert report.mac_reduction >= 1.6 and report.solver == "mego"
 
 
 def test_bad_strategies_and_inputs():
     model = small_resnet()
     with pytest.raises(ValueError, match="strategy must be one of"):
-        Weighting.from_strategy("whiten", model, INPUT_SIZE)
-    with pytest.raises(ValueError, match="needs a loader"):
-        Weighting.from_strategy("data", model, INPUT_SIZE)
+        Weighting("whiten")
+    with pytest.raises(ValueError, match="samples must be an integer >= 1; got 0"):
+        Weighting("data", samples=0)
+    with pytest.raises(ValueError, match="the 'data' weighting reads training data"):
+        Weighting("data").compute(model, None, INPUT_SIZE)
+    with pytest.raises(ValueError, match="strategy 'data' needs training data"):
+        strategy_weights("data", model, INPUT_SIZE)
     with pytest.raises(ValueError, match="ran out after 12"):
         input_patch_transforms(model, batches(), 13)
     with pytest.raises(ValueError, match="n_samples must be an integer >= 1; got 0"):
@@ -122,10 +128,12 @@ def test_bad_strategies_and_inputs():
     with pytest.raises(TypeError, match=r"n_samples must be an integer >= 1; got 2\.0 \(float\)"):
         input_patch_transforms(model, batches(), 2.0)
     with pytest.raises(TypeError, match="output_weights must be a mapping"):
-        convert(model, input_size=INPUT_SIZE, weighting=Weighting(output_weights=[1.0]))
+        convert(model, input_size=INPUT_SIZE, error_weights=ErrorWeights(output_weights=[1.0]))
     bad = {"dilated": -torch.ones(24)}
     with pytest.raises(ValueError, match=r"layer 'dilated'.*positive"):
-        convert(model, input_size=INPUT_SIZE, beta=0.2, weighting=Weighting(output_weights=bad))
+        convert(
+            model, input_size=INPUT_SIZE, beta=0.2, error_weights=ErrorWeights(output_weights=bad)
+        )
 
 
 def test_no_batchnorm_means_unit_output_weights():

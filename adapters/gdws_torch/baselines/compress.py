@@ -196,7 +196,11 @@ def compress_baseline(
     refit_errors: dict[str, tuple[float, float]] = {}
     if refit > 0:
         start = time.perf_counter()
-        calibration = calibration_inputs(data, refit, model, refit_attack, device)
+        crafter = None if refit_attack is None else refit_attack(copy.deepcopy(model).eval())
+        calibration = [
+            batch[0]
+            for batch in calibration_inputs(data, refit, crafter, device=device, stage="refit")
+        ]
         refit_errors = finish.refit(compressed, calibration, ridge, progress)
         seconds["refit"] = time.perf_counter() - start
     if recalibrate > 0:

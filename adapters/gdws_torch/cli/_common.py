@@ -1,8 +1,8 @@
 """What the ``gdws`` subcommands share: arguments, model and data set-up, output files.
 
 Over 400 lines: the argument groups, checks and set-up that several subcommands use, and
-the command line's conversion (a recipe through :func:`gdws_torch.compress`, or the
-flags of one's own through :func:`gdws_torch.convert` and the recovery functions). Each
+the command line's conversion: the flags as a :class:`~gdws_torch.Recipe`
+(:func:`cli_recipe`), run by :func:`gdws_torch.compress` (:func:`approximate`). Each
 subcommand's module only parses, calls these and the library, and prints.
 """
 
@@ -24,11 +24,19 @@ from torch.utils.data import DataLoader, Subset
 from gdws_torch.cli._errors import UsageError
 from gdws_torch.cli._outputs import Outputs
 from gdws_torch.cli._speed import check_speed_flags, say_accepted_miss, speed_target_missed
-from gdws_torch.conversion.convert import convert
-from gdws_torch.conversion.options import Latency, Recovery, Weighting
+from gdws_torch.conversion.options import (
+    BatchNormStatistics,
+    ErrorWeights,
+    Latency,
+    Recovery,
+    Refit,
+    Weighting,
+)
+from gdws_torch.conversion.pipeline import compress
+from gdws_torch.conversion.recipes import RECIPES, Recipe, get_recipe
 from gdws_torch.conversion.speed_target import SpeedTargetMissed
 from gdws_torch.cost.throughput import BACKENDS
-from gdws_torch.io.checkpoints import load_alphas
+from gdws_torch.io.checkpoints import load_channel_weights
 from gdws_torch.io.datasets import DATASETS, load_dataset, num_classes
 from gdws_torch.io.original_checkpoints import (
     CHECKPOINT_FORMATS,
@@ -254,7 +262,8 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         "--alphas-filename",
         "--alphas",
         dest="alphas",
-        help="noise gains file (the original's format; relative to FNAME); unit alphas if absent",
+        help="channel weights file: the original's alphas (noise gains) format, relative to "
+        "FNAME; unit weights if absent",
     )
     group.add_argument(
         "--replace-all",
@@ -287,7 +296,7 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
             weighting="unit",
             refit=0,
             refit_attack=False,
-            refit_depthwise=False,
+            refit_depthwise=True,
             refit_iterations=3,
         )
         return
@@ -322,8 +331,8 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
         type=int,
         default=0,
         metavar="N",
-        help="re-solve the pointwise weights to match the dense convs on N training inputs "
-        "(0: off); before --recalibrate-bn",
+        help="re-solve the depthwise kernels and pointwise weights (the joint refit) to match "
+        "the dense convs on N training inputs (0: off); before --recalibrate-bn",
     )
     group.add_argument(
         "--refit-attack",
@@ -332,16 +341,17 @@ def add_gdws_arguments(parser: argparse.ArgumentParser, recalibration: bool = Tr
     )
     group.add_argument(
         "--refit-depthwise",
-        action="store_true",
-        help="with --refit: re-solve the depthwise kernels too (alternating least squares; "
-        "same MACs)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --refit: re-solve the depthwise kernels too, by alternating least squares "
+        "(same MACs; the default); --no-refit-depthwise: the pointwise weights only",
     )
     group.add_argument(
         "--refit-iterations",
         type=int,
         default=3,
         metavar="K",
-        help="alternations of --refit-depthwise (default 3)",
+        help="alternations of the joint refit (default 3)",
     )
 
 
@@ -605,12 +615,14 @@ def loader(data, args: argparse.Namespace, n_samples: int | None = None, shuffle
 
 
 def load_alpha_file(args: argparse.Namespace) -> tuple[dict | None, Path | None]:
+    """The channel weights of ``--alphas-filename`` (the original's alphas file), and its
+    path; ``(None, None)`` without it."""
     path = in_run_folder(args, getattr(args, "alphas", None))
     if path is None:
         return None, None
     if not path.is_file():
         raise UsageError(f"--alphas-filename: no file at {str(path)!r}.")
-    return load_alphas(path), path
+    return load_channel_weights(path), path
 
 
 def attack_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -833,24 +845,6 @@ def custom_flags(args: argparse.Namespace) -> list[str]:
     return [flag for flag, on in given if on]
 
 
-def chosen_recipe(args: argparse.Namespace, default: bool) -> tuple[str | None, str]:
-    """The recipe ``approximate`` runs and why: ``--recipe``; else, with ``default`` and no
-    flags of one's own, ``robust`` when the training data are there; else none."""
-    if getattr(args, "recipe", None):
-        return args.recipe, "--recipe"
-    if not default:
-        return None, ""
-    if custom_flags(args):
-        return None, "your flags (" + ", ".join(custom_flags(args)) + ")"
-    if args.n_kernels is not None:
-        return None, "--n-kernels (recipes take a MAC, speed or beta budget)"
-    try:
-        dataset(args, "train")
-    except (FileNotFoundError, ValueError) as exc:
-        return "unit", f"no training data ({exc}); --data-dir for the robust recipe"
-    return "robust", "the default with training data"
-
-
 def check_recovery(args: argparse.Namespace) -> None:
     """``--refit``/``--recalibrate-bn``: counts within the training data, their attack."""
     if args.refit_iterations < 0:
@@ -869,83 +863,119 @@ def check_recovery(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}-attack needs an --attack (its inputs are PGD's flags).")
 
 
+def cli_recipe(args: argparse.Namespace, default: bool) -> tuple[Recipe, str]:
+    """The flags as a :class:`~gdws_torch.Recipe`, and why that one (printed).
+
+    ``--recipe``; else the weighting and recovery flags of one's own
+    (:func:`custom_flags`) as the recipe ``"custom"``; else, with ``default``, ``robust``
+    when the training data are there (``unit`` without them, or with ``--n-kernels``);
+    else ``unit``. A recipe's sample counts are capped to the training data's size.
+    """
+    custom = custom_flags(args)
+    if getattr(args, "recipe", None):
+        recipe, why = get_recipe(args.recipe), "--recipe"
+    elif custom:
+        refit = None
+        if args.refit:
+            refit = Refit(
+                samples=args.refit,
+                adversarial=args.refit_attack,
+                depthwise=args.refit_depthwise,
+                iterations=args.refit_iterations,
+            )
+        batchnorm = None
+        if args.recalibrate_bn:
+            batchnorm = BatchNormStatistics(args.recalibrate_bn, args.recalibrate_attack)
+        recipe = Recipe(
+            "custom",
+            weighting=Weighting(args.weighting),
+            allocation=args.allocation,
+            recovery=Recovery(refit=refit, batchnorm=batchnorm),
+            description="the command line's weighting and recovery flags",
+        )
+        why = f"your flags ({', '.join(custom)})"
+    elif not default:
+        recipe, why = RECIPES["unit"], ""
+    elif args.n_kernels is not None:
+        recipe, why = RECIPES["unit"], "--n-kernels: the default recipe takes another budget"
+    else:
+        try:
+            dataset(args, "train")
+        except (FileNotFoundError, ValueError) as exc:
+            why = f"no training data ({exc}); --data-dir for the robust recipe"
+            recipe = RECIPES["unit"]
+        else:
+            recipe, why = RECIPES["robust"], "the default with training data"
+    if recipe.needs_data:
+        recipe = _capped(recipe, len(dataset(args, "train")), quiet=bool(custom))
+    return recipe, why
+
+
+def _capped(recipe: Recipe, available: int, quiet: bool) -> Recipe:
+    """``recipe`` with every sample count at most ``available``; says so unless ``quiet``."""
+    weighting, refit, batchnorm = recipe.weighting, recipe.recovery.refit, recipe.recovery.batchnorm
+    capped = recipe.replace(
+        weighting=dataclasses.replace(weighting, samples=min(weighting.samples, available)),
+        recovery=Recovery(
+            refit=refit and dataclasses.replace(refit, samples=min(refit.samples, available)),
+            batchnorm=batchnorm
+            and dataclasses.replace(batchnorm, samples=min(batchnorm.samples, available)),
+        ),
+    )
+    if capped != recipe and not quiet:
+        print(f"the training data hold {available} inputs: the recipe uses at most that many")
+    return capped
+
+
 def approximate(
     args: argparse.Namespace,
     network: nn.Module,
     shape: Sequence[int],
     default_recipe: bool = False,
 ):
-    """``network`` with GDWS layers per ``--beta/--target-mac-reduction/--n-kernels``.
+    """``network`` compressed by the recipe the flags ask for (:func:`cli_recipe`), for the
+    budget of ``--beta/--target-mac-reduction/--n-kernels/--target-speedup``, through
+    :func:`gdws_torch.compress` (the flags were checked by :func:`check_gdws`).
 
-    The flags were checked by :func:`check_gdws`. With ``--recipe`` (or ``default_recipe``
-    and no weighting or recovery flags: see :func:`chosen_recipe`) the recipe runs end to
-    end (:func:`gdws_torch.compress`). Returns ``(converted copy, report, alphas file or
-    None)``; prints the report.
+    ``--alphas-filename`` gives the channel weights. Returns ``(compressed copy, report,
+    alphas file or None)``; prints the report.
     """
+    recipe, why = cli_recipe(args, default_recipe)
+    print(recipe.summary() + (f" ({why})" if why else ""))
+    channel_weights, alphas_path = load_alpha_file(args)
+    error_weights = None
+    if channel_weights is not None:
+        error_weights = ErrorWeights(channel_weights)
+        print(f"channel weights from {alphas_path} (--alphas-filename)")
+    # Weights, attacks and statistics from the data see pixels, as the data loader gives.
+    model = with_normalization(args, network) if recipe.needs_data else network
+    data = loader(dataset(args, "train"), args) if recipe.needs_data else None
+    eps, step = calibration_attack(args) if recipe.crafts else (8 / 255, None)
     try:
-        return _approximate(args, network, shape, default_recipe)
+        converted, report = compress(
+            model,
+            data,
+            recipe=recipe,
+            eps=eps,
+            attack_steps=getattr(args, "attack_iters", None) or 10,
+            attack_alpha=step,
+            error_weights=error_weights,
+            input_size=shape,
+            latency=cli_latency(args, keep_faster=args.latency_aware),
+            only_if_cheaper=not args.replace_all,
+            skip_first=not args.include_first,
+            seed=args.seed,
+            progress=not getattr(args, "no_progress", False),
+            require_target=not getattr(args, "allow_miss", False),
+            **cli_budget(args, n_kernels=True),
+        )
     except SpeedTargetMissed as exc:
         raise speed_target_missed(exc) from None
-
-
-def _approximate(
-    args: argparse.Namespace, network: nn.Module, shape: Sequence[int], default_recipe: bool
-):
-    recipe, why = chosen_recipe(args, default_recipe)
-    if recipe is not None:
-        converted, report = _run_recipe(args, network, shape, recipe, why)
-        return converted, report, None
-    if why:
-        print(f"no recipe: {why}")
-    alphas, alphas_path = load_alpha_file(args)
-    reads_data = args.weighting != "unit" or bool(args.refit or args.recalibrate_bn)
-    # Weights, attacks and statistics from the data see pixels, as the data loader gives.
-    model = with_normalization(args, network) if reads_data else network
-    weighting = Weighting(alphas=alphas, allocation=args.allocation)
-    if args.weighting != "unit":
-        data = dataset(args, "train")
-        weighting = Weighting.from_strategy(
-            args.weighting,
-            model,
-            shape,
-            loader=loader(data, args),
-            n_samples=min(256, len(data)),
-            allocation=args.allocation,
-        )
-    recalibrate_n = args.recalibrate_bn
-    if recalibrate_n and not batchnorm_layers(network):
-        print("no BatchNorm layer: nothing to recalibrate (--recalibrate-bn ignored)")
-        recalibrate_n = 0
-    train = loader(dataset(args, "train"), args, shuffle=True) if reads_data else None
-    recovery = Recovery(
-        refit=train if args.refit else None,
-        refit_samples=args.refit or 1,
-        refit_attack=_recovery_attack(args, args.refit_attack),
-        refit_depthwise=getattr(args, "refit_depthwise", False),
-        refit_iterations=args.refit_iterations,
-        recalibrate=train if recalibrate_n else None,
-        recalibrate_samples=recalibrate_n or 1,
-        recalibrate_attack=_recovery_attack(args, args.recalibrate_attack),
-    )
-    converted, report = convert(
-        model,
-        **cli_budget(args, n_kernels=True),
-        weighting=weighting,
-        recovery=recovery,
-        latency=cli_latency(args, keep_faster=args.latency_aware),
-        input_size=shape,
-        only_if_cheaper=not args.replace_all,
-        skip_first=not args.include_first,
-        progress=not getattr(args, "no_progress", False),
-        require_target=not getattr(args, "allow_miss", False),
-    )
-    converted, report = _unwrapped(model, network, converted, report)
-    print(report.format_table())
+    if model is not network:  # the network's own layer names, without the wrapper's
+        converted = converted.module
+        report = report.renamed(lambda name: name.removeprefix("module."))
+    print(report.format_table(inputs="training inputs"))
     say_accepted_miss(args, report)
-    if args.refit and not any(layer.replaced for layer in report.layers):
-        print("no GDWS layer: nothing to refit (--refit ignored)")
-        recovery = dataclasses.replace(recovery, refit=None)
-    print(recovery.summary(attack_name="PGD", inputs="training inputs"))
     return converted, report, alphas_path
 
 
@@ -971,65 +1001,6 @@ def cli_latency(args: argparse.Namespace, keep_faster: bool = False) -> Latency:
         table=getattr(args, "latency_table", None) if table is None else table,
         keep_faster=keep_faster,
     )
-
-
-def _unwrapped(model: nn.Module, network: nn.Module, converted: nn.Module, report):
-    """The converted network without the normalisation ``model`` wrapped around
-    ``network``, and its report with the layer names of ``network``."""
-    if model is network:
-        return converted, report
-    report.layers = [
-        dataclasses.replace(layer, name=layer.name.removeprefix("module."))
-        for layer in report.layers
-    ]
-    if report.latency and "forms" in report.latency:
-        report.latency["forms"] = {
-            k.removeprefix("module."): v for k, v in report.latency["forms"].items()
-        }
-    return converted.module, report
-
-
-def _run_recipe(
-    args: argparse.Namespace, network: nn.Module, shape: Sequence[int], name: str, why: str
-):
-    """``compress`` with the recipe ``name`` on the network in pixel space; returns the
-    converted network (unwrapped) and its report, printed."""
-    from gdws_torch.conversion.recipes import compress, get_recipe
-
-    recipe = get_recipe(name)
-    if recipe.needs_data:
-        available = len(dataset(args, "train"))
-        counts = ("weighting_samples", "refit_samples", "recalibrate_samples")
-        fewer = {c: available for c in counts if getattr(recipe, c) > available}
-        if fewer:
-            print(f"the training data hold {available} inputs: the recipe uses at most that many")
-            recipe = recipe.replace(**fewer)
-    print(f"{recipe.summary()} ({why})")
-    model = with_normalization(args, network)  # attacks and statistics in pixel space
-    data = loader(dataset(args, "train"), args) if recipe.needs_data else None
-    epsilon, step = calibration_attack(args)
-    converted, report = compress(
-        model,
-        data,
-        recipe=recipe,
-        epsilon=epsilon,
-        attack_steps=getattr(args, "attack_iters", 10),
-        attack_alpha=step,
-        input_size=shape,
-        latency=cli_latency(args, keep_faster=args.latency_aware),
-        seed=args.seed,
-        progress=not getattr(args, "no_progress", False),
-        convert_options={
-            "only_if_cheaper": not args.replace_all,
-            "skip_first": not args.include_first,
-        },
-        require_target=not getattr(args, "allow_miss", False),
-        **cli_budget(args),
-    )
-    converted, report = _unwrapped(model, network, converted, report)
-    print(report.format_table())
-    say_accepted_miss(args, report)
-    return converted, report
 
 
 def calibration_attack(args: argparse.Namespace) -> tuple[float, float | None]:

@@ -78,9 +78,9 @@ def speed_target_missed(exc: SpeedTargetMissed) -> WorkFailed:
 
 def say_accepted_miss(args: argparse.Namespace, report) -> None:
     """One line when ``--allow-miss`` kept a model that missed its speed target."""
-    record = getattr(report, "latency", None) or {}
-    if record.get("reached") is False:
+    speed = report.speed
+    if speed is not None and not speed.reached:
         print(
-            f"speed target {record['target_speedup']:g}x not reached (measured "
-            f"{record['realised_speedup']:.3g}x): kept the closest model (--allow-miss)."
+            f"speed target {speed.target_speedup:g}x not reached (measured "
+            f"{speed.realised_speedup:.3g}x): kept the closest model (--allow-miss)."
         )

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 from gdws_torch.cli import _common as common
 from gdws_torch.cli._outputs import report_beside
 from gdws_torch.conversion.noise_gains import noise_gains
-from gdws_torch.io.checkpoints import save_alphas
+from gdws_torch.io.checkpoints import save_channel_weights
 from gdws_torch.robustness.distributed import WithIndices, shard
 
 HELP = "compute the noise gains (alphas) of a checkpoint on training samples"
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace, checkpoint: Path, out: Path, device, group) -
     )
     args.outputs.write(
         out,
-        lambda temporary: save_alphas(
+        lambda temporary: save_channel_weights(
             temporary,
             gains,
             attack=args.attack,

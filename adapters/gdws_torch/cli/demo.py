@@ -71,7 +71,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--n-test", type=int, help="first N of the 400 test digits (the other 140 validate)"
     )
-    parser.add_argument("--alpha-samples", type=int, default=512)
+    parser.add_argument(
+        "--alpha-samples",
+        type=int,
+        default=512,
+        help="training digits the noise gains (channel weights) average over",
+    )
     parser.add_argument(
         "--attack",
         default="pgd",
@@ -85,13 +90,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--refit-depthwise",
         action=argparse.BooleanOptionalAction,
+        default=True,
         help='the "unit + refit + BN" rows\' refit also re-solves the depthwise kernels '
-        "(default: off, the pointwise weights only; the default rows always do; "
+        "(the joint refit, the default; --no-refit-depthwise: the pointwise weights only; "
         "docs/weightings.md)",
     )
-    parser.add_argument(
-        "--refit-iterations", type=int, help="alternations of the depthwise refit (3)"
-    )
+    parser.add_argument("--refit-iterations", type=int, help="alternations of the joint refits (3)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (tests use it)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-progress", action="store_true")
@@ -173,17 +177,15 @@ def run(args: argparse.Namespace) -> int:
         speed_target=speed_target,
         backend=args.backend,
         n_test=args.n_test,
-        alpha_samples=args.alpha_samples,
+        noise_gain_samples=args.alpha_samples,
         attack_steps=args.attack_iters or (100 if args.attack == "apgd" else 20),
         attack=args.attack,
         fps_rounds=args.fps_rounds,
     )
-    for flag, key in (
-        ("refit_depthwise", "depthwise"),
-        ("refit_iterations", "iterations"),
-    ):
-        value = getattr(args, flag)
-        settings[flag] = demo.REFIT[key] if value is None else value
+    settings["refit_depthwise"] = args.refit_depthwise
+    settings["refit_iterations"] = (
+        demo.REFIT_ITERATIONS if args.refit_iterations is None else args.refit_iterations
+    )
     if settings["refit_iterations"] < 0:
         raise common.UsageError(
             f"--refit-iterations must be >= 0; got {settings['refit_iterations']}."
@@ -192,11 +194,11 @@ def run(args: argparse.Namespace) -> int:
         settings.update(
             targets=args.targets or [2.5],
             n_test=args.n_test or 100,
-            alpha_samples=64,
+            noise_gain_samples=64,
             attack_steps=args.attack_iters or 5,
             fps_rounds=3,
         )
-    for name in ("n_test", "alpha_samples", "attack_steps", "fps_rounds"):
+    for name in ("n_test", "noise_gain_samples", "attack_steps", "fps_rounds"):
         if settings[name] is not None and settings[name] < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be positive.")
     outputs = common.outputs(args)

@@ -13,8 +13,9 @@ from gdws_torch.cli import _common as common
 from gdws_torch.cli import _speed as speed
 from gdws_torch.cli._errors import WorkFailed
 from gdws_torch.conversion.options import Latency
+from gdws_torch.conversion.pipeline import CalibrationAttack
 from gdws_torch.conversion.weightings import STRATEGIES
-from gdws_torch.experiments.sweep import DEFAULT_REFIT, METHODS, REFIT_VARIANTS
+from gdws_torch.experiments.sweep import METHODS, REFITS
 from gdws_torch.io.datasets import DATASETS
 from gdws_torch.robustness.checks import NORMS
 
@@ -54,7 +55,7 @@ def add_parser(subparsers) -> None:
         "--attack",
         default="pgd",
         choices=common.EVALUATION_ATTACKS[:-1],
-        help=common.ATTACK_HELP + "; it also crafts the --refit inputs",
+        help=common.ATTACK_HELP,
     )
     attack.add_argument(
         "--norm",
@@ -103,21 +104,23 @@ def add_parser(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also rows with the refit on N PGD training inputs, then BN (0: none)",
+        help="also rows with the refit on N PGD training inputs (the --epsilon, --pgd-alpha "
+        "and --attack-iters of a Linf --norm), then BN (0: none)",
     )
     sweep.add_argument(
         "--refit-variants",
         nargs="+",
-        choices=tuple(REFIT_VARIANTS),
-        default=[DEFAULT_REFIT],
-        help=f"which refits get rows (default {DEFAULT_REFIT}; docs/weightings.md)",
+        choices=REFITS,
+        default=["joint"],
+        help="which refits get rows: joint (depthwise kernels and pointwise weights, rows "
+        "'refit+BN', the default), pointwise (rows 'pointwise refit+BN'; docs/weightings.md)",
     )
     sweep.add_argument(
         "--refit-iterations",
         type=int,
         default=3,
         metavar="K",
-        help="alternations of the joint refits (default 3)",
+        help="alternations of the joint refit (default 3)",
     )
     sweep.add_argument("--n-test", type=int, help="first N test inputs")
     sweep.add_argument(
@@ -186,6 +189,16 @@ def run(args: argparse.Namespace) -> int:
             args.attack, model, args.norm, eps / 255, step=step / 255, steps=steps, seed=args.seed
         )
 
+    # The recipes' calibration: Linf PGD at the Linf threat model's radius and step.
+    calibration = CalibrationAttack(seed=args.seed)
+    if args.norm == "Linf":
+        pgd = args.attack == "pgd"
+        calibration = CalibrationAttack(
+            eps / 255, steps if pgd else 10, step / 255 if pgd else None, args.seed
+        )
+    elif args.refit or "noise_gains" in args.strategies:
+        print("the recipes calibrate on Linf PGD inputs: at the default 8/255 (--norm not Linf)")
+
     test = common.dataset(args, "test")
     train = common.dataset(args, "train")
     generator = torch.Generator().manual_seed(args.seed)
@@ -213,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         refit_samples=min(args.refit, len(train)),
         refit_variants=list(dict.fromkeys(args.refit_variants)),
         refit_iterations=args.refit_iterations,
+        calibration=calibration,
         n_test=args.n_test,
         wrap=lambda model: common.with_normalization(args, model),
         fps_backend=None if args.fps_backend == "none" else args.fps_backend,

@@ -1,4 +1,4 @@
-"""Noise gains: the per-input-channel error weights ``alpha`` of every eligible layer.
+"""Noise gains: the original work's channel weights (the paper's ``alpha``), per layer.
 
 For a classifier with logits ``z(x)``, predicted class ``t = argmax z(x)``, and a layer
 with weight ``W`` of shape ``(M, C, Kh, Kw)``, over ``N`` inputs (docs/noise_gains.md)::
@@ -360,7 +360,7 @@ def noise_gains(
     method: str = "auto",
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Noise gains (the ``alphas`` of :func:`gdws_torch.convert`) of all eligible layers.
+    """Noise gains of all eligible layers: channel weights (the paper's alpha) for convert.
 
     Parameters
     ----------
@@ -396,7 +396,7 @@ def noise_gains(
     dict of str to torch.Tensor
         ``{"<layer>.weight": tensor(C)}`` in ``model.named_modules()`` order, on the
         weight's device and in its dtype; keyed as the original's files (save with
-        :func:`gdws_torch.save_alphas`).
+        :func:`gdws_torch.save_channel_weights`).
 
     Raises
     ------

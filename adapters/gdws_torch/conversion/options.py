@@ -1,20 +1,21 @@
-"""The option groups of :func:`gdws_torch.convert`: weighting, recovery, latency.
+"""The settings of a compression, each a small immutable object, and the error weights.
 
-Each is a small immutable object: build one, keep it, copy it with a change
-(``dataclasses.replace(recovery, refit_samples=500)``). The budget (``beta``,
-``n_kernels``, ``target_mac_reduction`` or ``target_speedup``) stays a keyword of its own:
-it is the one choice every call makes, and the same keywords as :func:`gdws_torch.compress`
-and the ``gdws`` command's flags.
+- :class:`Weighting` (the *setting*: a strategy and how many inputs it averages over)
+  computes :class:`ErrorWeights` (the per-layer weights :func:`gdws_torch.convert` takes);
+- :class:`Recovery` composes the training-free recovery steps, each ``None`` when off:
+  :class:`Refit` (least squares on calibration inputs), then
+  :class:`BatchNormStatistics` (re-estimated on training inputs);
+- :class:`Latency`: where and how layers are timed.
 
-Until the next release, :func:`gdws_torch.convert` also takes the keywords these
-replace (``alphas=``, ``refit=``, ``latency_aware=``, ...) with a ``FutureWarning``;
-:func:`from_legacy_keywords` translates them, meaning for meaning.
+Settings hold no data: loaders and crafted inputs are arguments of the stages
+(:func:`gdws_torch.recipe_inputs`, :func:`gdws_torch.recover`). Build one, keep it, copy
+it with a change (``dataclasses.replace(refit, samples=500)``). A :class:`gdws_torch.Recipe`
+composes a weighting, an allocation and a recovery.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,192 +23,297 @@ from torch import nn
 
 from gdws_approx.checks import check_integer, check_real
 from gdws_approx.latency_planning import DEFAULT_FORMS, FORMS
+from gdws_torch.conversion.weightings import DATA_STRATEGIES, STRATEGIES, strategy_weights
 from gdws_torch.recovery.refit import DEFAULT_TOLERANCE
 
-__all__ = ["LEGACY_KEYWORDS", "Latency", "Recovery", "Weighting", "from_legacy_keywords"]
+__all__ = [
+    "ALLOCATIONS",
+    "BatchNormStatistics",
+    "ErrorWeights",
+    "Latency",
+    "Recovery",
+    "Refit",
+    "Weighting",
+    "check_allocation",
+]
 
+#: How a ``target_mac_reduction`` is shared between layers (:func:`gdws_approx.plan_network`).
 ALLOCATIONS = ("common_beta", "global")
 
 
-@dataclass(frozen=True)
-class Weighting:
-    """How each layer's approximation error is weighted, and how a MAC target is shared.
+def check_allocation(allocation: Any) -> str:
+    """``allocation`` if it is one of :data:`ALLOCATIONS`; a clear error otherwise."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}; got {allocation!r}.")
+    return allocation
 
-    The weighted error of a layer is ``sum_c alpha_c ||A (W_c - What_c) B_c||_F^2``;
-    MEGO and LEGO stay exact under it. Layers without an entry get ones (identities).
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class ErrorWeights:
+    """Each layer's weights of the approximation error: what :func:`gdws_torch.convert`
+    minimises, ``sum_c alpha_c ||A (W_c - What_c) B_c||_F^2`` (MEGO and LEGO stay exact).
+
+    Every mapping is keyed by layer: module name (``"layer1.0.conv1"``) or parameter name
+    (``"layer1.0.conv1.weight"``, as :func:`gdws_torch.noise_gains` and the original's
+    files), with or without a ``"module."`` prefix
+    (:func:`gdws_approx.layer_names.find_entry`). ``None``: ones (identities).
 
     Parameters
     ----------
-    alphas : mapping, optional
-        Per-layer noise gains ``{name: tensor(C)}``, keyed by parameter name
-        (``"layer1.0.conv1.weight"``, as :func:`gdws_torch.noise_gains` and the original's
-        files) or module name, with or without a ``"module."`` prefix. When given, every
-        converted layer must have one.
+    channel_weights : mapping, optional
+        ``alpha`` per input channel, ``{layer: tensor(C)}``: the paper's alpha (e.g. the
+        noise gains). When given, every converted layer must have an entry.
     output_weights : mapping, optional
-        Per-layer ``A`` as ``tensor(M)``, keyed like ``alphas``.
+        ``A`` as ``{layer: tensor(M)}``.
     input_transforms : mapping, optional
-        Per-layer ``B_c`` as ``tensor(C, Kh*Kw, Kh*Kw)``, keyed like ``alphas``.
-    allocation : {"common_beta", "global"}, default="common_beta"
-        How a ``target_mac_reduction`` is met (:func:`gdws_approx.plan_network`): one
-        LEGO ``beta`` for all layers, or the least total weighted error for the MACs.
+        ``B_c`` as ``{layer: tensor(C, Kh*Kw, Kh*Kw)}``.
     input_moments : mapping, optional
-        Per-layer ``Sigma`` as ``tensor(C*Kh*Kw, C*Kh*Kw)``, the second moment of the
+        ``Sigma`` as ``{layer: tensor(C*Kh*Kw, C*Kh*Kw)}``, the second moment of the
         layer's input patches on calibration inputs
-        (:func:`gdws_torch.conversion.weightings.input_patch_moments`), keyed like
-        ``alphas``. A ``target_speedup`` plan then compares every form of every layer by
-        its response error ``tr((W - What) Sigma (W - What)^T)``
-        (:class:`gdws_approx.ResponseErrors`); without it, by the error under the other
-        weights. Every converted layer needs one; the other budgets do not use them.
+        (:func:`gdws_torch.conversion.weightings.input_patch_moments`). A
+        ``target_speedup`` plan then compares every form of every layer by its response
+        error ``tr((W - What) Sigma (W - What)^T)`` (:class:`gdws_approx.ResponseErrors`);
+        without it, by the error under the other weights. Every converted layer needs one;
+        the other budgets do not use them.
 
     See Also
     --------
-    Weighting.from_strategy : the weights of a named strategy, computed on a model.
+    Weighting.compute : the weights of a named strategy, computed on a model.
     """
 
-    alphas: Mapping[str, Any] | None = None
+    channel_weights: Mapping[str, Any] | None = None
     output_weights: Mapping[str, Any] | None = None
     input_transforms: Mapping[str, Any] | None = None
-    allocation: str = "common_beta"
     input_moments: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for field in ("alphas", "output_weights", "input_transforms", "input_moments"):
+        for field in ("channel_weights", "output_weights", "input_transforms", "input_moments"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(
                     f"{field} must be a mapping {{layer name: tensor}} or None; "
                     f"got {type(value).__name__}."
                 )
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}; got {self.allocation!r}.")
 
-    @classmethod
-    def from_strategy(
-        cls,
-        strategy: str,
+    def summary(self) -> str:
+        """What is weighted: ``"unit"`` or the kinds of weights given, with their layers."""
+        given = [
+            f"{field.replace('_', ' ')} ({len(value)} layers)"
+            for field in ("channel_weights", "output_weights", "input_transforms", "input_moments")
+            if (value := getattr(self, field)) is not None
+        ]
+        return ", ".join(given) if given else "unit"
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How each layer's approximation error is weighted: a strategy, computed on a model.
+
+    Parameters
+    ----------
+    strategy : {"unit", "noise_gains", "output", "data", "output+data"}, default="unit"
+        See :mod:`gdws_torch.conversion.weightings`: ``"unit"`` weighs nothing,
+        ``"noise_gains"`` gives channel weights (the original work's), ``"output"`` output
+        weights from the BatchNorm after each conv, ``"data"`` input transforms from the
+        inputs' patch moments.
+    samples : int, default=256
+        Training inputs the data-driven strategies average over.
+    """
+
+    strategy: str = "unit"
+    samples: int = 256
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}.")
+        check_integer(self.samples, "samples", minimum=1)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the strategy reads training inputs."""
+        return self.strategy in DATA_STRATEGIES
+
+    def compute(
+        self,
         model: nn.Module,
-        input_size: Sequence[int],
+        data: Iterable | None = None,
+        input_size: Sequence[int] = (3, 32, 32),
         *,
-        loader: Iterable | None = None,
-        n_samples: int = 256,
-        noise_gain_kwargs: Mapping[str, Any] | None = None,
-        allocation: str = "common_beta",
-    ) -> Weighting:
-        """The weights of a named strategy, computed on ``model``.
+        attack: Any = None,
+        progress: bool = False,
+    ) -> ErrorWeights:
+        """The error weights of this strategy for ``model``.
 
         Parameters
         ----------
-        strategy : {"unit", "noise_gains", "output", "data", "output+data"}
-            See :mod:`gdws_torch.conversion.weightings`.
         model : torch.nn.Module
-        input_size : sequence of int
+            The dense network (not modified).
+        data : iterable of (images, labels), optional
+            Training data, for the strategies that read it (:attr:`needs_data`): its
+            first :attr:`samples` inputs.
+        input_size : sequence of int, default=(3, 32, 32)
             One input sample's shape (no batch dimension).
-        loader : iterable, optional
-            Training inputs, for ``"noise_gains"``, ``"data"`` and ``"output+data"``.
-        n_samples : int, default=256
-            How many of them the data-driven strategies average over.
-        noise_gain_kwargs : mapping, optional
-            Passed to :func:`gdws_torch.noise_gains`.
-        allocation : {"common_beta", "global"}, default="common_beta"
-        """
-        from gdws_torch.conversion.weightings import strategy_weights
+        attack : callable, optional
+            ``attack(images, labels) -> images``: the noise gains are computed on these
+            inputs (:func:`gdws_torch.noise_gains`); the other strategies ignore it.
+        progress : bool, default=False
 
+        Returns
+        -------
+        ErrorWeights
+        """
+        if self.needs_data and data is None:
+            raise ValueError(f"the {self.strategy!r} weighting reads training data: give data.")
         weights = strategy_weights(
-            strategy,
+            self.strategy,
             model,
             input_size,
-            loader=loader,
-            n_samples=n_samples,
-            noise_gain_kwargs=noise_gain_kwargs,
+            data=data,
+            n_samples=self.samples,
+            attack=attack,
+            progress=progress,
         )
-        return cls(**weights, allocation=allocation)
+        return ErrorWeights(**weights)
+
+    def summary(self) -> str:
+        """``"data weighting on 256 inputs"``, ``"unit weighting"``, ..."""
+        on = f" on {self.samples} inputs" if self.needs_data else ""
+        return f"{self.strategy} weighting{on}"
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The least-squares refit of every compressed layer on calibration inputs.
+
+    Every GDWS layer's pointwise weights (and, with ``depthwise``, its depthwise kernels)
+    and every low-rank layer's two convs are re-solved to match the dense convolution's
+    output on the inputs the converted network feeds them
+    (:func:`gdws_torch.recovery.refit_gdws`). The forms and the MACs do not change.
+
+    Parameters
+    ----------
+    samples : int, default=1000
+        Calibration inputs: the first ``samples`` training inputs.
+    adversarial : bool, default=True
+        Calibrate on PGD inputs crafted against the dense model (the calibration attack of
+        :func:`gdws_torch.recipe_inputs`), not on the natural ones.
+    depthwise : bool, default=True
+        Refit the depthwise kernels too, by alternating least squares (the joint refit);
+        ``False``: the pointwise weights only.
+    iterations : int, default=3
+        Alternations of the joint refit, at most.
+    tolerance : float, default=DEFAULT_TOLERANCE (1e-3)
+        A layer stops alternating when one alternation lowers its output error by less
+        than this fraction of it; ``0``: always ``iterations``.
+    """
+
+    samples: int = 1000
+    adversarial: bool = True
+    depthwise: bool = True
+    iterations: int = 3
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        check_integer(self.samples, "samples", minimum=1)
+        check_integer(self.iterations, "iterations", minimum=0)
+        check_real(self.tolerance, "tolerance", minimum=0)
+        _check_flag(self.adversarial, "adversarial")
+        _check_flag(self.depthwise, "depthwise")
+
+    def summary(self, attack_name: str = "PGD", inputs: str = "inputs") -> str:
+        """``"pointwise and depthwise weights (3 alternations) refitted on 1000 PGD inputs"``."""
+        n = self.iterations
+        what = (
+            f"pointwise and depthwise weights ({n} alternation{'s' * (n != 1)})"
+            if self.depthwise
+            else "pointwise weights"
+        )
+        kind = attack_name if self.adversarial else "natural"
+        return f"{what} refitted on {self.samples} {kind} {inputs}"
+
+
+@dataclass(frozen=True)
+class BatchNormStatistics:
+    """The BatchNorm running statistics re-estimated on training inputs, no weight changed
+    (:func:`gdws_torch.recalibrate_batchnorm`).
+
+    Parameters
+    ----------
+    samples : int, default=1000
+        Training inputs (the first ``samples``).
+    adversarial : bool, default=False
+        Also on adversarial inputs crafted against the converted model by the calibration
+        attack (statistics over the natural and the adversarial inputs).
+    """
+
+    samples: int = 1000
+    adversarial: bool = False
+
+    def __post_init__(self) -> None:
+        check_integer(self.samples, "samples", minimum=1)
+        _check_flag(self.adversarial, "adversarial")
+
+    def summary(self, attack_name: str = "PGD", inputs: str = "inputs") -> str:
+        """``"BatchNorm statistics re-estimated on 1000 natural inputs"``."""
+        kind = f"natural and {attack_name}" if self.adversarial else "natural"
+        return f"BatchNorm statistics re-estimated on {self.samples} {kind} {inputs}"
 
 
 @dataclass(frozen=True)
 class Recovery:
-    """Training-free recovery after the conversion: least-squares refit, then BatchNorm.
+    """Training-free recovery after the conversion, in order: refit, then BatchNorm.
 
     Parameters
     ----------
-    refit : iterable, optional
-        A loader of calibration inputs: every GDWS layer's pointwise weights (and, with
-        ``refit_depthwise``, its depthwise kernels) and every low-rank layer's two convs
-        are re-solved by least squares to match the dense network
-        (:func:`gdws_torch.recovery.refit_gdws`), before any BatchNorm re-estimation. The
-        forms and the MACs do not change. ``None``: no refit.
-    refit_samples : int, default=1000
-    refit_attack : callable, optional
-        ``attack(model) -> attack``: refit on adversarial inputs crafted against the dense
-        model (e.g. ``lambda m: PGD(m, eps=8/255, alpha=2/255, steps=10)``).
-    refit_depthwise : bool, default=True
-        Refit the depthwise kernels too, by alternating least squares (the joint refit,
-        as :func:`gdws_torch.recovery.refit_gdws` does by default); ``False``: the
-        pointwise weights only.
-    refit_iterations : int, default=3
-        Alternations of the joint refit, at most.
-    refit_tolerance : float, default=DEFAULT_TOLERANCE (1e-3)
-        A layer stops alternating when one alternation lowers its output error by less
-        than this fraction of it; ``0``: always ``refit_iterations``.
-    recalibrate : iterable, optional
-        A loader of (training) inputs: the converted model's BatchNorm statistics are
-        re-estimated on ``recalibrate_samples`` of them
-        (:func:`gdws_torch.recalibrate_batchnorm`). ``None``: none.
-    recalibrate_samples : int, default=1000
-    recalibrate_attack : callable, optional
-        ``attack(model) -> attack``: the statistics are estimated on the natural inputs
-        and on adversarial ones crafted against the converted model.
+    refit : Refit or None, default=None
+        The least-squares refit; ``None``: none.
+    batchnorm : BatchNormStatistics or None, default=None
+        The BatchNorm re-estimation (after the refit); ``None``: none.
+
+    ``Recovery()`` recovers nothing.
     """
 
-    refit: Iterable | None = None
-    refit_samples: int = 1000
-    refit_attack: Callable[[nn.Module], Any] | None = None
-    refit_depthwise: bool = True
-    refit_iterations: int = 3
-    refit_tolerance: float = DEFAULT_TOLERANCE
-    recalibrate: Iterable | None = None
-    recalibrate_samples: int = 1000
-    recalibrate_attack: Callable[[nn.Module], Any] | None = None
+    refit: Refit | None = None
+    batchnorm: BatchNormStatistics | None = None
 
     def __post_init__(self) -> None:
-        check_integer(self.refit_samples, "refit_samples", minimum=1)
-        check_integer(self.refit_iterations, "refit_iterations", minimum=0)
-        check_real(self.refit_tolerance, "refit_tolerance", minimum=0)
-        check_integer(self.recalibrate_samples, "recalibrate_samples", minimum=1)
-        if not isinstance(self.refit_depthwise, bool):
-            raise TypeError(f"refit_depthwise must be a bool; got {self.refit_depthwise!r}.")
-        for field in ("refit_attack", "recalibrate_attack"):
+        for field, cls in (("refit", Refit), ("batchnorm", BatchNormStatistics)):
             value = getattr(self, field)
-            if value is not None and not callable(value):
+            if value is not None and not isinstance(value, cls):
                 raise TypeError(
-                    f"{field} must be a callable attack(model) -> attack or None; "
-                    f"got {type(value).__name__}."
+                    f"{field} must be a {cls.__name__} or None; got {type(value).__name__}."
                 )
 
-    def summary(self, attack_name: str = "adversarial", inputs: str = "inputs") -> str:
+    @property
+    def needs_data(self) -> bool:
+        """Whether a step reads training inputs."""
+        return self.refit is not None or self.batchnorm is not None
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether a step reads adversarial inputs (so the data must carry labels)."""
+        return any(step is not None and step.adversarial for step in (self.refit, self.batchnorm))
+
+    def summary(self, attack_name: str = "PGD", inputs: str = "inputs") -> str:
         """One line: the recovery steps, in the order they run.
 
         Parameters
         ----------
-        attack_name : str, default="adversarial"
-            What the attacked inputs are called (``"PGD"``).
+        attack_name : str, default="PGD"
+            What the attacked inputs are called.
         inputs : str, default="inputs"
             What the inputs are called (``"training inputs"``).
         """
-        steps = []
-        if self.refit is not None:
-            n = self.refit_iterations
-            what = (
-                f"pointwise and depthwise weights ({n} alternation{'s' * (n != 1)})"
-                if self.refit_depthwise
-                else "pointwise weights"
-            )
-            kind = attack_name if self.refit_attack else "natural"
-            steps.append(f"{what} refitted on {self.refit_samples} {kind} {inputs}")
-        if self.recalibrate is not None:
-            kind = f"natural and {attack_name}" if self.recalibrate_attack else "natural"
-            steps.append(
-                f"BatchNorm statistics re-estimated on {self.recalibrate_samples} {kind} {inputs}"
-            )
+        steps = [
+            step.summary(attack_name, inputs)
+            for step in (self.refit, self.batchnorm)
+            if step is not None
+        ]
         return "recovery: " + ("; ".join(steps) if steps else "none")
 
 
@@ -255,8 +361,7 @@ class Latency:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}.")
         check_integer(self.batch_size, "batch_size", minimum=1)
-        if not isinstance(self.keep_faster, bool):
-            raise TypeError(f"keep_faster must be a bool; got {self.keep_faster!r}.")
+        _check_flag(self.keep_faster, "keep_faster")
         if isinstance(self.forms, str) or not isinstance(self.forms, (tuple, list)):
             raise TypeError(f"forms must be a tuple of form names; got {self.forms!r}.")
         if not self.forms or any(form not in FORMS for form in self.forms):
@@ -265,100 +370,3 @@ class Latency:
                 f"got {tuple(self.forms)!r}."
             )
         object.__setattr__(self, "forms", tuple(dict.fromkeys(self.forms)))
-
-
-#: The keywords :func:`gdws_torch.convert` took before the option groups, by group.
-LEGACY_KEYWORDS: dict[str, dict[str, str]] = {
-    "weighting": {
-        "alphas": "alphas",
-        "output_weights": "output_weights",
-        "input_transforms": "input_transforms",
-        "allocation": "allocation",
-    },
-    "recovery": {
-        "refit": "refit",
-        "refit_samples": "refit_samples",
-        "refit_attack": "refit_attack",
-        "refit_depthwise": "refit_depthwise",
-        "refit_iterations": "refit_iterations",
-        "recalibrate": "recalibrate",
-        "recalibrate_samples": "recalibrate_samples",
-    },
-    "latency": {
-        "backend": "backend",
-        "latency_batch_size": "batch_size",
-        "device": "device",
-        "latency_table": "table",
-        "latency_aware": "keep_faster",
-    },
-}
-_GROUPS = {"weighting": Weighting, "recovery": Recovery, "latency": Latency}
-
-
-def from_legacy_keywords(
-    keywords: Mapping[str, Any],
-    groups: Mapping[str, Any],
-    *,
-    function: str = "convert",
-    stacklevel: int = 3,
-) -> dict[str, Any]:
-    """The option groups, with the old keywords of ``convert`` translated into them.
-
-    Parameters
-    ----------
-    keywords : mapping
-        The old keywords received (``{"refit": loader, "latency_aware": True, ...}``).
-    groups : mapping
-        The option groups received (``{"weighting": ..., "recovery": ..., "latency": ...}``,
-        ``None`` where not given).
-    function : str, default="convert"
-        The function that received them, for the messages.
-    stacklevel : int, default=3
-        Of the ``FutureWarning``, so that it points at the caller of ``function``.
-
-    Returns
-    -------
-    dict
-        ``{"weighting": Weighting, "recovery": Recovery, "latency": Latency}``.
-
-    Raises
-    ------
-    TypeError
-        An unknown keyword, or an old keyword given together with its group.
-    """
-    known = {old: group for group, table in LEGACY_KEYWORDS.items() for old in table}
-    unknown = sorted(set(keywords) - set(known))
-    if unknown:
-        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}.")
-    result = {}
-    for group, cls in _GROUPS.items():
-        given = {old: keywords[old] for old in LEGACY_KEYWORDS[group] if old in keywords}
-        if given and groups.get(group) is not None:
-            raise TypeError(
-                f"{function}() got {group}= and its old keyword(s) {sorted(given)}; give the "
-                f"settings in {group}={cls.__name__}(...) only."
-            )
-        if not given:
-            result[group] = cls() if groups.get(group) is None else groups[group]
-            continue
-        fields = {LEGACY_KEYWORDS[group][old]: value for old, value in given.items()}
-        advice = ", ".join(f"{name}=..." for name in fields)
-        note = ""
-        if group == "recovery" and "refit" in fields and "refit_depthwise" not in fields:
-            # The old default: pointwise only. Kept, so that no call changes meaning.
-            fields["refit_depthwise"] = False
-            note = (
-                " Without refit_depthwise these keywords refit the pointwise weights only "
-                "(the old default); Recovery refits the depthwise kernels too unless "
-                "refit_depthwise=False."
-            )
-        if group == "recovery" and fields.get("refit_depthwise", False) is None:
-            fields["refit_depthwise"] = False
-        warnings.warn(
-            f"{function}()'s keywords {sorted(given)} are deprecated and will be removed in the "
-            f"next release; pass {group}={cls.__name__}({advice}) instead.{note}",
-            FutureWarning,
-            stacklevel=stacklevel,
-        )
-        result[group] = cls(**fields)
-    return result

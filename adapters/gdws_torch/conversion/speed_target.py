@@ -21,8 +21,10 @@
 A target is *reached* when the measured speed-up is at least ``target * (1 - tolerance)``
 and above 1: a model that is not faster never reaches a target. A miss raises
 :class:`SpeedTargetMissed` unless ``require_target=False`` accepts the closest model. A
-measured speed-up more than 10 % below the table's prediction adds a warning to the plan
-(the table does not describe this machine now: rebuild it).
+measured speed-up more than 10 % below the table's prediction adds a warning to the
+measurement (the table does not describe this machine now: rebuild it). What was
+measured is a :class:`SpeedMeasurement`, beside the plan's prediction
+(:class:`gdws_approx.LatencyPlan`).
 """
 
 from __future__ import annotations
@@ -36,12 +38,18 @@ from torch import nn
 
 from gdws_approx import LayerSpec, NetworkPlan, plan_latency
 from gdws_approx.latency_planning import DEFAULT_FORMS
+from gdws_torch.conversion.reports import ConversionReport, SpeedMeasurement
 from gdws_torch.cost.latency_tables import PREFERRED_MULTIPLE, LatencyTable
 from gdws_torch.cost.throughput import measure_throughput
 from gdws_torch.nn.module_tree import replace_module
 from gdws_torch.nn.planned import build_layer
 
-__all__ = ["MISPREDICTION", "SpeedTargetMissed", "convert_for_speedup", "measure_speedup"]
+__all__ = [
+    "MISPREDICTION",
+    "SpeedTargetMissed",
+    "convert_for_speedup",
+    "measure_speedup",
+]
 
 #: A measured speed-up this far below the table's prediction (a fraction) is reported.
 MISPREDICTION = 0.10
@@ -54,12 +62,12 @@ class SpeedTargetMissed(RuntimeError):
     ----------
     reason : str
         What was measured and why it missed (the message, without the advice).
-    report : gdws_approx.NetworkPlan
-        The plan of the closest model: ``report.latency`` has the measurement, its spread,
+    report : ConversionReport
+        The report of the closest model: ``report.speed`` has the measurement, its spread,
         every attempt and why the target was missed.
     """
 
-    def __init__(self, reason: str, report: NetworkPlan) -> None:
+    def __init__(self, reason: str, report: ConversionReport) -> None:
         super().__init__(f"{reason}. Pass require_target=False to keep the closest model.")
         self.reason = reason
         self.report = report
@@ -131,28 +139,22 @@ def convert_for_speedup(
     require_target: bool = True,
     progress: bool = False,
     forms: Sequence[str] = DEFAULT_FORMS,
-) -> tuple[nn.Module, NetworkPlan, dict[str, nn.Module]]:
+) -> tuple[nn.Module, NetworkPlan, SpeedMeasurement]:
     """``model`` converted for ``target_speedup`` on ``table``'s backend (see module notes).
 
     Returns
     -------
     converted : torch.nn.Module
     plan : gdws_approx.NetworkPlan
-        ``plan.latency`` adds to the planner's record: ``backend``, ``device``,
-        ``batch_size``, ``measured_dense_ms``, ``measured_ms``, ``realised_speedup``,
-        ``spread`` (interquartile range of the per-round speed-ups), ``reached`` (see
-        :func:`reached`), ``attempts`` (planned target, predicted and measured speed-up
-        and spread of each), ``layers_timed`` (0 when every layer came from the table),
-        ``why_not_reached`` when missed and ``table_warning`` when the measurement is
-        more than :data:`MISPREDICTION` below the prediction.
-    originals : dict of str to torch.nn.Module
-        The dense convolutions that were replaced, by name.
+        The plan built (its ``latency``: the planner's prediction).
+    speed : SpeedMeasurement
+        What was measured of it.
 
     Raises
     ------
     SpeedTargetMissed
         The target was not reached and ``require_target`` (before ``model`` is changed,
-        even with ``inplace``).
+        even with ``inplace``); its report holds the plan and the measurement.
     """
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ValueError(f"attempts must be a positive integer; got {attempts!r}.")
@@ -175,7 +177,7 @@ def convert_for_speedup(
             kernel_multiple=PREFERRED_MULTIPLE.get(table.backend, 1),
             forms=forms,
         )
-        converted, originals = _build(model, plan, fused=False, inplace=False)
+        converted = _build(model, plan, fused=False, inplace=False)
         measured = measure_speedup(
             reference,
             copy.deepcopy(converted).float().eval(),
@@ -188,62 +190,63 @@ def convert_for_speedup(
         history.append(
             {
                 "planned_target": planned,
-                "predicted_speedup": plan.latency["predicted_speedup"],
+                "predicted_speedup": plan.latency.predicted_speedup,
                 "measured_speedup": measured["speedup"],
                 "spread": measured["spread"],
             }
         )
-        tried.append((plan, (converted, originals), measured))
+        tried.append((plan, converted, measured))
         miss = abs(measured["speedup"] - target_speedup)
         if miss <= tolerance * target_speedup or miss <= measured["spread"]:
             break  # on target, or off by no more than timing noise
         # Missed (or overshot, spending error for nothing) beyond the noise: plan again.
-        again = min(_next_plan(history, target_speedup), plan.latency["best_predicted_speedup"])
+        again = min(_next_plan(history, target_speedup), plan.latency.best_predicted_speedup)
         if again <= 1 or any(abs(again - h["planned_target"]) <= 1e-3 * again for h in history):
             break
         planned = again
     # The least error among the attempts that reached the target, else the fastest.
     reaching = [t for t in tried if reached(t[2]["speedup"], target_speedup, tolerance)]
     if reaching:
-        plan, (converted, originals), measured = min(reaching, key=lambda t: t[0].error)
+        plan, converted, measured = min(reaching, key=lambda t: t[0].error)
     else:
-        plan, (converted, originals), measured = max(tried, key=lambda t: t[2]["speedup"])
-    _record(plan, measured, table, target_speedup, tolerance, history)
-    if not plan.latency["reached"] and require_target:
-        raise SpeedTargetMissed(_missed_message(plan.latency), plan)
+        plan, converted, measured = max(tried, key=lambda t: t[2]["speedup"])
+    speed = _measurement(plan, measured, table, target_speedup, tolerance, history)
+    if not speed.reached and require_target:
+        report = ConversionReport(plan, speed, seconds=0.0)
+        raise SpeedTargetMissed(_missed_message(speed), report)
     if fused or inplace:
-        converted, originals = _build(model, plan, fused=fused, inplace=inplace)
-    return converted, plan, originals
+        converted = _build(model, plan, fused=fused, inplace=inplace)
+    return converted, plan, speed
 
 
-def _record(
+def _measurement(
     plan: NetworkPlan,
     measured: Mapping[str, float],
     table: LatencyTable,
     target: float,
     tolerance: float,
     history: list[dict],
-) -> None:
-    """What was planned, measured and concluded, into ``plan.latency``."""
-    record = plan.latency
-    speedup, predicted = measured["speedup"], record["predicted_speedup"]
+) -> SpeedMeasurement:
+    """What was planned, measured and concluded."""
+    speedup, predicted = measured["speedup"], plan.latency.predicted_speedup
+    why = warning = None
     if not reached(speedup, target, tolerance):
         faster = "" if speedup > 1 else " (not faster than dense)"
-        record["why_not_reached"] = (
+        why = (
             f"measured {speedup:.3g}x{faster} where the plan predicted {predicted:.3g}x (the "
-            f"fastest plan is predicted at {record['best_predicted_speedup']:.3g}x): the "
+            f"fastest plan is predicted at {plan.latency.best_predicted_speedup:.3g}x): the "
             "layers timed alone do not add up to the whole network on this backend "
             "(fusions, layout changes, overheads)"
         )
     if speedup < (1 - MISPREDICTION) * predicted:
         where = f" ({table.path})" if table.path is not None else ""
-        record["table_warning"] = (
+        warning = (
             f"the measured speed-up {speedup:.3g}x is {100 * (1 - speedup / predicted):.0f} % "
             f"below the {predicted:.3g}x the latency table{where} predicted: the table does "
             "not describe this machine now (timed elsewhere, under other load, or edited); "
             "rebuild it here with gdws latency-table"
         )
-    record.update(
+    return SpeedMeasurement(
         backend=table.backend,
         backend_version=table.machine["backend_version"],
         device=table.machine["device"],
@@ -256,18 +259,20 @@ def _record(
         spread=measured["spread"],
         reached=reached(speedup, target, tolerance),
         tolerance=tolerance,
-        attempts=history,
+        attempts=tuple(history),
         layers_timed=table.measured,
+        why_not_reached=why,
+        table_warning=warning,
     )
 
 
-def _missed_message(record: Mapping[str, Any]) -> str:
+def _missed_message(speed: SpeedMeasurement) -> str:
     text = (
-        f"target_speedup={record['target_speedup']:g} not reached: "
-        f"{record['why_not_reached']}; spread of the timing {record['spread']:.2g}"
+        f"target_speedup={speed.target_speedup:g} not reached: "
+        f"{speed.why_not_reached}; spread of the timing {speed.spread:.2g}"
     )
-    if record.get("table_warning"):
-        text += f"; {record['table_warning']}"
+    if speed.table_warning:
+        text += f"; {speed.table_warning}"
     return text
 
 
@@ -287,15 +292,12 @@ def _next_plan(history: list[dict], target: float) -> float:
     return last["planned_target"] * target / last["measured_speedup"]
 
 
-def _build(
-    model: nn.Module, plan: NetworkPlan, *, fused: bool, inplace: bool
-) -> tuple[nn.Module, dict[str, nn.Module]]:
+def _build(model: nn.Module, plan: NetworkPlan, *, fused: bool, inplace: bool) -> nn.Module:
     converted = model if inplace else copy.deepcopy(model)
     modules = dict(converted.named_modules())
-    originals = {}
     for layer in plan.layers:
         if layer.replaced:
-            originals[layer.name] = modules[layer.name]
-            built = build_layer(layer, modules[layer.name], fused=fused)
-            replace_module(converted, layer.name, built)
-    return converted, originals
+            replace_module(
+                converted, layer.name, build_layer(layer, modules[layer.name], fused=fused)
+            )
+    return converted

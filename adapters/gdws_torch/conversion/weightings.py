@@ -2,10 +2,11 @@
 
 Each strategy gives inputs of :meth:`gdws_approx.GDWSApproximator.fit` per layer, and
 MEGO/LEGO stay exact under the weighted error
-``sum_c alpha_c ||A (W_c - What_c) B_c||_F^2``:
+``sum_c alpha_c ||A (W_c - What_c) B_c||_F^2`` (``alpha``: the channel weights):
 
 - ``"unit"``: all ones (the paper's unweighted error);
-- ``"noise_gains"``: ``alpha`` from :func:`gdws_torch.noise_gains` (the original work's);
+- ``"noise_gains"``: channel weights from :func:`gdws_torch.noise_gains` (the original
+  work's alphas);
 - ``"output"``: ``A = diag(|gamma_m| / sqrt(var_m + eps))``, the scale the BatchNorm right
   after the conv applies to output channel ``m``: an error in a channel that BatchNorm
   amplifies counts more (layers not followed by a BatchNorm get ones);
@@ -17,34 +18,39 @@ MEGO/LEGO stay exact under the weighted error
 
 :func:`input_patch_moments` gives the full moment ``Sigma`` of each layer's input patches,
 correlations between channels included: the measure the latency planner compares every
-form of a layer by (``Weighting(input_moments=...)``).
+form of a layer by (``ErrorWeights(input_moments=...)``). Both are accumulated by
+:func:`gdws_torch.recovery.statistics.collect_patch_moments`, the refit's mechanism.
+
+:class:`gdws_torch.Weighting` names a strategy; :meth:`gdws_torch.Weighting.compute`
+runs it (:func:`strategy_weights`).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from gdws_approx.checks import check_integer
-from gdws_torch.common import conv_patch_rows, conv_patches, take_samples
 from gdws_torch.conversion.eligibility import eligible_convs
 from gdws_torch.cost.macs import example_input
 from gdws_torch.nn.module_tree import eval_mode
+from gdws_torch.recovery.statistics import collect_patch_moments
 
 __all__ = [
+    "DATA_STRATEGIES",
     "STRATEGIES",
     "batchnorm_output_weights",
     "input_patch_moments",
     "input_patch_transforms",
     "strategy_weights",
-    "weighting",
 ]
 
 STRATEGIES = ("unit", "noise_gains", "output", "data", "output+data")
+#: The strategies that read training inputs.
+DATA_STRATEGIES = ("noise_gains", "data", "output+data")
 
 
 def _forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
@@ -124,30 +130,13 @@ def input_patch_transforms(
     chosen = dict(eligible_convs(model))
     if layers is not None:
         chosen = {name: chosen[name] for name in layers}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str, conv: nn.Conv2d):
-        def record(module, inputs) -> None:
-            x = inputs[0].detach().to(torch.float64)
-            patches = conv_patches(conv, x)  # (N, C * K2, P)
-            n, _, p = patches.shape
-            c, k2 = conv.in_channels, conv.kernel_size[0] * conv.kernel_size[1]
-            by_channel = patches.reshape(n, c, k2, p).permute(1, 2, 0, 3).reshape(c, k2, n * p)
-            moment = by_channel @ by_channel.transpose(1, 2)
-            sums[name] = sums.get(name, 0) + moment
-            counts[name] = counts.get(name, 0) + n * p
-
-        return record
-
-    device = next(iter(model.parameters())).device
-    for images, *_ in take_samples(loader, n_samples, stage="data weighting", device=device):
-        hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
-        _forward_with_hooks(model, images, hooks)
-    missing = sorted(set(chosen) - set(sums))
-    if missing:
-        raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
-    return {name: _matrix_sqrt(sums[name] / counts[name], ridge) for name in sorted(chosen)}
+    moments = collect_patch_moments(
+        model, loader, n_samples, chosen, blocks=True, stage="data weighting"
+    )
+    return {
+        name: _matrix_sqrt(moments[name].result() / moments[name].patches, ridge)
+        for name in sorted(chosen)
+    }
 
 
 def input_patch_moments(
@@ -177,32 +166,12 @@ def input_patch_moments(
     -------
     dict of str to torch.Tensor
     """
-    from gdws_torch.recovery.statistics import GramAccumulator
-
     check_integer(n_samples, "n_samples", minimum=1)
     chosen = dict(eligible_convs(model))
     if layers is not None:
         chosen = {name: dict(model.named_modules())[name] for name in layers}
-    device = next(iter(model.parameters())).device
-    sums = {name: GramAccumulator(conv.weight[0].numel(), device) for name, conv in chosen.items()}
-    seen: set[str] = set()
-
-    def hook(name: str, conv: nn.Conv2d):
-        def record(module, inputs) -> None:
-            seen.add(name)
-            sums[name].add(conv_patch_rows(conv, inputs[0].detach().to(torch.float64)))
-
-        return record
-
-    count = 0
-    for images, *_ in take_samples(loader, n_samples, stage="input patch moments", device=device):
-        hooks = [chosen[n].register_forward_pre_hook(hook(n, chosen[n])) for n in chosen]
-        _forward_with_hooks(model, images, hooks)
-        count += len(images)
-    missing = sorted(set(chosen) - seen)
-    if missing:
-        raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
-    return {name: sums[name].result() / count for name in sorted(chosen)}
+    moments = collect_patch_moments(model, loader, n_samples, chosen)
+    return {name: moments[name].result() / moments[name].samples for name in sorted(chosen)}
 
 
 def strategy_weights(
@@ -210,47 +179,31 @@ def strategy_weights(
     model: nn.Module,
     input_size: Sequence[int],
     *,
-    loader: Iterable | None = None,
+    data: Iterable | None = None,
     n_samples: int = 256,
-    noise_gain_kwargs: Mapping[str, Any] | None = None,
+    attack: Any = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """The weights of a strategy of :data:`STRATEGIES`, as :class:`Weighting`'s fields
-    (``alphas``, ``output_weights``, ``input_transforms``; the ones it sets only).
+    """The weights of a strategy of :data:`STRATEGIES` as keywords of
+    :class:`gdws_torch.conversion.options.ErrorWeights` (``channel_weights``,
+    ``output_weights``, ``input_transforms``: the ones it sets only).
 
-    Prefer :meth:`gdws_torch.conversion.options.Weighting.from_strategy`, which wraps this.
+    :meth:`gdws_torch.Weighting.compute` runs this; see it for the parameters
+    (``attack``: the noise gains' inputs).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
+    if strategy in DATA_STRATEGIES and data is None:
+        raise ValueError(f"strategy {strategy!r} needs training data.")
     weights: dict[str, Any] = {}
     if strategy == "noise_gains":
         from gdws_torch.conversion.noise_gains import noise_gains
 
-        if loader is None:
-            raise ValueError("strategy 'noise_gains' needs a loader.")
-        weights["alphas"] = noise_gains(model, loader, n_samples, **(noise_gain_kwargs or {}))
+        weights["channel_weights"] = noise_gains(
+            model, data, n_samples, attack=attack, progress=progress
+        )
     if strategy in ("output", "output+data"):
         weights["output_weights"] = batchnorm_output_weights(model, input_size)
     if strategy in ("data", "output+data"):
-        if loader is None:
-            raise ValueError(f"strategy {strategy!r} needs a loader.")
-        weights["input_transforms"] = input_patch_transforms(model, loader, n_samples)
+        weights["input_transforms"] = input_patch_transforms(model, data, n_samples)
     return weights
-
-
-def weighting(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Deprecated: ``convert`` keywords for a strategy; use ``Weighting.from_strategy``.
-
-    Takes :func:`strategy_weights`'s arguments and returns its result, the old keyword
-    arguments of ``convert`` (``alphas``, ``output_weights``, ``input_transforms``), with a
-    ``FutureWarning``; removed in the next release. ``convert(model,
-    weighting=Weighting.from_strategy(strategy, model, input_size, loader=loader))`` does
-    the same.
-    """
-    warnings.warn(
-        "weighting() is deprecated and will be removed in the next release; use "
-        "convert(..., weighting=Weighting.from_strategy(strategy, model, input_size, "
-        "loader=...)).",
-        FutureWarning,
-        stacklevel=2,
-    )
-    return strategy_weights(*args, **kwargs)

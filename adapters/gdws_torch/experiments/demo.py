@@ -18,8 +18,8 @@ Pipeline:
    with the frontier's best recipe (data weighting, joint refit on 1000 PGD training
    digits, BatchNorm re-estimated on 1000 natural ones; no training).
 2. The sweep: LEGO with the smallest common ``beta`` reaching each target MAC reduction,
-   by recipe (:data:`RECIPES`; the default three: unit alphas, noise-gain alphas, and
-   the best recipe with the ``global`` MAC allocation).
+   by recipe (:data:`RECIPES`; the default three: unit weights, noise-gain channel
+   weights, and the best recipe with the ``global`` MAC allocation).
 3. Natural and Linf robust accuracy of every model under the same attack (PGD by
    default; APGD-CE or AutoAttack with ``attack=``), conv MACs, parameters, and batch-1
    FPS of every model on the headline's backend; the gradient-masking checks of the dense
@@ -46,9 +46,17 @@ from torch.utils.data import DataLoader, Subset
 
 from gdws_approx.latency_planning import GDWS_FORMS
 from gdws_torch.conversion.convert import convert, set_fused
-from gdws_torch.conversion.options import Latency
+from gdws_torch.conversion.eligibility import eligible_convs
+from gdws_torch.conversion.options import (
+    BatchNormStatistics,
+    Latency,
+    Recovery,
+    Refit,
+    Weighting,
+)
+from gdws_torch.conversion.pipeline import RecipeInputs, compress, recipe_inputs
 from gdws_torch.conversion.recipes import RECIPES as LIBRARY_RECIPES
-from gdws_torch.conversion.recipes import Recipe, RecipeInputs, compress, recipe_inputs
+from gdws_torch.conversion.recipes import Recipe
 from gdws_torch.cost.macs import count_macs
 from gdws_torch.cost.throughput import available_backends, measure_throughput
 from gdws_torch.io.checkpoints import load_checkpoint
@@ -61,12 +69,22 @@ from gdws_torch.robustness.autoattack import AutoAttack
 from gdws_torch.robustness.evaluate import evaluate
 from gdws_torch.robustness.masking import check_gradient_masking
 
-__all__ = ["ATTACKS", "DEMO_ATTACK", "demo_network", "evaluation_attack", "plot_sweep", "run_demo"]
+__all__ = [
+    "ATTACKS",
+    "DEMO_ATTACK",
+    "demo_inputs",
+    "demo_network",
+    "demo_recipes",
+    "evaluation_attack",
+    "plot_sweep",
+    "run_demo",
+    "sweep_models",
+]
 
 INPUT_SHAPE = (1, 16, 16)
 # Linf PGD-20 with step 2.5 * eps / steps (Madry et al.'s rule), one random start.
 DEMO_ATTACK = {"eps": 24 / 255, "alpha": 3 / 255, "steps": 20}
-ALPHA_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
+CALIBRATION_ATTACK = {"eps": 24 / 255, "alpha": 6 / 255, "steps": 10}
 # The evaluation attacks ``run_demo(attack=...)`` takes, and their names in the tables.
 ATTACKS = {
     "pgd": "PGD",
@@ -84,12 +102,12 @@ SWEEP_TARGETS = (1.5, 2.0, 2.5)
 SPEED_TARGET = 1.05
 # Backends the headline may be planned for, in order of preference on ties.
 SPEED_BACKENDS = ("onnxruntime", "openvino")
-# How each GDWS model is built (demo_recipes): LEGO with unit or noise-gain alphas (the
-# library's "unit" and "original" recipes), unit alphas plus BatchNorm recalibration, unit
-# alphas plus the pointwise refit on adversarial training digits and BatchNorm
-# recalibration, and (the default, the frontier's best: the library's "robust" recipe;
-# docs/weightings.md) the patch-moment data weighting, the global MAC allocation, the
-# joint (depthwise + pointwise) refit and BatchNorm recalibration.
+# How each GDWS model is built (demo_recipes): LEGO with unit or noise-gain channel weights
+# (the library's "unit" and "original" recipes), unit weights plus BatchNorm
+# recalibration, unit weights plus the joint refit on adversarial training digits and
+# BatchNorm recalibration, and (the default, the frontier's best: the library's "robust"
+# recipe; docs/weightings.md) the patch-moment data weighting, the global MAC allocation,
+# the joint (depthwise + pointwise) refit and BatchNorm recalibration.
 BEST = "data, global + joint refit + BN"
 RECIPES = ("unit", "noise gains", "unit + BN", "unit + refit + BN", BEST)
 SWEEP_RECIPES = ("unit", "noise gains", BEST)
@@ -102,27 +120,110 @@ SPEED_RECIPE = "data + joint refit + BN"
 VALIDATION_DIGITS = 140
 RECALIBRATION_SAMPLES = 1000
 REFIT_SAMPLES = 1000
-# The refit of "unit + refit + BN" (keyword arguments of gdws_torch.recovery.refit_gdws).
-REFIT = {"depthwise": False, "iterations": 3}
+REFIT_ITERATIONS = 3
 
 
 def demo_recipes(
-    alpha_samples: int = 512,
-    refit_depthwise: bool = REFIT["depthwise"],
-    refit_iterations: int = REFIT["iterations"],
+    noise_gain_samples: int = 512,
+    refit_depthwise: bool = True,
+    refit_iterations: int = REFIT_ITERATIONS,
 ) -> dict[str, Recipe]:
-    """The sweep's recipes by their names in the demo's tables (:data:`RECIPES`)."""
-    refit = {"refit_samples": REFIT_SAMPLES, "refit_iterations": refit_iterations}
-    recalibrate = {"recalibrate_samples": RECALIBRATION_SAMPLES}
+    """The sweep's recipes by their names in the demo's tables (:data:`RECIPES`).
+
+    ``refit_depthwise`` and ``refit_iterations``: the refit of "unit + refit + BN" (the
+    joint refit by default; ``False``: the pointwise weights only) and the alternations
+    of both refits.
+    """
+    batchnorm = BatchNormStatistics(RECALIBRATION_SAMPLES)
+    refit = Refit(REFIT_SAMPLES, depthwise=refit_depthwise, iterations=refit_iterations)
+    robust = LIBRARY_RECIPES["robust"]
     return {
         "unit": LIBRARY_RECIPES["unit"],
-        "noise gains": LIBRARY_RECIPES["original"].replace(weighting_samples=alpha_samples),
-        "unit + BN": Recipe("unit + BN", **recalibrate),
-        "unit + refit + BN": Recipe(
-            "unit + refit + BN", refit_depthwise=refit_depthwise, **refit, **recalibrate
+        "noise gains": LIBRARY_RECIPES["original"].replace(
+            weighting=Weighting("noise_gains", samples=noise_gain_samples)
         ),
-        BEST: LIBRARY_RECIPES["robust"].replace(refit_iterations=refit_iterations),
+        "unit + BN": Recipe("unit + BN", recovery=Recovery(batchnorm=batchnorm)),
+        "unit + refit + BN": Recipe(
+            "unit + refit + BN", recovery=Recovery(refit=refit, batchnorm=batchnorm)
+        ),
+        BEST: robust.replace(
+            recovery=Recovery(
+                refit=dataclasses.replace(robust.recovery.refit, iterations=refit_iterations),
+                batchnorm=robust.recovery.batchnorm,
+            )
+        ),
     }
+
+
+def demo_inputs(
+    network: nn.Module,
+    train: Any,
+    recipes: dict[str, Recipe],
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, RecipeInputs]:
+    """Every recipe's weights and calibration digits (:func:`gdws_torch.recipe_inputs`),
+    computed once for all its targets: the training digits read in order (the first 1000
+    calibrate), the calibration attack :data:`CALIBRATION_ATTACK`'s, seed 0."""
+    fitting = DataLoader(train, batch_size=250)
+    inputs = {}
+    for name, recipe in recipes.items():
+        log(f"recipe {name!r}: weights and calibration digits ...")
+        inputs[name] = recipe_inputs(
+            network,
+            fitting,
+            recipe,
+            eps=CALIBRATION_ATTACK["eps"],
+            attack_steps=CALIBRATION_ATTACK["steps"],
+            input_size=INPUT_SHAPE,
+            seed=0,
+            progress=progress,
+        )
+    return inputs
+
+
+def sweep_models(
+    network: nn.Module,
+    inputs: dict[str, RecipeInputs],
+    targets: Sequence[float],
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, tuple[str, float, nn.Module, Any]]:
+    """The demo sweep's GDWS models: each recipe's at each MAC target, by
+    :func:`gdws_torch.compress` on that recipe's shared inputs.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        The dense network.
+    inputs : dict of str to RecipeInputs
+        Each recipe's inputs (:func:`gdws_torch.recipe_inputs`), by its name.
+    targets : sequence of float
+        Conv MAC reductions.
+
+    Returns
+    -------
+    dict
+        ``{model name: (recipe name, target, model, report)}``, recipe-major; a target a
+        recipe cannot reach is left out (and logged).
+    """
+    from tqdm.auto import tqdm
+
+    built = {}
+    jobs = [(name, target) for name in inputs for target in targets]
+    for recipe, target in tqdm(jobs, desc="GDWS sweep", unit="model", disable=not progress):
+        name = f"GDWS {target:g}x, {recipe}"
+        try:
+            converted, report = compress(
+                network, inputs=inputs[recipe], target_mac_reduction=target, input_size=INPUT_SHAPE
+            )
+        except ValueError as exc:  # e.g. a target this network cannot reach
+            log(f"{name}: skipped ({exc})")
+            continue
+        built[name] = (recipe, target, converted, report)
+    return built
 
 
 def demo_network() -> DigitsCNN:
@@ -169,11 +270,11 @@ def run_demo(
     speed_target: float = SPEED_TARGET,
     backend: str | None = None,
     n_test: int | None = None,
-    alpha_samples: int = 512,
+    noise_gain_samples: int = 512,
     attack_steps: int = DEMO_ATTACK["steps"],
     fps_rounds: int = 15,
-    refit_depthwise: bool = REFIT["depthwise"],
-    refit_iterations: int = REFIT["iterations"],
+    refit_depthwise: bool = True,
+    refit_iterations: int = REFIT_ITERATIONS,
     attack: str = "pgd",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -198,16 +299,16 @@ def run_demo(
         least error (eager when none is installed).
     n_test : int, optional
         Evaluate on the first ``n_test`` of the 400 test digits (all by default).
-    alpha_samples : int
+    noise_gain_samples : int
         Training digits the noise gains average over.
     attack_steps : int
         PGD (or APGD) iterations of the evaluation attack.
     fps_rounds : int
         Interleaved timing rounds of the models' FPS.
     refit_depthwise, refit_iterations
-        The refit of "unit + refit + BN" (:func:`gdws_torch.recovery.refit_gdws`): the
-        depthwise kernels too (alternating least squares) or the pointwise weights only,
-        and the alternations.
+        The refit of "unit + refit + BN" (:func:`demo_recipes`): the joint refit (depthwise
+        kernels too, by alternating least squares) or, with ``False``, the pointwise
+        weights only; and the alternations of both refits.
     attack : str, default="pgd"
         The evaluation attack, a key of :data:`ATTACKS` (:func:`evaluation_attack`). The
         headline's plan is chosen with PGD on the validation digits whatever this is.
@@ -251,23 +352,9 @@ def run_demo(
             **assess(network),
         }
     ]
-    # Every recipe's weights and calibration digits, computed once for all its targets.
-    # The first 1000 training digits (in order) calibrate; the attack is ALPHA_ATTACK's.
-    fitting = DataLoader(train, batch_size=250)
-    threat = {"epsilon": ALPHA_ATTACK["eps"], "attack_steps": ALPHA_ATTACK["steps"]}
-    available = demo_recipes(alpha_samples, refit_depthwise, refit_iterations)
-    cooked = {}
-    for name in dict.fromkeys([*recipes, BEST]):
-        log(f"recipe {name!r}: weights and calibration digits ...")
-        cooked[name] = recipe_inputs(
-            network,
-            fitting,
-            available[name],
-            input_size=INPUT_SHAPE,
-            seed=0,
-            progress=progress,
-            **threat,
-        )
+    available = demo_recipes(noise_gain_samples, refit_depthwise, refit_iterations)
+    chosen = {name: available[name] for name in dict.fromkeys([*recipes, BEST])}
+    cooked = demo_inputs(network, train, chosen, progress=progress, log=log)
 
     log(f"the headline: {speed_target:g}x the dense speed at batch 1 ...")
     speed = _speed_headline(network, speed_target, backend, cooked[BEST], validation)
@@ -285,27 +372,16 @@ def run_demo(
             "mac_reduction": report.mac_reduction,
             "params": _parameters(models[speed["name"]]),
             "layers": [layer.to_dict() for layer in report.layers],
-            "latency_plan": report.latency,
-            "recipe": report.recipe,
+            "latency_plan": report.to_dict()["latency"],
+            "recipe": report.to_dict()["recipe"],
             **assess(set_fused(copy.deepcopy(models[speed["name"]]), True)),
         }
     )
 
-    jobs = [(w, t) for w in recipes for t in targets]
-    from tqdm.auto import tqdm
-
-    for recipe, target in tqdm(jobs, desc="GDWS sweep", unit="model", disable=not progress):
-        name = f"GDWS {target:g}x, {recipe}"
-        try:
-            converted, report = compress(
-                network,
-                inputs=cooked[recipe],
-                target_mac_reduction=target,
-                input_size=INPUT_SHAPE,
-            )
-        except ValueError as exc:  # e.g. a target this network cannot reach
-            log(f"{name}: skipped ({exc})")
-            continue
+    swept = sweep_models(
+        network, {name: cooked[name] for name in recipes}, targets, progress=progress, log=log
+    )
+    for name, (recipe, target, converted, report) in swept.items():
         models[name] = converted
         rows.append(
             {
@@ -317,7 +393,7 @@ def run_demo(
                 "mac_reduction": report.mac_reduction,
                 "params": _parameters(converted),
                 "layers": [layer.to_dict() for layer in report.layers],
-                "recipe": report.recipe,
+                "recipe": report.to_dict()["recipe"],
                 **assess(set_fused(copy.deepcopy(converted), True)),
             }
         )
@@ -362,7 +438,7 @@ def run_demo(
         },
         "masking_checks": masking.to_dict(),
         "recipes": {name: inputs.recipe.to_dict() for name, inputs in cooked.items()},
-        "calibration_attack": cooked[BEST].attack,
+        "calibration_attack": cooked[BEST].attack.to_dict(),
         "backend": backend,
         "speed_target": float(speed_target),
         "backend_choice": speed["backends"],
@@ -404,13 +480,15 @@ def _speed_headline(
     Latency tables come from the user's cache (timed and added there on the first run).
     The plans offer the GDWS forms only (``GDWS_FORMS``): the headline is a GDWS model.
     """
-    from gdws_torch.conversion.eligibility import eligible_convs
     from gdws_torch.cost.latency_tables import LatencyTable
 
     installed = available_backends()
     candidates = [backend] if backend else [b for b in SPEED_BACKENDS if b in installed]
     candidates = candidates or ["eager"]
     tables, backends = {}, []
+    # The planner's error weights, as compress gives them for a speed target (with the
+    # calibration digits' input moments): the backends' plans compare as the built ones.
+    weights = inputs.speed_weights(network, [name for name, _ in eligible_convs(network)])
     for name in candidates:
         tables[name] = LatencyTable.default(name)
         try:
@@ -419,7 +497,7 @@ def _speed_headline(
                 target_speedup=target,
                 latency=Latency(backend=name, table=tables[name], forms=GDWS_FORMS),
                 input_size=INPUT_SHAPE,
-                weighting=dataclasses.replace(inputs.weighting, allocation="common_beta"),
+                error_weights=weights,
                 require_target=False,  # the candidates are compared by what they reached
             )
         except ValueError as exc:  # out of reach on this backend
@@ -444,7 +522,7 @@ def _speed_headline(
             target_speedup=target,
             input_size=INPUT_SHAPE,
             latency=Latency(backend=name, table=tables[name], forms=GDWS_FORMS),
-            convert_options={"layers": layers},
+            layers=layers,
             require_target=False,  # the plans that reached the target are kept below
         )
 
@@ -491,14 +569,14 @@ def _robust_accuracy(model: nn.Module, loader: DataLoader) -> float:
     return evaluate(model, loader, {"pgd": attack}, progress=False)["attacks"]["pgd"]
 
 
-def _plan_record(plan: Any) -> dict[str, Any]:
-    record = plan.latency
+def _plan_record(report: Any) -> dict[str, Any]:
+    speed = report.speed
     return {
-        "reached": bool(record["reached"]),
-        "error": plan.error,
-        "realised_speedup": record["realised_speedup"],
-        "dense_ms": record["measured_dense_ms"],
-        "mac_reduction": plan.mac_reduction,
+        "reached": speed.reached,
+        "error": report.error,
+        "realised_speedup": speed.realised_speedup,
+        "dense_ms": speed.measured_dense_ms,
+        "mac_reduction": report.mac_reduction,
     }
 
 
@@ -523,14 +601,15 @@ def plot_sweep(results: dict[str, Any], path: str | Path) -> Path:
     markers = {"unit": "o", "noise gains": "s", "unit + BN": "^", "unit + refit + BN": "D"}
     markers[BEST] = "P"
     labels = {
-        "unit": "GDWS, unit alphas",
-        "noise gains": "GDWS, noise-gain alphas",
-        "unit + BN": "GDWS, unit alphas + BN recalibration",
-        "unit + refit + BN": "GDWS, unit alphas + pointwise refit (PGD) + BN",
+        "unit": "GDWS, unit weights",
+        "noise gains": "GDWS, noise-gain channel weights",
+        "unit + BN": "GDWS, unit weights + BN recalibration",
+        "unit + refit + BN": "GDWS, unit weights + joint refit (PGD) + BN",
         BEST: "GDWS, data weighting, global allocation + joint refit (PGD) + BN",
     }
-    if results.get("recipes", {}).get("unit + refit + BN", {}).get("refit_depthwise"):
-        labels["unit + refit + BN"] = "GDWS, unit alphas + joint refit (PGD) + BN"
+    refit = results.get("recipes", {}).get("unit + refit + BN", {}).get("recovery", {})
+    if refit.get("refit") and not refit["refit"]["depthwise"]:
+        labels["unit + refit + BN"] = "GDWS, unit weights + pointwise refit (PGD) + BN"
     for weighting in RECIPES:
         rows = [r for r in results["sweep"] if r["weighting"] == weighting]
         if not rows:

@@ -1,10 +1,15 @@
 """The robustness vs cost frontier: every weighting strategy, with and without recovery,
-and the training-free baselines (DWS, low-rank, channel pruning) at the same MAC targets."""
+and the training-free baselines (DWS, low-rank, channel pruning) at the same MAC targets.
+
+Every GDWS row is a :class:`~gdws_torch.Recipe` (strategy x allocation x recovery
+variant, :func:`sweep_recipes`) run by :func:`gdws_torch.compress` at one budget, each
+recipe's inputs computed once for all budgets (and shared between recipes where they
+agree: :func:`gdws_torch.recipe_inputs`' ``reuse``).
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -18,34 +23,74 @@ from gdws_approx import cost
 from gdws_torch.baselines.compress import METHODS as BASELINES
 from gdws_torch.baselines.compress import compress_baseline
 from gdws_torch.common import take_samples
-from gdws_torch.conversion.convert import convert, set_fused
+from gdws_torch.conversion.convert import set_fused
 from gdws_torch.conversion.eligibility import eligible_convs
-from gdws_torch.conversion.options import Latency, Weighting
+from gdws_torch.conversion.options import (
+    BatchNormStatistics,
+    Latency,
+    Recovery,
+    Refit,
+    Weighting,
+)
+from gdws_torch.conversion.pipeline import CalibrationAttack, compress, recipe_inputs
+from gdws_torch.conversion.recipes import Recipe
 from gdws_torch.conversion.weightings import STRATEGIES
 from gdws_torch.cost.macs import count_macs
 from gdws_torch.cost.throughput import measure_throughput
 from gdws_torch.io.figures import save_figure
-from gdws_torch.recovery import batchnorm_layers, calibration_inputs
+from gdws_torch.recovery import batchnorm_layers
 from gdws_torch.robustness.evaluate import evaluate
 
 __all__ = [
-    "DEFAULT_REFIT",
     "METHODS",
-    "REFIT_VARIANTS",
+    "REFITS",
     "max_mac_reduction",
     "plot_frontier",
     "run_sweep",
+    "sweep_recipes",
 ]
 
-#: The refits a sweep can compare (keyword arguments of :func:`gdws_torch.recovery.refit_gdws`):
-#: the pointwise weights only, or the depthwise kernels too (alternating least squares).
-REFIT_VARIANTS = {"pointwise": {"depthwise": False}, "joint": {"depthwise": True}}
-#: The variant whose rows are labelled plain "refit+BN" (others: "<variant> refit+BN").
-DEFAULT_REFIT = "pointwise"
+#: The refits a sweep can compare: the joint refit (depthwise kernels and pointwise
+#: weights, rows "refit+BN") and the pointwise weights only (rows "pointwise refit+BN").
+REFITS = ("joint", "pointwise")
 #: What a sweep can compare: GDWS and the baselines of :mod:`gdws_torch.baselines`.
 METHODS = ("gdws", *BASELINES)
 #: How the plot names each method.
 METHOD_LABELS = {"gdws": "GDWS", "dws": "DWS", "lowrank": "low-rank", "prune": "pruning"}
+
+
+def sweep_recipes(
+    strategy: str,
+    allocation: str = "common_beta",
+    *,
+    weighting_samples: int = 256,
+    recalibration_samples: int = 1000,
+    refit_samples: int = 0,
+    refit_variants: Sequence[str] = ("joint",),
+    refit_iterations: int = 3,
+) -> dict[str, Recipe]:
+    """The recipes of one strategy and allocation, by recovery: ``"none"``; with
+    ``recalibration_samples``, ``"BN"`` (BatchNorm statistics); with ``refit_samples``
+    too, ``"refit+BN"`` (the joint refit on PGD inputs, then BatchNorm) and
+    ``"pointwise refit+BN"`` as ``refit_variants`` ask (:data:`REFITS`)."""
+    unknown = [v for v in refit_variants if v not in REFITS]
+    if unknown or not refit_variants:
+        raise ValueError(
+            f"refit_variants must be a non-empty sequence of {REFITS}; got "
+            f"{list(refit_variants)!r}."
+        )
+    weighting = Weighting(strategy, samples=weighting_samples)
+    name = f"{strategy}, {allocation}"
+    recipes = {"none": Recipe(name, weighting, allocation)}
+    if recalibration_samples:
+        batchnorm = BatchNormStatistics(recalibration_samples)
+        recipes["BN"] = Recipe(f"{name} + BN", weighting, allocation, Recovery(batchnorm=batchnorm))
+        for variant in refit_variants if refit_samples else ():
+            label = "refit+BN" if variant == "joint" else f"{variant} refit+BN"
+            refit = Refit(refit_samples, depthwise=variant == "joint", iterations=refit_iterations)
+            recovery = Recovery(refit=refit, batchnorm=batchnorm)
+            recipes[label] = Recipe(f"{name} + {label}", weighting, allocation, recovery)
+    return recipes
 
 
 def run_sweep(
@@ -64,11 +109,13 @@ def run_sweep(
     recalibration_samples: int = 1000,
     weighting_samples: int = 256,
     refit_samples: int = 0,
-    refit_variants: Sequence[str] = (DEFAULT_REFIT,),
+    refit_variants: Sequence[str] = ("joint",),
     refit_iterations: int = 3,
+    calibration: CalibrationAttack | None = None,
     n_test: int | None = None,
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
     fps_backend: str | None = "eager",
+    keep_models: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -77,14 +124,14 @@ def run_sweep(
     Parameters
     ----------
     network : torch.nn.Module
-        The dense network (not modified); ``wrap(network)`` is what is evaluated
-        (e.g. with its input normalisation).
+        The dense network (not modified); ``wrap(network)`` is what is compressed and
+        evaluated (e.g. with its input normalisation).
     input_shape : sequence of int
     test_loader, train_loader : iterables of (images, labels)
-        Evaluation data; data for the weightings and the BatchNorm recalibration (not
-        shuffled here: shuffle it yourself).
+        Evaluation data; training data for the weightings, the calibration and the
+        BatchNorm statistics (read in order: shuffle it yourself).
     attack : callable
-        ``attack(model) -> attack(images, labels)``, applied to every model.
+        ``attack(model) -> attack(images, labels)``, the evaluation attack of every model.
     methods : sequence of str
         From :data:`METHODS`: ``"gdws"`` (every strategy, allocation and speed-up target
         below) and the baselines of :func:`gdws_torch.compress_baseline` (``"dws"``,
@@ -97,31 +144,35 @@ def run_sweep(
         Conv MAC reductions.
     allocations : sequence of {"common_beta", "global"}
     speedup_targets : sequence of float
-        Measured speed-ups: each strategy is also converted with ``target_speedup``
+        Measured speed-ups: each strategy is also compressed with ``target_speedup``
         (rows with ``allocation="latency"``, ``target`` the speed-up, and what was
         measured: ``measured_speedup``, ``spread``, ``reached``; a model that misses its
-        target is kept, and its row says so). GDWS only: refused with other methods
-        alone.
+        target is kept, and its row says so). Each recovery's row is a conversion of its
+        own (its own measured plan). GDWS only: refused with other methods alone.
     latency : Latency, optional
         Where those conversions are timed (:class:`gdws_torch.Latency`: backend, batch
         size, table).
     recalibration_samples : int
-        ``0``: no recovery rows; otherwise every model also gets a recalibrated twin.
+        ``0``: no recovery rows; otherwise every model also has a "BN" twin (BatchNorm
+        statistics re-estimated on that many training inputs).
     weighting_samples : int
         Inputs for the data-driven weightings (noise gains, patch moments).
     refit_samples : int
-        ``> 0``: every model also gets a "refit+BN" twin per refit variant: its GDWS
-        factors refitted (:func:`gdws_torch.recovery.refit_gdws`) on that many training
-        inputs made adversarial by ``attack`` against the dense network (crafted once),
-        then BatchNorm recalibrated.
+        ``> 0``: every model also has a twin per refit variant: its compressed layers
+        refitted on that many training inputs made adversarial by ``calibration``
+        against the dense network (crafted once), then BatchNorm recalibrated.
     refit_variants : sequence of str
-        Keys of :data:`REFIT_VARIANTS`: one refit row per variant, labelled "refit+BN" for
-        :data:`DEFAULT_REFIT` and "<variant> refit+BN" for the others.
+        From :data:`REFITS`: rows "refit+BN" (the joint refit) and "pointwise refit+BN".
     refit_iterations : int
-        Alternations of the joint variants.
+        Alternations of the joint refit.
+    calibration : CalibrationAttack, optional
+        The attack crafting the noise gains' and the refit's inputs (default: Linf PGD-10
+        at 8/255).
     n_test : int, optional
     fps_backend : str or None
         Batch-1 FPS of every model on this backend (``None``: not measured).
+    keep_models : bool, default=False
+        Also return every model built, by row key (``results["models"]``; not JSON).
 
     Returns
     -------
@@ -129,8 +180,8 @@ def run_sweep(
         ``{"dense": row, "rows": [row, ...], "seconds": ...}``; a row has ``method``,
         ``strategy`` (a baseline's: its criterion), ``allocation``, ``recovery``,
         ``target``, ``beta``, ``conv_macs``, ``mac_reduction``, ``natural``, ``robust``,
-        ``fps``, ``speedup``; the rows of a speed target also ``measured_speedup``,
-        ``spread`` and ``reached``.
+        ``fps``, ``speedup``, a GDWS row its ``recipe``; the rows of a speed target also
+        ``measured_speedup``, ``spread`` and ``reached``.
 
     Raises
     ------
@@ -138,16 +189,9 @@ def run_sweep(
         Before any work: unknown methods or refit variants, speed targets without GDWS,
         or (GDWS alone) a MAC target above :func:`max_mac_reduction`.
     """
-    from gdws_torch.recovery import recalibrate_batchnorm
-
     if not methods or any(m not in METHODS for m in methods):
         raise ValueError(f"methods must be a non-empty sequence of {METHODS}; got {methods!r}.")
-    unknown = [v for v in refit_variants if v not in REFIT_VARIANTS]
-    if unknown or not refit_variants:
-        raise ValueError(
-            f"refit_variants must be a non-empty sequence of {tuple(REFIT_VARIANTS)}; "
-            f"got {list(refit_variants)!r}."
-        )
+    sweep_recipes("unit", refit_variants=refit_variants)  # the variants, checked now
     if speedup_targets and "gdws" not in methods:
         raise ValueError(
             f"speedup_targets {list(speedup_targets)} apply to GDWS only (the baselines are "
@@ -162,6 +206,7 @@ def run_sweep(
                 f"at most {ceiling:.4g}x fewer conv MACs on this network."
             )
     start = time.perf_counter()
+    calibration = CalibrationAttack() if calibration is None else calibration
     recover = recalibration_samples > 0 and bool(batchnorm_layers(network))
     if recalibration_samples > 0 and not recover:
         log("no BatchNorm layer: the sweep has no recovery rows")
@@ -176,114 +221,40 @@ def run_sweep(
 
     dense_macs = count_macs(network, input_shape).conv_macs
     dense = {"strategy": "dense", "conv_macs": dense_macs, "mac_reduction": 1.0, **assess(network)}
-    weights = {}
-    for strategy in strategies if "gdws" in methods else ():
-        log(f"weighting {strategy!r} ...")
-        weights[strategy] = Weighting.from_strategy(
-            strategy, wrap(network), input_shape, loader=train_loader, n_samples=weighting_samples
-        )
-        # Names under a wrapper carry ``module.``; convert's lookups accept both forms.
-    calibration = None
-    if refit_samples > 0:
-        log(f"crafting {refit_samples} adversarial calibration inputs ...")
-        calibration = calibration_inputs(
-            train_loader, refit_samples, wrap(network), attack, next(network.parameters()).device
-        )
     models: dict[str, nn.Module] = {"dense": wrap(network)}
-    rows = []
-    jobs = [(s, a, t) for s in strategies for a in allocations for t in targets]
-    jobs += [(s, "latency", t) for s in strategies for t in speedup_targets]
-    jobs = jobs if "gdws" in methods else []
-    for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
-        if allocation == "latency":  # a miss is kept: its row says so
-            budget = {"target_speedup": target, "latency": latency, "require_target": False}
-            weights_used = weights[strategy]
-        else:
-            budget = {"target_mac_reduction": target}
-            weights_used = dataclasses.replace(weights[strategy], allocation=allocation)
-        try:
-            converted, report = convert(
-                network, input_size=input_shape, **budget, weighting=weights_used
-            )
-        except ValueError as exc:
-            log(f"{strategy}, {allocation}, {target:g}x: skipped ({exc})")
-            continue
-        variants = [("none", converted)]
-        if recover:
-            recalibrated = copy.deepcopy(converted)
-            # In place through the wrapper: the wrapped network's BatchNorm layers change.
-            recalibrate_batchnorm(
-                wrap(recalibrated),
-                train_loader,
-                recalibration_samples,
-                inplace=True,
-                progress=False,
-            )
-            variants.append(("BN", recalibrated))
-        if recover and calibration is not None:
-            from gdws_torch.recovery import refit_gdws
-
-            for variant in refit_variants:
-                refitted = copy.deepcopy(converted)
-                refit_gdws(
-                    wrap(network),
-                    wrap(refitted),
-                    calibration,
-                    refit_samples,
-                    iterations=refit_iterations,
-                    inplace=True,
-                    progress=False,
-                    **REFIT_VARIANTS[variant],
-                )
-                recalibrate_batchnorm(
-                    wrap(refitted),
-                    train_loader,
-                    recalibration_samples,
-                    inplace=True,
-                    progress=False,
-                )
-                label = "refit+BN" if variant == DEFAULT_REFIT else f"{variant} refit+BN"
-                variants.append((label, refitted))
-        measured = {}
-        if allocation == "latency":
-            record = report.latency
-            measured = {
-                "measured_speedup": record["realised_speedup"],
-                "spread": record["spread"],
-                "reached": record["reached"],
-            }
-            if not record["reached"]:
-                log(
-                    f"{strategy}, speed {target:g}x: not reached (measured "
-                    f"{record['realised_speedup']:.3g}x); the row says so"
-                )
-        for recovery, model in variants:
-            key = f"{strategy}|{allocation}|{recovery}|{target:g}"
-            models[key] = wrap(model)
-            rows.append(
-                {
-                    "key": key,
-                    "method": "gdws",
-                    "strategy": strategy,
-                    "allocation": allocation,
-                    "recovery": recovery,
-                    "target": target,
-                    "beta": report.beta,
-                    "conv_macs": count_macs(model, input_shape).conv_macs,
-                    "mac_reduction": report.mac_reduction,
-                    **measured,
-                    **assess(model),
-                }
-            )
+    rows, crafted = [], None
+    if "gdws" in methods:
+        rows, crafted = _gdws_rows(
+            network,
+            input_shape,
+            train_loader,
+            strategies,
+            [(a, t) for a in allocations for t in targets]
+            + [("latency", t) for t in speedup_targets],
+            latency,
+            {
+                "weighting_samples": weighting_samples,
+                "recalibration_samples": recalibration_samples if recover else 0,
+                "refit_samples": refit_samples,
+                "refit_variants": refit_variants,
+                "refit_iterations": refit_iterations,
+            },
+            calibration,
+            wrap,
+            assess,
+            models,
+            progress,
+            log,
+        )
     baselines = [m for m in methods if m != "gdws"]
     if baselines:
-        if calibration is None:  # the baselines' data-driven criteria: natural inputs
+        if crafted is None:  # the baselines' data-driven criteria: natural inputs
             data = [
                 b[0]
                 for b in take_samples(train_loader, weighting_samples, stage="baseline criterion")
             ]
         else:
-            data = calibration
+            data = crafted
         jobs = [(m, t) for m in baselines for t in targets]
         for method, target in tqdm(jobs, desc="baselines", disable=not progress):
             rows += _baseline_rows(
@@ -296,7 +267,7 @@ def run_sweep(
                 min(weighting_samples, sum(len(x) for x in data)),
                 train_loader,
                 recalibration_samples if recover else 0,
-                refit_samples if recover and calibration is not None else 0,
+                refit_samples if recover and crafted is not None else 0,
                 assess,
                 models,
                 log,
@@ -311,21 +282,120 @@ def run_sweep(
         for row in rows:
             row["fps"] = fps[row["key"]]
             row["speedup"] = row["fps"] / fps["dense"]
-    return {
+    results = {
         "dense": dense,
         "methods": list(methods),
         "rows": rows,
         "refit": {
-            "n_samples": refit_samples,
-            "variants": {v: REFIT_VARIANTS[v] for v in refit_variants},
+            "samples": refit_samples,
+            "variants": list(refit_variants),
             "iterations": refit_iterations,
+            "calibration_attack": calibration.to_dict(),
         }
-        if calibration is not None
+        if refit_samples and recover
         else None,
         "fps_backend": fps_backend,
         "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
     }
+    if keep_models:
+        results["models"] = {key: model for key, model in models.items() if key != "dense"}
+    return results
+
+
+def _gdws_rows(
+    network, input_shape, train_loader, strategies, budgets, latency, counts, calibration,
+    wrap, assess, models, progress, log,
+):  # fmt: skip
+    """The GDWS rows: every strategy's recipes (:func:`sweep_recipes`) at every budget,
+    each by :func:`gdws_torch.compress`; returns them and the refit's calibration images
+    (``None`` without a refit), which the baselines' criteria read."""
+    model = wrap(network)
+    inputs, order, shared, crafted = {}, {}, None, None
+    for strategy in strategies:
+        for allocation in dict.fromkeys(a if a != "latency" else "common_beta" for a, _ in budgets):
+            recipes = sweep_recipes(strategy, allocation, **counts)
+            order[strategy, allocation] = list(recipes)
+            # The refits first: their calibration inputs serve every recipe after them.
+            for label in sorted(recipes, key=lambda k: recipes[k].recovery.refit is None):
+                log(f"recipe {recipes[label].name!r}: weights and calibration inputs ...")
+                shared = recipe_inputs(
+                    model,
+                    train_loader,
+                    recipes[label],
+                    eps=calibration.eps,
+                    attack_steps=calibration.steps,
+                    attack_alpha=calibration.alpha,
+                    input_size=input_shape,
+                    seed=calibration.seed,
+                    reuse=shared,
+                )
+                inputs[strategy, allocation, label] = shared
+                if shared.calibration is not None and crafted is None:
+                    crafted = [batch[0] for batch in shared.calibration]
+    rows = []
+    jobs = [(s, a, t) for s in strategies for a, t in budgets]
+    for strategy, allocation, target in tqdm(jobs, desc="sweep", disable=not progress):
+        planned = "common_beta" if allocation == "latency" else allocation
+        for label in order[strategy, planned]:
+            recipe_in = inputs[strategy, planned, label]
+            if allocation == "latency":  # a miss is kept: its row says so
+                budget = {"target_speedup": target, "latency": latency, "require_target": False}
+            else:
+                budget = {"target_mac_reduction": target}
+            try:
+                compressed, report = compress(
+                    model, inputs=recipe_in, input_size=input_shape, **budget
+                )
+            except ValueError as exc:
+                log(f"{strategy}, {allocation}, {target:g}x, {label}: skipped ({exc})")
+                continue
+            compressed = _unwrapped(compressed, network)
+            measured = {}
+            if report.speed is not None:
+                speed = report.speed
+                measured = {
+                    "measured_speedup": speed.realised_speedup,
+                    "spread": speed.spread,
+                    "reached": speed.reached,
+                }
+                if not speed.reached and label == "none":
+                    log(
+                        f"{strategy}, speed {target:g}x: not reached (measured "
+                        f"{speed.realised_speedup:.3g}x); the row says so"
+                    )
+            key = f"{strategy}|{allocation}|{label}|{target:g}"
+            models[key] = wrap(compressed)
+            rows.append(
+                {
+                    "key": key,
+                    "method": "gdws",
+                    "strategy": strategy,
+                    "allocation": allocation,
+                    "recovery": label,
+                    "target": target,
+                    "beta": report.beta,
+                    "conv_macs": count_macs(compressed, input_shape).conv_macs,
+                    "mac_reduction": report.mac_reduction,
+                    "recipe": recipe_in.recipe.to_dict(),
+                    **measured,
+                    **assess(compressed),
+                }
+            )
+    return rows, crafted
+
+
+def _unwrapped(compressed: nn.Module, network: nn.Module) -> nn.Module:
+    """The compressed network without the wrapper ``wrap`` put around ``network``."""
+    if type(compressed) is type(network):
+        return compressed
+    inner = getattr(compressed, "module", None)
+    if inner is None or type(inner) is not type(network):
+        raise TypeError(
+            "wrap(network) must return network itself or a module holding it as .module "
+            f"(as gdws_torch.nn.normalization.Normalized); got a {type(compressed).__name__}."
+        )
+    return inner
 
 
 def max_mac_reduction(network: nn.Module, input_shape: Sequence[int]) -> float:
@@ -418,7 +488,7 @@ def _baseline_rows(
 def plot_frontier(results: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Robust accuracy against conv MAC reduction (and FPS): one line per strategy (GDWS)
     and per baseline method, dashed without recovery, solid with BatchNorm
-    recalibration, dash-dotted with the default refit, dotted with the other refits;
+    recalibration, dash-dotted with the joint refit, dotted with the pointwise refit;
     written atomically as a PNG."""
     import matplotlib
 

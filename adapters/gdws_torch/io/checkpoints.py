@@ -26,11 +26,11 @@ from gdws_torch.nn.planned import compressed_layers
 __all__ = [
     "CONVERTED_FORMAT",
     "check_finite_state",
-    "load_alphas",
+    "load_channel_weights",
     "load_checkpoint",
     "load_converted",
     "load_state_dict_file",
-    "save_alphas",
+    "save_channel_weights",
     "save_checkpoint",
     "save_converted",
 ]
@@ -253,13 +253,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **metadata: Any) 
     _save_atomic({"state_dict": state, **metadata}, path)
 
 
-def load_alphas(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """Noise gains from a file of the original's format (``{'noise_gains': {name: tensor}}``).
+def load_channel_weights(
+    path: str | os.PathLike, map_location: Any = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Channel weights from a file of the original's alphas format
+    (``{'noise_gains': {name: tensor}}``).
 
     Returns
     -------
     dict of str to torch.Tensor
-        ``{parameter name: tensor(C)}``, for :func:`gdws_torch.convert`'s ``alphas``.
+        ``{parameter name: tensor(C)}``: the ``channel_weights`` of
+        :class:`gdws_torch.ErrorWeights` (the paper's alpha).
     """
     data = _safe_load(path, map_location)
     gains = data.get("noise_gains") if isinstance(data, Mapping) else None
@@ -288,10 +292,10 @@ def load_alphas(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str,
     return out
 
 
-def save_alphas(
+def save_channel_weights(
     path: str | os.PathLike, noise_gains: Mapping[str, torch.Tensor], **metadata: Any
 ) -> None:
-    """Save noise gains in the original's format, atomically.
+    """Save channel weights (e.g. noise gains) in the original's alphas format, atomically.
 
     Parameters
     ----------

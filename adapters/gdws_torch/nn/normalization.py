@@ -30,7 +30,7 @@ class Normalized(nn.Module):
     The wrapped network is the attribute ``module``, so parameter names carry the
     ``module.`` prefix exactly as under ``nn.DataParallel`` (the original's noise-gain files
     and checkpoints use it; :func:`gdws_torch.load_checkpoint`, :func:`gdws_torch.convert`
-    and :func:`gdws_torch.load_alphas` accept names with or without it). ``mean`` and
+    and :func:`gdws_torch.load_channel_weights` accept names with or without it). ``mean`` and
     ``std`` are non-persistent buffers: the state dict is the wrapped network's.
 
     Parameters

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from gdws_approx import ResponseErrors, reduced_rank_fit, response_error
 from gdws_approx.checks import check_integer, check_real
-from gdws_torch.common import take_samples
 from gdws_torch.nn.module_tree import eval_mode
+from gdws_torch.recovery.calibration import calibration_inputs
 from gdws_torch.recovery.factor_steps import (
     MAX_DIRECT_UNKNOWNS,
     KernelBlocks,
@@ -50,7 +50,6 @@ from gdws_torch.recovery.statistics import (
 )
 
 __all__ = [
-    "calibration_inputs",
     "depthwise_step",
     "layer_statistics",
     "pointwise_step",
@@ -59,20 +58,6 @@ __all__ = [
     "refit_layer_factors",
     "refit_pointwise",
 ]
-
-
-def calibration_inputs(
-    loader: Iterable, n_samples: int, dense: nn.Module, attack: Any, device: Any
-) -> list[torch.Tensor]:
-    """``n_samples`` inputs of ``loader`` in batches; adversarial against ``dense`` if asked."""
-    batches = []
-    crafter = None if attack is None else attack(copy.deepcopy(dense).eval())
-    for batch in take_samples(
-        loader, n_samples, stage="refit", labels=crafter is not None, device=device
-    ):
-        images = batch[0] if crafter is None else crafter(batch[0], batch[1]).detach()
-        batches.append(images)
-    return batches
 
 
 # -- refit: pointwise and depthwise factors by (alternating) least squares -------------------
@@ -360,7 +345,11 @@ def refit_gdws(
                 f"x{layer.in_channels}); pass the model converted was made from."
             )
     device = next(iter(work.parameters())).device
-    batches = calibration_inputs(loader, n_samples, dense, attack, device)
+    crafter = None if attack is None else attack(copy.deepcopy(dense).eval())
+    batches = [
+        batch[0]
+        for batch in calibration_inputs(loader, n_samples, crafter, device=device, stage="refit")
+    ]
     errors: dict[str, list[float]] = {}
     what = "refit pointwise" if not alternation["iterations"] else "refit pointwise + depthwise"
     bar = tqdm(total=len(layers), desc=what, unit="layer", disable=not progress)

@@ -1,4 +1,11 @@
-"""Each compressed layer's least-squares statistics over the calibration inputs.
+"""Each layer's input-patch moments, and each compressed layer's least-squares statistics.
+
+One mechanism accumulates a conv's input-patch products: :class:`PatchMoments` (the full
+Gram matrix, by :class:`GramAccumulator`, or its per-channel diagonal blocks), fed batch
+after batch with the conv's inputs. :func:`collect_patch_moments` feeds it the inputs a
+network gives its convs in one pass (the ``data`` weighting's blocks, the latency
+planner's full moments); :class:`LayerInputs` feeds the refit the inputs the converted
+network gives one layer at a time (:func:`layer_statistics`).
 
 The refit needs, per layer, the Gram matrix ``S = sum patch patch^T`` of the input
 patches the converted network feeds it (earlier layers already refitted). Two costs
@@ -20,16 +27,23 @@ dominate, and this module keeps both down without changing a single number:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gdws_torch.common import conv_patch_rows
+from gdws_torch.common import conv_patch_rows, conv_patches, take_samples
 from gdws_torch.nn.module_tree import eval_mode
 
-__all__ = ["GramAccumulator", "LayerInputs", "check_products", "layer_statistics"]
+__all__ = [
+    "GramAccumulator",
+    "LayerInputs",
+    "PatchMoments",
+    "check_products",
+    "collect_patch_moments",
+    "layer_statistics",
+]
 
 _PATCH_CHUNK_BYTES = 64 * 2**20
 #: The default memory bound of :class:`LayerInputs`'s cached module inputs.
@@ -79,6 +93,124 @@ class GramAccumulator:
         for low, high in itertools.pairwise(self.edges):
             gram[high:, low:high] = gram[low:high, high:].T
         return (gram + gram.T) / 2
+
+
+class PatchMoments:
+    """The sum of a conv's input-patch products over batches of its inputs, in float64.
+
+    Parameters
+    ----------
+    conv : torch.nn.Conv2d
+        The conv whose patches are taken (its padding, stride and dilation).
+    blocks : bool, default=False
+        ``False``: the full Gram matrix ``S = sum p p^T`` of the ``C Kh Kw`` patches
+        (:class:`GramAccumulator`). ``True``: its ``C`` diagonal blocks only, each input
+        channel's ``Kh Kw x Kh Kw`` sum, ``(C, K2, K2)`` (channels uncorrelated: ``C``
+        times less work).
+    products : torch.dtype, default=torch.float64
+        Of the full Gram matrix's products: ``torch.float32`` multiplies float32 inputs
+        as they are, :data:`FLOAT32_CHUNK_ROWS` patches at a time, the chunks summed in
+        float64 (about twice as fast on a CPU); float64 inputs always in float64. The
+        blocks are always in float64.
+
+    Attributes
+    ----------
+    patches : int
+        Patches summed (inputs times output positions).
+    samples : int
+        Inputs summed.
+    """
+
+    def __init__(
+        self, conv: nn.Conv2d, *, blocks: bool = False, products: torch.dtype = torch.float64
+    ) -> None:
+        self.conv, self.blocks, self.products = conv, blocks, check_products(products)
+        self.patches = self.samples = 0
+        self._sum: torch.Tensor | int = 0
+        self._gram: GramAccumulator | None = None  # made at the first batch: C from it
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the patch products of ``x``, a batch of the conv's inputs ``(N, C, H, W)``."""
+        x = x.detach()
+        if self.blocks:
+            patches = conv_patches(self.conv, x.to(torch.float64))  # (N, C * K2, P)
+            n, _, p = patches.shape
+            c, k2 = self.conv.in_channels, self.conv.kernel_size[0] * self.conv.kernel_size[1]
+            by_channel = patches.reshape(n, c, k2, p).permute(1, 2, 0, 3).reshape(c, k2, n * p)
+            self._sum = self._sum + by_channel @ by_channel.transpose(1, 2)
+            self.patches += n * p
+        else:
+            wide = self.products == torch.float64 or x.dtype == torch.float64
+            x = x.to(torch.float64 if wide else torch.float32)
+            positions, n = conv_patch_rows(self.conv, x[:1]).shape
+            if self._gram is None:
+                self._gram = GramAccumulator(n, self.conv.weight.device)
+            chunk = max(1, _PATCH_CHUNK_BYTES // max(n * positions * x.element_size(), 1))
+            for start in range(0, len(x), chunk):
+                self._gram.add(conv_patch_rows(self.conv, x[start : start + chunk]))
+            self.patches += len(x) * positions
+        self.samples += len(x)
+
+    def result(self) -> torch.Tensor:
+        """The sum: ``(C*K2, C*K2)``, or ``(C, K2, K2)`` with ``blocks``."""
+        if not self.samples:
+            raise ValueError("no input was added: the sum is empty.")
+        return self._sum if self.blocks else self._gram.result()
+
+
+def collect_patch_moments(
+    model: nn.Module,
+    loader: Iterable,
+    n_samples: int,
+    convs: Mapping[str, nn.Conv2d],
+    *,
+    blocks: bool = False,
+    stage: str = "input patch moments",
+) -> dict[str, PatchMoments]:
+    """The :class:`PatchMoments` of ``convs`` over the first ``n_samples`` inputs of
+    ``loader``, each conv fed the inputs ``model`` gives it (eval mode, no gradients; the
+    model's modes restored).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Not modified.
+    loader : iterable of images or (images, labels)
+    n_samples : int
+    convs : mapping of str to torch.nn.Conv2d
+        Modules of ``model`` by name.
+    blocks : bool, default=False
+        See :class:`PatchMoments`.
+    stage : str, default="input patch moments"
+        What reads the data, for the messages.
+
+    Returns
+    -------
+    dict of str to PatchMoments
+        By name, in ``convs``' order.
+
+    Raises
+    ------
+    ValueError
+        The loader has fewer samples, or a conv never runs in a forward pass.
+    """
+    moments = {name: PatchMoments(conv, blocks=blocks) for name, conv in convs.items()}
+    device = next(iter(model.parameters())).device
+    for images, *_ in take_samples(loader, n_samples, stage=stage, device=device):
+        handles = [
+            conv.register_forward_pre_hook(lambda module, inputs, m=moments[name]: m.add(inputs[0]))
+            for name, conv in convs.items()
+        ]
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+    missing = [name for name, m in moments.items() if not m.samples]
+    if missing:
+        raise ValueError(f"layers {missing[:3]} never ran in a forward pass; exclude them.")
+    return moments
 
 
 def check_products(products: object) -> torch.dtype:
@@ -259,15 +391,9 @@ def layer_statistics(
     if inputs is None:
         names = {module: name for name, module in work.named_modules()}
         inputs = LayerInputs(work, list(batches), cache_bytes=0).of(names[layer])
-    check_products(products)
-    accumulator = GramAccumulator(n, device)
+    accumulator = PatchMoments(geometry, products=products)
     for x in inputs:
-        wide = products == torch.float64 or x.dtype == torch.float64
-        x = x.to(torch.float64 if wide else torch.float32)
-        positions = conv_patch_rows(geometry, x[:1]).shape[0]
-        chunk = max(1, _PATCH_CHUNK_BYTES // max(n * positions * x.element_size(), 1))
-        for start in range(0, len(x), chunk):
-            accumulator.add(conv_patch_rows(geometry, x[start : start + chunk]))
+        accumulator.add(x)
     gram = accumulator.result()
     flat_weight = weight.reshape(m, n)
     cross = flat_weight @ gram
