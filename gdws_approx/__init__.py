@@ -34,7 +34,7 @@ from gdws_approx.selection import (
 )
 from gdws_approx.spectra import ChannelSpectra, channel_spectra
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ChannelSpectra",
